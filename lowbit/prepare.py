@@ -1,0 +1,318 @@
+"""Model surgery: fold BatchNorm, swap supported layers for quantized twins, switch modes.
+
+``prepare`` never edits the caller's model (it works on a deep copy unless ``inplace``), keeps
+layers it cannot quantize in float and lists them in the returned model's ``lowbit_report``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LayerPlan, QuantConfig
+from .errors import CalibrationError, ConfigError
+from .nn.layers import QUANT_LAYERS, QuantLayerMixin
+from .quant.base import Quantizer, QuantMode
+from .utils import model_device
+
+BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d)
+
+
+@dataclass
+class PrepareReport:
+    """What ``prepare`` did: quantized layers with their bits, float layers with the reason."""
+
+    quantized: dict[str, tuple[int, int]] = field(default_factory=dict)
+    kept_float: dict[str, str] = field(default_factory=dict)
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    first_layer: str = ""
+    last_layer: str = ""
+    policy: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"quantized {len(self.quantized)} layers, folded {len(self.folded)} BatchNorms"]
+        lines.append(
+            f"first layer {self.first_layer!r}: {self.policy.get('first', '')}; "
+            f"last layer {self.last_layer!r}: {self.policy.get('last', '')}"
+        )
+        for name, why in self.kept_float.items():
+            lines.append(f"kept in float: {name} ({why})")
+        return "\n".join(lines)
+
+
+def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, mod in model.named_modules():
+        if name and not any(True for _ in mod.children()):
+            yield name, mod
+
+
+def _run(model: nn.Module, example_inputs) -> None:
+    """One eval-mode forward pass on the example, restoring the train/eval state after."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    dev = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args))
+    finally:
+        model.train(was_training)
+
+
+def execution_order(model: nn.Module, example_inputs=None) -> list[str]:
+    """Leaf module names in the order forward() first calls them (registration order if no input)."""
+    leaves = list(_leaf_modules(model))
+    if example_inputs is None:
+        return [n for n, _ in leaves]
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def record(n: str) -> None:
+        if n not in seen:
+            seen.add(n)
+            order.append(n)
+
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: record(n)) for n, m in leaves]
+    try:
+        _run(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n, _ in leaves if n not in seen]
+
+
+def find_conv_bn_pairs(model: nn.Module, example_inputs=None) -> list[tuple[str, str]]:
+    """Pairs (conv, bn) where the BN consumes the conv's output directly.
+
+    With an example input this follows real tensors through forward hooks, so it works for any
+    model; without one it falls back to a conv followed by a BN of matching width in the same
+    parent (the layout of torchvision-style and Sequential models).
+    """
+    mods = dict(model.named_modules())
+    if example_inputs is None:
+        pairs = []
+        for pname, parent in model.named_modules():
+            kids = list(parent.named_children())
+            for (a, ma), (b, mb) in zip(kids, kids[1:], strict=False):
+                if isinstance(ma, (nn.Conv2d, nn.Linear)) and isinstance(mb, BN_TYPES):
+                    width = ma.out_channels if isinstance(ma, nn.Conv2d) else ma.out_features
+                    if width == mb.num_features:
+                        pre = f"{pname}." if pname else ""
+                        pairs.append((pre + a, pre + b))
+        return pairs
+    producers: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    handles = []
+    for name, mod in mods.items():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            handles.append(mod.register_forward_hook(
+                lambda m, i, o, n=name: producers.__setitem__(id(o), n)))
+        elif isinstance(mod, BN_TYPES):
+            def bn_hook(m, inputs, o, n=name):
+                src = producers.get(id(inputs[0]))
+                if src is not None and (src, n) not in pairs:
+                    pairs.append((src, n))
+            handles.append(mod.register_forward_hook(bn_hook))
+    try:
+        _run(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    used = [c for c, _ in pairs]
+    return [(c, b) for c, b in pairs if used.count(c) == 1]
+
+
+@torch.no_grad()
+def fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
+    """Fold an eval-mode BatchNorm into the preceding conv/linear's weight and bias."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ConfigError("cannot fold a BatchNorm without running statistics")
+    inv_std = torch.rsqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(inv_std)
+    beta = bn.bias if bn.affine else torch.zeros_like(inv_std)
+    factor = gamma * inv_std
+    shape = [-1] + [1] * (layer.weight.dim() - 1)
+    layer.weight.mul_(factor.reshape(shape))
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = (bias - bn.running_mean) * factor + beta
+    layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def fold_batchnorm(model: nn.Module, example_inputs=None) -> list[tuple[str, str]]:
+    """Fold every conv→BN pair in place; the BN becomes ``nn.Identity``. Returns the pairs."""
+    pairs = find_conv_bn_pairs(model, example_inputs)
+    for conv_name, bn_name in pairs:
+        fold_bn_into(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        _set_submodule(model, bn_name, nn.Identity())
+    return pairs
+
+
+def _why_float(mod: nn.Module) -> str | None:
+    """Reason a parameterised leaf stays float, or None if it has no parameters."""
+    if not any(True for _ in mod.parameters(recurse=False)):
+        return None
+    if isinstance(mod, BN_TYPES):
+        return "BatchNorm not folded"
+    return f"unsupported layer type {type(mod).__name__}"
+
+
+def prepare(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    example_inputs=None,
+    *,
+    inplace: bool = False,
+) -> nn.Module:
+    """Return a copy of ``model`` with supported layers swapped for quantized twins.
+
+    ``example_inputs`` (a tensor or tuple) lets lowbit follow the real execution order
+    (first/last layer) and find conv→BN pairs in any model; without it, registration order is
+    used. The new quantizers start in ``float`` mode: calibrate or train them next.
+    """
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a lowbit QuantConfig, got {type(config).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = PrepareReport()
+    if config.fold_bn:
+        report.folded = fold_batchnorm(model, example_inputs)
+    order = execution_order(model, example_inputs)
+    leaves = dict(_leaf_modules(model))
+    quantizable = [(n, type(leaves[n]).__name__) for n in order if type(leaves[n]) in QUANT_LAYERS]
+    plans: dict[str, LayerPlan] = config.resolve(quantizable)
+    if quantizable:
+        report.first_layer, report.last_layer = quantizable[0][0], quantizable[-1][0]
+        report.policy = {"first": config.first_layer.value, "last": config.last_layer.value}
+    for name in order:
+        mod = leaves[name]
+        plan = plans.get(name)
+        if plan is None:
+            why = _why_float(mod)
+            if why is not None:
+                report.kept_float[name] = why
+            continue
+        if plan.is_float:
+            report.kept_float[name] = plan.reason
+            continue
+        wq = plan.weight.build() if plan.weight else None
+        aq = plan.act.build() if plan.act else None
+        for q, role in ((wq, "weight_quant"), (aq, "input_quant")):
+            if q is not None:
+                q.name = f"{name}.{role}"
+                q.to(mod.weight.device)
+        qmod = QUANT_LAYERS[type(mod)].from_float(mod, wq, aq)
+        _set_submodule(model, name, qmod)
+        report.quantized[name] = (qmod.w_bits, qmod.a_bits)
+    model.lowbit_report = report
+    model.lowbit_config = config
+    return model
+
+
+def quantizers(model: nn.Module) -> Iterator[Quantizer]:
+    for mod in model.modules():
+        if isinstance(mod, Quantizer):
+            yield mod
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayerMixin]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLayerMixin):
+            yield name, mod
+
+
+def set_mode(model: nn.Module, mode: QuantMode | str) -> nn.Module:
+    """Put every quantizer in ``float``, ``calibrate`` or ``quantize`` mode."""
+    try:
+        mode = QuantMode(mode)
+    except ValueError:
+        raise ConfigError(
+            f"unknown mode {mode!r}; choose one of {[m.value for m in QuantMode]}"
+        ) from None
+    for q in quantizers(model):
+        q.mode = mode
+    return model
+
+
+@contextmanager
+def float_mode(model: nn.Module):
+    """Temporarily run a prepared model in float (e.g. as its own reference)."""
+    previous = [(q, q.mode) for q in quantizers(model)]
+    set_mode(model, QuantMode.FLOAT)
+    try:
+        yield model
+    finally:
+        for q, m in previous:
+            q.mode = m
+
+
+def _inputs(batch):
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, dict):
+        return batch.get("input", batch.get("image"))
+    return batch
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    data: Iterable,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Observe ranges on ``data`` (an iterable of batches or ``(input, target)`` pairs), then
+    set every quantizer's parameters and switch to ``quantize`` mode.
+
+    The data loop stays with the caller (any iterable works), as in AIMET.
+    """
+    qs = list(quantizers(model))
+    if not qs:
+        raise ConfigError("model has no quantizers: call lowbit.prepare(model, config) first")
+    from tqdm.auto import tqdm
+
+    dev = model_device(model)
+    was_training = model.training
+    model.eval()
+    set_mode(model, QuantMode.CALIBRATE)
+    for q in qs:
+        q.observer.reset()
+    seen = 0
+    try:
+        total = num_batches if num_batches is not None else _len_or_none(data)
+        for batch in tqdm(data, total=total, desc="calibrate", disable=not progress, leave=False):
+            if num_batches is not None and seen >= num_batches:
+                break
+            model(_inputs(batch).to(dev))
+            seen += 1
+        if seen == 0:
+            raise CalibrationError(
+                "the calibration set is empty: pass at least one batch of data"
+            )
+        for q in qs:
+            q.finish_calibration()
+    except BaseException:
+        set_mode(model, QuantMode.FLOAT)
+        raise
+    finally:
+        model.train(was_training)
+    set_mode(model, QuantMode.QUANTIZE)
+    return model
+
+
+def _len_or_none(data) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None

@@ -1,0 +1,30 @@
+"""Quantizers: each maps a float tensor to its fake-quantized value and owns its parameters."""
+
+from .autograd import clamp_ste, fake_quant, floor_ste, grad_scale, round_ste
+from .base import IntegerForm, Quantizer, QuantMode, check_bits, int_range, range_to_params
+from .lsq import LSQQuantizer
+from .observers import OBSERVERS, build_observer, register_observer
+from .registry import QUANTIZERS, quantizer_class, register_quantizer
+from .uniform import UniformQuantizer
+
+__all__ = [
+    "OBSERVERS",
+    "QUANTIZERS",
+    "IntegerForm",
+    "LSQQuantizer",
+    "QuantMode",
+    "Quantizer",
+    "UniformQuantizer",
+    "build_observer",
+    "check_bits",
+    "clamp_ste",
+    "fake_quant",
+    "floor_ste",
+    "grad_scale",
+    "int_range",
+    "quantizer_class",
+    "range_to_params",
+    "register_observer",
+    "register_quantizer",
+    "round_ste",
+]

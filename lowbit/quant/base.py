@@ -1,0 +1,281 @@
+"""The quantizer base class, its modes, and the integer form every quantizer hands out.
+
+A quantizer is an ``nn.Module`` that fake-quantizes one tensor, owns its parameters, knows
+its bitwidth, and can export integer codes with an integer zero-point. Its behaviour is set
+by an explicit mode (as MQBench does) rather than flags in ``forward``:
+
+* ``float``: identity;
+* ``calibrate``: identity, while an observer records the range of what passes;
+* ``quantize``: fake quantization with the current parameters.
+
+New quantizers (interval, power-of-two, stochastic bitwidth, strategy mixture) subclass
+:class:`Quantizer` and implement :meth:`quantize` and :meth:`scale_zero_point`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError, ConfigError
+from .autograd import quantize_to_int
+from .observers import Observer, build_observer
+
+MIN_BITS, MAX_BITS = 1, 8
+META_KEY = "qmeta"
+EPS = 1e-8
+
+
+class QuantMode(str, Enum):
+    FLOAT = "float"
+    CALIBRATE = "calibrate"
+    QUANTIZE = "quantize"
+
+
+def check_bits(bits: int, signed: bool | None = None) -> int:
+    """Validate a bitwidth with a message that says what is allowed."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(
+            f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}; "
+            "keep a layer in float by excluding it from quantization instead"
+        )
+    if signed and bits < 2:
+        raise ConfigError("signed quantization needs at least 2 bits; use unsigned for 1 bit")
+    return bits
+
+
+def int_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer code range; ``narrow`` drops the most negative code (symmetric weights)."""
+    if signed:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return (lo + 1 if narrow else lo), hi
+    return 0, 2**bits - 1
+
+
+def range_to_params(
+    lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool, signed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero-point covering ``[lo, hi]`` (the range always contains 0)."""
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if symmetric:
+        if signed:
+            amax = torch.maximum(-lo, hi)
+            scale = amax / qmax
+        else:
+            scale = hi / qmax
+        scale = scale.clamp_min(EPS)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+@dataclass
+class IntegerForm:
+    """Integer codes with their scale and integer zero-point: ``x ≈ (codes - zero_point) * scale``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    signed: bool
+    axis: int | None = None
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        if self.axis is None or t.numel() == 1:
+            return t.reshape(())
+        shape = [1] * self.codes.dim()
+        shape[self.axis] = -1
+        return t.reshape(shape)
+
+    def dequantize(self) -> torch.Tensor:
+        zp = self._expand(self.zero_point).to(torch.float32)
+        return (self.codes.to(torch.float32) - zp) * self._expand(self.scale)
+
+
+class Quantizer(nn.Module):
+    """Base class for all quantizers; see the module docstring for the mode contract."""
+
+    kind = "base"
+
+    def __init__(
+        self,
+        bits: int = 8,
+        signed: bool | None = None,
+        symmetric: bool = True,
+        per_channel: bool = False,
+        ch_axis: int = 0,
+        narrow_range: bool = False,
+        observer: str = "minmax",
+        observer_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self._bits = check_bits(bits, signed)
+        self.signed = signed
+        self.symmetric = symmetric
+        self.per_channel = per_channel
+        self.ch_axis = ch_axis
+        self.narrow_range = narrow_range
+        self.observer: Observer = build_observer(
+            observer, axis=ch_axis if per_channel else None, **(observer_kwargs or {})
+        )
+        self.mode = QuantMode.FLOAT
+        self.calibrated = False
+        self.name = ""
+
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    def set_bits(self, bits: int) -> None:
+        """Change the bitwidth (mixed-precision search); parameters keep their meaning."""
+        self._bits = check_bits(bits, self.signed)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        signed = True if self.signed is None else self.signed
+        return int_range(self.bits, signed, self.narrow_range and signed)
+
+    @property
+    def axis(self) -> int | None:
+        return self.ch_axis if self.per_channel else None
+
+    def extra_repr(self) -> str:
+        gran = f"per_channel(axis={self.ch_axis})" if self.per_channel else "per_tensor"
+        return (
+            f"bits={self.bits}, signed={self.signed}, symmetric={self.symmetric}, {gran}, "
+            f"observer={self.observer.method}, mode={self.mode.value}"
+        )
+
+    def _where(self) -> str:
+        return f"quantizer {self.name!r}" if self.name else "quantizer"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is QuantMode.FLOAT:
+            return x
+        if self.mode is QuantMode.CALIBRATE:
+            self.observe(x)
+            return x
+        return self.quantize(x)
+
+    def _check_axis(self, x: torch.Tensor) -> None:
+        if self.per_channel and not -x.dim() <= self.ch_axis < x.dim():
+            raise ConfigError(
+                f"{self._where()}: per-channel axis {self.ch_axis} does not exist for a "
+                f"{x.dim()}-d tensor of shape {tuple(x.shape)}; use an axis in "
+                f"[0, {x.dim() - 1}] or per-tensor quantization"
+            )
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Record the range of ``x``; NaN/Inf stops calibration with the layer's name."""
+        self._check_axis(x)
+        if not bool(torch.isfinite(x).all()):
+            raise CalibrationError(
+                f"NaN or Inf met during calibration at {self._where()}; check the input data "
+                "and the float model (does it produce finite outputs on this batch?)"
+            )
+        if self.per_channel and self.ch_axis < 0:
+            self.observer.axis = self.ch_axis % x.dim()
+        self.observer.update(x)
+
+    def _observed_signed(self) -> bool:
+        if self.signed is not None:
+            return self.signed
+        return bool((self.observer.lo < 0).any())
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        """Turn observed statistics into parameters; error if this quantizer saw no data."""
+        if self.observer.batches == 0:
+            raise CalibrationError(
+                f"{self._where()} saw no data during calibration: the calibration set is empty "
+                "or this layer is never executed by forward()"
+            )
+        if self.signed is None:
+            self.signed = self._observed_signed()
+            check_bits(self.bits, self.signed)
+        qmin, qmax = self.qrange
+
+        def qrange_fn(data, lo, hi):
+            scale, zp = range_to_params(lo, hi, qmin, qmax, self.symmetric, self.signed)
+            scale, zp = scale[:, None], zp[:, None]
+            return (torch.clamp(torch.round(data / scale) + zp, qmin, qmax) - zp) * scale
+
+        lo, hi = self.observer.compute_range(qrange_fn)
+        scale, zero_point = range_to_params(lo, hi, qmin, qmax, self.symmetric, self.signed)
+        self.init_from_params(scale, zero_point, lo, hi)
+        self.calibrated = True
+        self.observer.reset()
+
+    def init_from_params(
+        self, scale: torch.Tensor, zero_point: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+    ) -> None:
+        """Set the quantizer's parameters from a calibrated scale/zero-point (subclass hook)."""
+        raise NotImplementedError
+
+    def require_calibrated(self) -> None:
+        if not self.calibrated:
+            raise CalibrationError(
+                f"{self._where()} is in 'quantize' mode but was never calibrated; run "
+                "lowbit.calibrate(model, data) (or load a calibrated state dict) first"
+            )
+
+    def scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current scale and integer-valued zero-point, shaped [C] or [1]."""
+        raise NotImplementedError
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _broadcast(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.per_channel or t.numel() == 1:
+            return t.reshape(())
+        shape = [1] * x.dim()
+        shape[self.ch_axis] = -1
+        return t.reshape(shape)
+
+    @torch.no_grad()
+    def integer_form(self, x: torch.Tensor) -> IntegerForm:
+        """Integer codes of ``x`` such that ``dequantize()`` equals ``quantize(x)``."""
+        self.require_calibrated()
+        scale, zp = self.scale_zero_point()
+        qmin, qmax = self.qrange
+        codes = quantize_to_int(x, self._broadcast(scale, x), self._broadcast(zp, x), qmin, qmax)
+        return IntegerForm(
+            codes, scale.detach().clone(), zp.to(torch.int32), self.bits, bool(self.signed),
+            self.axis,
+        )
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        signed = -1 if self.signed is None else int(self.signed)
+        destination[prefix + META_KEY] = torch.tensor([self.bits, signed, int(self.calibrated)])
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        meta = state_dict.get(prefix + META_KEY)
+        if meta is not None:
+            bits, signed, calibrated = (int(v) for v in meta.tolist())
+            self.signed = None if signed < 0 else bool(signed)
+            self._bits = check_bits(bits, self.signed)
+            self.calibrated = bool(calibrated)
+        for name, buf in list(self._buffers.items()) + list(self._parameters.items()):
+            key = prefix + name
+            if key in state_dict and buf is not None and buf.shape != state_dict[key].shape:
+                new = torch.empty_like(state_dict[key], device=buf.device, dtype=buf.dtype)
+                if name in self._parameters:
+                    self._parameters[name] = nn.Parameter(new, requires_grad=buf.requires_grad)
+                else:
+                    self._buffers[name] = new
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + META_KEY in unexpected_keys:
+            unexpected_keys.remove(prefix + META_KEY)

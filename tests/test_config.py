@@ -1,0 +1,81 @@
+"""Configs: typed validation, YAML/JSON round trips, re-applying a saved config."""
+
+import pytest
+import torch
+
+from lowbit.config import EdgePolicy, LayerRule, QuantConfig, QuantizerSpec
+from lowbit.errors import ConfigError
+from lowbit.prepare import prepare
+from tests.helpers import tiny
+
+
+def mixed() -> QuantConfig:
+    return QuantConfig.uniform(4, 4, observer="mse", layers=[
+        LayerRule(match="dw", w_bits=2),
+        LayerRule(match="fc", weight={"per_channel": False}, a_bits=6),
+        LayerRule(match="type:Conv1d", keep_float=True),
+    ])
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_round_trip(tmp_path, suffix):
+    cfg = mixed()
+    path = cfg.save(tmp_path / f"cfg{suffix}")
+    again = QuantConfig.load(path)
+    assert again == cfg
+    assert again.first_layer is EdgePolicy.INT8
+
+
+def test_saved_config_reapplied_gives_same_bits(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    a = prepare(tiny(), mixed(), x)
+    b = prepare(tiny(), QuantConfig.load(mixed().save(tmp_path / "c.yaml")), x)
+    bits = lambda m: {n: v for n, v in m.lowbit_report.quantized.items()}  # noqa: E731
+    assert bits(a) == bits(b)
+    assert bits(a)["dw"] == (2, 4) and bits(a)["fc"] == (4, 6)
+    assert b.fc.weight_quant.per_channel is False
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"weight": {"bits": 9}}, "bits must be from 1 to 8"),
+    ({"act": {"bits": 0}}, "bits must be from 1 to 8"),
+    ({"weight": {"observer": "magic"}}, "unknown observer"),
+    ({"first_layer": "16bit"}, "first_layer"),
+    ({"colour": "blue"}, "colour"),
+    ({"layers": [{"match": "x", "w_bits": 12}]}, "w_bits"),
+])
+def test_bad_values_are_config_errors(tmp_path, bad, match):
+    import yaml
+
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=match):
+        prepare(tiny(), QuantConfig.load(p), torch.randn(1, 3, 8, 8))
+
+
+def test_rule_bits_validated_on_construction():
+    with pytest.raises(ValueError, match="bits must be from 1 to 8, got 11"):
+        LayerRule(match="fc", w_bits=11)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        QuantConfig.load(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        QuantConfig.load(p)
+    p.write_text("weight: {bits: [\n")
+    with pytest.raises(ConfigError, match="not valid"):
+        QuantConfig.load(p)
+
+
+def test_unknown_quantizer_kind_rejected_when_built():
+    with pytest.raises(ConfigError, match="unknown quantizer kind"):
+        QuantizerSpec(kind="nope").build()
+
+
+def test_uniform_helper_sets_both_edges():
+    cfg = QuantConfig.uniform(2, 4, first_last="float")
+    assert cfg.weight.bits == 2 and cfg.act.bits == 4
+    assert cfg.first_layer is EdgePolicy.FLOAT and cfg.last_layer is EdgePolicy.FLOAT

@@ -1,0 +1,22 @@
+"""The embedded default: trains on bundled digits and reports every method."""
+
+import json
+
+from lowbit.demo import run_demo
+
+
+def test_demo_reports_every_method(tmp_path):
+    lines = []
+    res = run_demo(tmp_path, epochs=3, qat_epochs=1, progress=False, echo=lines.append)
+    methods = {(r["method"], r["W/A"]) for r in res["rows"]}
+    for m in ["ptq-minmax", "ptq-percentile", "ptq-mse"]:
+        assert (m, "4/4") in methods and (m, "8/8") in methods
+    assert ("qat-lsq", "2/4") in methods
+    rows = {(r["method"], r["W/A"]): r for r in res["rows"]}
+    assert rows[("float", "32/32")]["top1"] > 60
+    assert rows[("ptq-mse", "8/8")]["agree"] > 90
+    assert rows[("ptq-mse", "2/4")]["size_KiB"] < rows[("ptq-mse", "8/8")]["size_KiB"]
+    assert rows[("ptq-mse", "2/4")]["MBitOPs"] < rows[("ptq-mse", "8/8")]["MBitOPs"]
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(res["rows"]))
+    assert any("top1" in line for line in lines)

@@ -1,0 +1,48 @@
+"""Evaluation metrics on a model whose outputs are known."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.evaluate import evaluate
+
+
+class Fixed(nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.logits[x.flatten().long()]
+
+
+def test_top1_top5_agreement_and_sqnr():
+    logits = -0.1 * torch.arange(6.0).repeat(4, 1) + torch.eye(6)[:4] * 5
+    model = Fixed(logits)
+    x = torch.arange(4).float()[:, None]
+    y = torch.tensor([0, 1, 5, 4])
+    res = evaluate(model, [(x, y)], progress=False)
+    assert res.top1 == 50.0 and res.samples == 4
+    assert res.top5 == 75.0
+    noisy = Fixed(logits + 0.1)
+    res = evaluate(noisy, [(x, y)], reference=model, progress=False)
+    assert res.agreement == 100.0
+    expected = 10 * math.log10(logits.double().pow(2).sum().item() / (24 * 0.01))
+    assert res.sqnr_db == pytest.approx(expected, rel=1e-6)
+
+
+def test_identical_models_have_infinite_sqnr():
+    model = Fixed(torch.randn(3, 4))
+    res = evaluate(model, [(torch.arange(3).float()[:, None], torch.zeros(3).long())],
+                   reference=model, progress=False)
+    assert res.sqnr_db == math.inf and res.agreement == 100.0
+
+
+def test_empty_evaluation_set_is_an_error():
+    from lowbit.errors import DataError
+
+    with pytest.raises(DataError, match="empty"):
+        evaluate(Fixed(torch.randn(3, 4)), [], progress=False)
