@@ -15,7 +15,7 @@ from .errors import CalibrationError, ConfigError, DataError, LowbitError, Model
 from .evaluate import EvalResult, evaluate
 from .prepare import calibrate, float_mode, fold_batchnorm, prepare, quantizers, set_mode
 from .ptq import ptq, register_ptq
-from .quant import QuantMode, Quantizer, register_quantizer
+from .quant import Quantizer, QuantMode, register_quantizer
 
 __version__ = "0.1.0"
 

@@ -43,6 +43,9 @@ class QuantizerSpec(BaseModel):
     narrow_range: bool = False
     observer: str = "minmax"
     percentile: float = 99.99
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments for this quantizer kind"
+    )
 
     @field_validator("bits")
     @classmethod
@@ -74,8 +77,12 @@ class QuantizerSpec(BaseModel):
             observer=self.observer,
             observer_kwargs={"percentile": self.percentile} if self.observer == "percentile" else {},
         )
+        kwargs.update(self.options)
         kwargs.update(overrides)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"quantizer kind {self.kind!r} rejected its options: {e}") from None
 
     def merged(self, overrides: dict[str, Any] | None, bits: int | None = None) -> QuantizerSpec:
         data = self.model_dump()

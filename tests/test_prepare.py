@@ -10,8 +10,8 @@ from lowbit.nn import QConv2d, QLinear
 from lowbit.prepare import (
     calibrate,
     execution_order,
-    fold_batchnorm,
     float_mode,
+    fold_batchnorm,
     prepare,
     quantizers,
     set_mode,

@@ -4,8 +4,7 @@ Each algorithm is one handler ``(model, config, calib_data, example_inputs, **op
 quantized model``; adding one (RAPQ, BRECQ-style reconstruction) is a decorated function.
 """
 
-from .registry import PTQ_METHODS, ptq, register_ptq
-
 from . import calibration as _calibration  # noqa: F401,E402  (registers the baseline methods)
+from .registry import PTQ_METHODS, ptq, register_ptq
 
 __all__ = ["PTQ_METHODS", "ptq", "register_ptq"]
