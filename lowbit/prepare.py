@@ -211,6 +211,7 @@ def prepare(
         for q, role in ((wq, "weight_quant"), (aq, "input_quant")):
             if q is not None:
                 q.name = f"{name}.{role}"
+                q.static = q is wq
                 q.to(mod.weight.device)
         qmod = QUANT_LAYERS[type(mod)].from_float(mod, wq, aq)
         _set_submodule(model, name, qmod)

@@ -158,3 +158,14 @@ def test_prepared_model_state_dict_reloads_into_fresh_prepare():
     fresh.load_state_dict(q.state_dict())
     set_mode(fresh, "quantize")
     assert torch.equal(fresh(X), q(X))
+
+
+def test_weights_observed_once_activations_every_batch():
+    q = prepare(tiny(), QuantConfig.uniform(4, 4), X)
+    seen = {}
+    for qz in quantizers(q):
+        qz.observer.update = (lambda orig, n: lambda x: (seen.__setitem__(n, seen.get(n, 0) + 1),
+                                                        orig(x))[1])(qz.observer.update, qz.name)
+    calibrate(q, [X, X, X], progress=False)
+    assert seen["stem.weight_quant"] == 1
+    assert seen["stem.input_quant"] == 3

@@ -127,6 +127,7 @@ class Quantizer(nn.Module):
         self.mode = QuantMode.FLOAT
         self.calibrated = False
         self.name = ""
+        self.static = False
 
     @property
     def bits(self) -> int:
@@ -173,7 +174,12 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Record the range of ``x``; NaN/Inf stops calibration with the layer's name."""
+        """Record the range of ``x``; NaN/Inf stops calibration with the layer's name.
+
+        A ``static`` quantizer (a weight) sees the same tensor every batch, so it observes once.
+        """
+        if self.static and self.observer.batches > 0:
+            return
         self._check_axis(x)
         if not bool(torch.isfinite(x).all()):
             raise CalibrationError(

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .autograd import grad_scale, round_ste
+from .autograd import grad_scale, learned_fake_quant, round_ste
 from .base import EPS, Quantizer
 from .registry import register_quantizer
 
@@ -43,6 +43,9 @@ class LSQQuantizer(Quantizer):
         g = 1.0 / math.sqrt(per_scale * max(qmax, 1))
         s = self._broadcast(grad_scale(self.scale, g).abs().clamp_min(EPS), x)
         if self.symmetric:
-            return torch.clamp(round_ste(x / s), qmin, qmax) * s
-        zp = self._broadcast(torch.clamp(round_ste(grad_scale(self.zero_point, g)), qmin, qmax), x)
-        return (torch.clamp(round_ste(x / s) + zp, qmin, qmax) - zp) * s
+            zp = self._broadcast(self.zero_point.detach(), x)
+        else:
+            zp = self._broadcast(
+                torch.clamp(round_ste(grad_scale(self.zero_point, g)), qmin, qmax), x
+            )
+        return learned_fake_quant(x, s, zp, qmin, qmax)

@@ -1,13 +1,14 @@
 """Uniform affine/symmetric quantizer with fixed (calibrated) parameters.
 
-Uses torch's fused fake-quantize kernels, which are vectorised on CPU and CUDA and pass the
-gradient straight through inside the clipping range.
+The forward pass is :func:`fixed_fake_quant`: vectorised in-place passes with a
+straight-through gradient inside the clipping range, the same on CPU and CUDA.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .autograd import fixed_fake_quant
 from .base import IntegerForm, Quantizer
 from .registry import register_quantizer
 
@@ -28,23 +29,23 @@ class UniformQuantizer(Quantizer):
     def scale_zero_point(self):
         return self.scale, self.zero_point.float()
 
+    def _params(self, x: torch.Tensor):
+        scale = self._broadcast(self.scale, x)
+        return 1.0 / scale, scale, self._broadcast(self.zero_point.to(x.dtype), x)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         self.require_calibrated()
         qmin, qmax = self.qrange
-        if self.per_channel and self.scale.numel() > 1:
-            return torch.fake_quantize_per_channel_affine(
-                x, self.scale, self.zero_point, self.ch_axis % x.dim(), qmin, qmax
-            )
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, qmin, qmax)
+        inv, scale, zp = self._params(x)
+        return fixed_fake_quant(x, inv, scale, zp, qmin, qmax)
 
     @torch.no_grad()
     def integer_form(self, x: torch.Tensor) -> IntegerForm:
-        """Same arithmetic as the fused kernel (multiply by the reciprocal), so it is bit-exact."""
+        """Same operations as :meth:`quantize`, so the integer path is bit-exact."""
         self.require_calibrated()
         qmin, qmax = self.qrange
-        inv = self._broadcast(1.0 / self.scale, x)
-        zp = self._broadcast(self.zero_point, x)
-        codes = torch.clamp(torch.round(x * inv) + zp, qmin, qmax).to(torch.int32)
+        inv, _, zp = self._params(x)
+        codes = torch.mul(x, inv).round_().add_(zp).clamp_(qmin, qmax).to(torch.int32)
         return IntegerForm(
             codes, self.scale.clone(), self.zero_point.clone(), self.bits, bool(self.signed),
             self.axis,
