@@ -44,9 +44,18 @@ def one(model: str, method: str, w_bits: int, a_bits: int, calib: int, batch: in
     net = get_model(model, weights(model)).to(memory_format=torch.channels_last)
     row = dict(model=model, method=method, paper_float=info["paper_float"],
                calib_images=calib, protocol=data.protocol)
-    if method == "float":
+    if method in ("float", "float-full"):
+        loader = data.eval
+        if method == "float-full":
+            from lowbit.data import load_dataset, make_loader
+
+            full = load_dataset(info["dataset"], data_root(info["dataset"]), "val",
+                                mean=spec.mean, std=spec.std, resize=spec.resize or 256,
+                                crop=spec.input_size[-1])
+            loader = make_loader(full, batch, workers=2)
+            row["protocol"] = f"{info['dataset']}/val: all {len(full)} images"
         t = time.perf_counter()
-        res = evaluate(net, data.eval, progress=False)
+        res = evaluate(net, loader, progress=False)
         cost = measure(net, data.example)
         row.update(w_bits=32, a_bits=32, eval_seconds=time.perf_counter() - t, calib_seconds=0.0)
     else:
@@ -87,6 +96,7 @@ def main() -> None:
     out = Path(args.out)
     rows = _load(out.with_suffix(".json"))
     jobs = [(m, "float", 32, 32) for m in args.models]
+    jobs += [(m, "float-full", 32, 32) for m in args.models if MODELS[m]["dataset"] != "cifar10"]
     jobs += [(m, meth, w, a) for m in args.models for (w, a) in SETTINGS for meth in args.methods]
     for m, meth, w, a in jobs:
         cmd = [sys.executable, __file__, "--one", m, meth, str(w), str(a),

@@ -18,10 +18,10 @@ COLUMNS = ["model", "method", "W/A", "top1", "agreement", "sqnr_db", "size_kib",
 
 def main(path: str) -> None:
     rows = json.loads(Path(path).read_text())["rows"]
-    order = {"float": 0, "minmax": 1, "percentile": 2, "mse": 3}
+    order = {"float-full": -1, "float": 0, "minmax": 1, "percentile": 2, "mse": 3}
     rows.sort(key=lambda r: (r["model"], -r["w_bits"], -r["a_bits"], order.get(r["method"], 9)))
     for r in rows:
-        r["W/A"] = "float" if r["method"] == "float" else f"W{r['w_bits']}A{r['a_bits']}"
+        r["W/A"] = "32/32" if r["method"].startswith("float") else f"W{r['w_bits']}A{r['a_bits']}"
     print(format_table(rows, COLUMNS, markdown=True))
 
 
