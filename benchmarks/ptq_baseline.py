@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "ptq_baseline"))
+    ap.add_argument("--skip-existing", action="store_true",
+                    help="do not re-run settings already in the results file")
     ap.add_argument("--one", nargs=4, metavar=("MODEL", "METHOD", "W", "A"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
@@ -98,7 +100,10 @@ def main() -> None:
     jobs = [(m, "float", 32, 32) for m in args.models]
     jobs += [(m, "float-full", 32, 32) for m in args.models if MODELS[m]["dataset"] != "cifar10"]
     jobs += [(m, meth, w, a) for m in args.models for (w, a) in SETTINGS for meth in args.methods]
+    done = {(r["model"], r["method"], r["w_bits"], r["a_bits"]) for r in rows}
     for m, meth, w, a in jobs:
+        if args.skip_existing and (m, meth, w, a) in done:
+            continue
         cmd = [sys.executable, __file__, "--one", m, meth, str(w), str(a),
                "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads)]

@@ -11,7 +11,14 @@ The public API in one place::
 
 from .config import EdgePolicy, LayerRule, QuantConfig, QuantizerSpec
 from .cost import CostReport, measure
-from .errors import CalibrationError, ConfigError, DataError, LowbitError, ModelError
+from .errors import (
+    CalibrationError,
+    ConfigError,
+    DataError,
+    LowbitError,
+    ModelError,
+    TrainingError,
+)
 from .evaluate import EvalResult, evaluate
 from .prepare import calibrate, float_mode, fold_batchnorm, prepare, quantizers, set_mode
 from .ptq import ptq, register_ptq
@@ -33,6 +40,7 @@ __all__ = [
     "QuantMode",
     "Quantizer",
     "QuantizerSpec",
+    "TrainingError",
     "calibrate",
     "evaluate",
     "float_mode",

@@ -111,11 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_args(pq)
     pq.add_argument(
         "--method", default="mse",
-        help="PTQ method: minmax, percentile or mse (range calibration; default mse)",
+        help="PTQ method: minmax, percentile or mse (range calibration; default mse); pot, "
+        "rapq-quick, rapq (power-of-two scales) or brecq (reconstruction, float scales)",
     )
     pq.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
+    pq.add_argument("--iters", type=int, default=None,
+                    help="rapq/brecq: reconstruction steps per block (default 1000)")
+    pq.add_argument("--quick-iters", type=int, default=None,
+                    help="rapq/rapq-quick: network-wide scale adjustment steps (default 300)")
+    pq.add_argument("--bn-guided", choices=["auto", "on", "off"], default=None,
+                    help="rapq/brecq: BatchNorm-statistics term (default auto: on when the "
+                    "model's BNs carry statistics)")
     pq.add_argument("--output", "-o", default=None, help="write results JSON here")
     pq.add_argument("--save", default=None, help="save the quantized model to this folder")
+    from .qat.cli import add_parser as add_qat_parser
+
+    add_qat_parser(sub)
+    from .search.cli import add_parser as add_search_parser
+
+    add_search_parser(sub)
     return parser
 
 
@@ -207,6 +221,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _ptq_options(args) -> dict:
+    """Method options given on the command line, refused when the method does not take them."""
+    import inspect
+
+    from .ptq import PTQ_METHODS
+
+    bn = {"auto": None, "on": True, "off": False}
+    given = {"iters": args.iters, "quick_iters": args.quick_iters,
+             "bn_guided": bn[args.bn_guided] if args.bn_guided else None}
+    opts = {k: v for k, v in given.items() if v is not None or (k == "bn_guided" and args.bn_guided)}
+    params = inspect.signature(PTQ_METHODS[args.method]).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for k in opts:
+        if k not in params and not takes_any:
+            raise LowbitError(f"--{k.replace('_', '-')} does not apply to --method {args.method}")
+    return opts
+
+
 def cmd_ptq(args) -> int:
     import torch
 
@@ -232,7 +264,8 @@ def cmd_ptq(args) -> int:
                       workers=args.workers, seed=args.seed)
     progress = not args.no_progress
     t0 = time.perf_counter()
-    qmodel = ptq(model, args.method, data.calib, config, data.example, progress=progress)
+    opts = _ptq_options(args)
+    qmodel = ptq(model, args.method, data.calib, config, data.example, progress=progress, **opts)
     ptq_seconds = time.perf_counter() - t0
     print(qmodel.lowbit_report.summary())
     float_res = evaluate(model, data.eval, progress=progress, desc="eval float")
@@ -261,7 +294,20 @@ def cmd_ptq(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "info": cmd_info, "eval": cmd_eval, "ptq": cmd_ptq}
+def cmd_qat(args) -> int:
+    from .qat.cli import run
+
+    return run(args)
+
+
+def cmd_search(args) -> int:
+    from .search.cli import run
+
+    return run(args)
+
+
+COMMANDS = {"demo": cmd_demo, "info": cmd_info, "eval": cmd_eval, "ptq": cmd_ptq, "qat": cmd_qat}
+COMMANDS["search"] = cmd_search
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,3 +25,7 @@ class DataError(LowbitError):
 
 class CalibrationError(LowbitError):
     """Calibration met NaN/Inf or saw no data."""
+
+
+class TrainingError(LowbitError):
+    """Training stopped: a NaN loss, a collapsed quantizer, or a checkpoint that does not match."""

@@ -4,7 +4,10 @@ from .autograd import clamp_ste, fake_quant, floor_ste, grad_scale, round_ste
 from .base import IntegerForm, Quantizer, QuantMode, check_bits, int_range, range_to_params
 from .lsq import LSQQuantizer
 from .observers import OBSERVERS, build_observer, register_observer
+from .pot import PoTQuantizer
+from .qil import QILQuantizer
 from .registry import QUANTIZERS, quantizer_class, register_quantizer
+from .sdq import SDQQuantizer
 from .uniform import UniformQuantizer
 
 __all__ = [
@@ -12,8 +15,11 @@ __all__ = [
     "QUANTIZERS",
     "IntegerForm",
     "LSQQuantizer",
+    "PoTQuantizer",
+    "QILQuantizer",
     "QuantMode",
     "Quantizer",
+    "SDQQuantizer",
     "UniformQuantizer",
     "build_observer",
     "check_bits",

@@ -29,7 +29,8 @@ Gradients: rounding is straight-through; ``c``, ``d`` and ``g`` get the exact de
 transformer inside the interval and zero outside it. At the lower edge (``T = 0``) the power is
 not differentiated (``0^g`` has an infinite slope for ``g < 1`` and ``log 0`` for ``g``), so every
 gradient is finite. ``d`` is clamped to ``D_MIN`` in the forward pass; an interval that shrinks
-to it is reported as collapsed by :meth:`QILQuantizer.collapsed` (the trainer stops on it).
+below ``COLLAPSE`` times its initial width (buffer ``ref``) is reported as collapsed by
+:meth:`QILQuantizer.collapsed` (the trainer stops on it).
 """
 
 from __future__ import annotations
@@ -39,43 +40,63 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .autograd import grad_scale, round_ste
 from .base import IntegerForm, Quantizer
 from .registry import register_quantizer
 
 D_MIN = 1e-6
 GAMMA_MIN = 1e-2
+COLLAPSE = 1e-4  # an interval below this fraction of its initial width has collapsed
+
+
+def _flat_pair(a: torch.Tensor, b: torch.Tensor):
+    """1-D views of two tensors with the same memory layout (so ``dot`` pairs elements), or None."""
+    if a.is_contiguous() and b.is_contiguous():
+        return a.view(-1), b.view(-1)
+    cl = torch.channels_last
+    if a.dim() == 4 and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl):
+        return a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1)
+    return None
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    pair = _flat_pair(a, b)
+    return torch.dot(*pair) if pair is not None else (a * b).sum()
 
 
 class _UnsignedInterval(torch.autograd.Function):
-    """Fused activation path (``g = 1``, one interval): few passes over the tensor, since
-    activations dominate the cost of fake-quantized training. Matches the autograd path."""
+    """Fused activation path (``g = 1``, one interval): activations dominate the cost of
+    fake-quantized training, so forward and backward make as few passes over the tensor as
+    eager PyTorch allows. Matches the autograd path (tested)."""
 
     @staticmethod
     def forward(ctx, x, c, d, levels: int):
         upper = c + d
         alpha = 0.5 / d
         beta = 0.5 - c * alpha
-        t = torch.addcmul(beta, x, alpha).clamp_(0.0, 1.0).mul_(levels).round_()
-        out = t.mul_(upper / levels)
+        # t = q * clamp(T(x), 0, 1): kept for backward, so it never recomputes T
+        t = torch.addcmul(beta * levels, x, alpha * levels).clamp_(0.0, levels)
+        out = torch.round(t).mul_(upper / levels)
         ctx.levels = levels
-        ctx.save_for_backward(x, out, c, d)
+        ctx.save_for_backward(t, out, c, d)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, out, c, d = ctx.saved_tensors
+        t, out, c, d = ctx.saved_tensors
+        q = ctx.levels
         upper = c + d
-        lo = c - d
-        inside = (x >= lo) & (x <= upper)
-        gm = torch.where(inside, g, 0.0)
-        grad_x = gm * (upper * 0.5 / d) if ctx.needs_input_grad[0] else None
+        alpha = 0.5 / d
+        # g inside the interval (0 < t < q), zero where pruned or clipped
+        gm = torch.ops.aten.hardtanh_backward(g, t, 0.0, float(q))
         sum_gm = gm.sum()
-        sum_gmx = (gm * x).sum()
-        sum_gout = (g * out).sum() / upper
-        # out = D(T) * (c + d): d out/dc = -(c+d)/(2d) inside + D;  d out/dd = -(c+d)(x-c)/(2d^2) inside + D
-        grad_c = -(upper * 0.5 / d) * sum_gm + sum_gout
-        grad_d = -(upper * 0.5 / (d * d)) * (sum_gmx - c * sum_gm) + sum_gout
+        sum_gmv = _dot(gm, t) / q  # sum of g * T(x) inside
+        sum_gout = _dot(g, out) / upper
+        # out = D(T) * (c + d); inside dT/dc = -1/2d and dT/dd = -(T - 1/2)/d; d out/d(c+d) = D
+        grad_c = -(upper * alpha) * sum_gm + sum_gout
+        grad_d = -(upper / d) * (sum_gmv - 0.5 * sum_gm) + sum_gout
+        grad_x = gm.mul_(upper * alpha) if ctx.needs_input_grad[0] else None
         return grad_x, grad_c.reshape(c.shape), grad_d.reshape(d.shape), None
 
 
@@ -85,8 +106,9 @@ class QILQuantizer(Quantizer):
 
     Options (``QuantizerSpec.options``): ``gamma`` (initial exponent, default 1),
     ``learn_gamma`` (train it; the paper does for weights, activations keep 1),
-    ``grad_scale`` (scale the gradients of c, d, g by ``1/sqrt(n * q)`` as LSQ does, so one
-    learning rate suits every layer; not in the paper, default on), ``fused`` (use the fused
+    ``grad_scale`` (scale the gradients of c, d, g by ``1/sqrt(n * q)`` as LSQ does, and those
+    of c, d also by the squared initial range ``ref^2``, so one learning rate suits every layer
+    and channel; not in the paper, default on), ``fused`` (use the fused
     activation kernel when it applies, default on).
     """
 
@@ -101,13 +123,13 @@ class QILQuantizer(Quantizer):
     ):
         super().__init__(*args, **kwargs)
         if not gamma > 0:
-            from ..errors import ConfigError
-
             raise ConfigError(f"QIL gamma must be positive, got {gamma}")
         self.c = nn.Parameter(torch.full((1,), 0.5))
         self.d = nn.Parameter(torch.full((1,), 0.5))
         self.gamma = nn.Parameter(torch.tensor([float(gamma)]), requires_grad=learn_gamma)
+        self.register_buffer("ref", torch.ones(1))
         self.learn_gamma = learn_gamma
+        self._gamma_value = float(gamma)
         self.use_grad_scale = grad_scale
         self.fused = fused
 
@@ -137,6 +159,7 @@ class QILQuantizer(Quantizer):
         top = top.clamp_min(4 * D_MIN).to(dev)
         self.c = nn.Parameter(top / 2)
         self.d = nn.Parameter(top / 2)
+        self.ref = top.clone()
 
     def _param_scale(self, x: torch.Tensor) -> float:
         return 1.0 / math.sqrt(x.numel() / self.c.numel() * max(self.levels, 1))
@@ -145,13 +168,20 @@ class QILQuantizer(Quantizer):
         c, d, gamma = self.c, self.d, self.gamma
         if self.use_grad_scale:
             s = self._param_scale(x)
-            c, d = grad_scale(c, s), grad_scale(d, s)
+            # ref^2: an SGD step then moves c and d by the same fraction of each channel's
+            # initial range, so nearly-empty channels cannot overshoot and collapse
+            c, d = grad_scale(c, s * self.ref.square()), grad_scale(d, s * self.ref.square())
             if self.learn_gamma:
                 gamma = grad_scale(gamma, s)
         return c, d.clamp_min(D_MIN), gamma.clamp_min(GAMMA_MIN)
 
     def _gamma_is_one(self) -> bool:
-        return not self.learn_gamma and float(self.gamma) == 1.0
+        # a Python float, so the hot path never reads a tensor back (no device sync)
+        return not self.learn_gamma and self._gamma_value == 1.0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._gamma_value = float(self.gamma.detach().reshape(-1)[0])
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's transformer ``T(x)`` (values in ``[-1, 1]`` signed, ``[0, 1]`` unsigned)."""
@@ -196,5 +226,6 @@ class QILQuantizer(Quantizer):
     @torch.no_grad()
     def collapsed(self) -> torch.Tensor:
         """Bool tensor (no sync): the interval has shrunk to nothing or is not finite."""
-        bad = (self.d <= D_MIN) | ~torch.isfinite(self.d) | ~torch.isfinite(self.c)
+        bad = (self.d <= (COLLAPSE * self.ref).clamp_min(D_MIN)) | ~torch.isfinite(self.d)
+        bad = bad | ~torch.isfinite(self.c)
         return bad.any() | ~torch.isfinite(self.gamma).all()

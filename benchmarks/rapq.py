@@ -1,0 +1,156 @@
+"""RAPQ (power-of-two PTQ) against naive PoT and float-scale reconstruction, per model and setting.
+
+Each (model, setting, method) runs in its own process so that wall time and peak memory
+(max RSS) belong to that run alone; the load average at the start is recorded because other
+jobs may share the cores. Results: benchmarks/results/rapq.{csv,json}.
+
+    python benchmarks/rapq.py --models resnet20 --settings W4A4 W2A4
+    python benchmarks/rapq.py --models mobilenet_v2_tflite --methods pot rapq-quick rapq \\
+        --iters 300 --settings W4A4
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, RESULTS, data_root, weights  # noqa: E402
+
+SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
+METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
+FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
+          "float_top1", "iters", "quick_iters", "bn_guided", "quick_naive_error",
+          "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
+          "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
+          "seconds_reconstruct", "ptq_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib",
+          "load_avg_start", "threads", "protocol", "command", "note"]
+
+
+def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
+    """Run one setting in this process and return its row."""
+    import torch
+
+    from lowbit import QuantConfig, evaluate, ptq
+    from lowbit.models import get_model, get_spec
+    from lowbit.pipeline import build_data
+
+    torch.manual_seed(0)
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    spec = get_spec(model)
+    info = MODELS[model]
+    data = build_data(spec, info["dataset"], data_root(info["dataset"]),
+                      calib_size=args.calib_size, eval_size=args.eval_size,
+                      batch_size=args.batch_size,
+                      workers=2 if info["dataset"] != "cifar10" else 0)
+    net = get_model(model, weights(model)).to(memory_format=torch.channels_last)
+    opts = {}
+    if method in {"rapq", "rapq-quick"}:
+        opts["quick_iters"] = args.quick_iters
+    if method in {"rapq", "brecq"}:
+        opts["iters"] = args.iters
+    t = time.perf_counter()
+    q = ptq(net, method, data.calib, QuantConfig.uniform(w_bits, a_bits), data.example,
+            progress=False, **opts)
+    ptq_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    res = evaluate(q, data.eval, reference=net, progress=False)
+    eval_seconds = time.perf_counter() - t
+    rinfo = q.lowbit_rapq
+    quick = rinfo.get("quick", {})
+    recon = rinfo.get("reconstruction", {})
+    return dict(
+        model=model, method=method, w_bits=w_bits, a_bits=a_bits, top1=res.top1, top5=res.top5,
+        agreement=res.agreement, sqnr_db=res.sqnr_db, iters=opts.get("iters"),
+        quick_iters=opts.get("quick_iters"), bn_guided=rinfo.get("bn_guided"),
+        quick_naive_error=quick.get("naive_error"), quick_adjusted_error=quick.get("adjusted_error"),
+        recon_error_before=recon.get("error_before"), recon_error_after=recon.get("error_after"),
+        recon_kept=recon.get("kept"), eval_images=res.samples, calib_images=rinfo["calib_images"],
+        seconds_calibrate=rinfo.get("seconds_calibrate"), seconds_quick=quick.get("seconds"),
+        seconds_cache=rinfo.get("seconds_cache"),
+        seconds_reconstruct=rinfo.get("seconds_reconstruct"), ptq_seconds=ptq_seconds,
+        eval_seconds=eval_seconds, wall_seconds=time.perf_counter() - t0,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        load_avg_start=load, threads=torch.get_num_threads(), protocol=data.protocol,
+        units=rinfo.get("units"),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet20"], choices=list(MODELS))
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--iters", type=int, default=1000, help="reconstruction steps per block")
+    ap.add_argument("--quick-iters", type=int, default=300)
+    ap.add_argument("--calib-size", type=int, default=1024)
+    ap.add_argument("--eval-size", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "rapq"))
+    ap.add_argument("--one", nargs=4, metavar=("MODEL", "METHOD", "W", "A"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.one:
+        m, meth, w, a = args.one
+        print("ROW " + json.dumps(one(m, meth, int(w), int(a), args)))
+        return
+    out = Path(args.out)
+    rows = _load(out.with_suffix(".json"))
+    common = ["--iters", str(args.iters), "--quick-iters", str(args.quick_iters),
+              "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
+              "--threads", str(args.threads)]
+    if args.eval_size:
+        common += ["--eval-size", str(args.eval_size)]
+    for m in args.models:
+        for s in args.settings:
+            w, a = SETTINGS[s]
+            for meth in args.methods:
+                cmd = [sys.executable, __file__, "--one", m, meth, str(w), str(a), *common]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((ln for ln in proc.stdout.splitlines()
+                             if ln.startswith(("ROW ", "SKIP"))), None)
+                if proc.returncode != 0 or line is None:
+                    print(proc.stdout, proc.stderr[-4000:], file=sys.stderr)
+                    raise SystemExit(f"benchmark run failed: {m} {meth} W{w}A{a}")
+                if line.startswith("SKIP"):
+                    print(line)
+                    return
+                row = json.loads(line[4:])
+                row["command"] = ("python benchmarks/rapq.py --models " + m + " --methods " + meth
+                                  + " --settings " + s + " " + " ".join(common))
+                rows = [r for r in rows if (r["model"], r["method"], r["w_bits"], r["a_bits"])
+                        != (m, meth, w, a)] + [row]
+                _save(out, rows)
+                print(f"{m:<20} {meth:<11} {s}  top-1 {row['top1']:.2f}  "
+                      f"(ptq {row['ptq_seconds']:.0f} s, wall {row['wall_seconds']:.0f} s, "
+                      f"{row['peak_rss_mib']:.0f} MiB, load {row['load_avg_start']:.1f})",
+                      flush=True)
+
+
+def _load(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def _save(out: Path, rows: list[dict]) -> None:
+    from lowbit.report.tables import write_json
+
+    write_json(out.with_suffix(".json"), {"rows": rows})
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Reconstruction units and the cache that feeds them without re-running the network.
+
+A *unit* is what block reconstruction optimises at once: a residual or inverted-residual
+block when the model has one, otherwise a single quantized layer (stem, head, classifier).
+The model is traced once with ``torch.fx``, units kept as leaves, so the glue between units
+(activations, pooling, padding, additions) becomes a short list of graph nodes. Walking that
+list over the whole calibration set once, with every intermediate freed after its last use,
+gives each unit its float and quantized inputs at the cost of one network pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.efficientnet_lite import MBConvBlock
+from ..models.mobilenetv2 import ConvBNAct, InvertedResidual
+from ..models.resnet import BasicBlock as ImageNetBasicBlock
+from ..models.resnet_cifar import BasicBlock as CifarBasicBlock
+from ..nn.layers import QuantLayerMixin
+
+DEFAULT_BLOCK_TYPES: tuple[type[nn.Module], ...] = (
+    CifarBasicBlock, ImageNetBasicBlock, InvertedResidual, MBConvBlock, ConvBNAct,
+)
+
+
+def _has_quant_layer(mod: nn.Module) -> bool:
+    return any(isinstance(m, QuantLayerMixin) for m in mod.modules())
+
+
+def find_units(
+    model: nn.Module, block_types: Iterable[type[nn.Module]] | None = None
+) -> list[str]:
+    """Names of reconstruction units: outermost blocks of ``block_types`` holding quantized
+    layers, plus every quantized layer outside such a block (registration order)."""
+    types = tuple(block_types) if block_types is not None else DEFAULT_BLOCK_TYPES
+    units: list[str] = []
+    for name, mod in model.named_modules():
+        if not name or any(name.startswith(u + ".") for u in units):
+            continue
+        if isinstance(mod, types) and _has_quant_layer(mod) or isinstance(mod, QuantLayerMixin):
+            units.append(name)
+    return units
+
+
+class _UnitTracer(fx.Tracer):
+    def __init__(self, units: set[str]):
+        super().__init__()
+        self.units = units
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.units or super().is_leaf_module(m, qualname)
+
+
+def trace_units(model: nn.Module, units: list[str]) -> fx.Graph:
+    """fx graph of ``model`` with every unit as one ``call_module`` node."""
+    try:
+        graph = _UnitTracer(set(units)).trace(model)
+    except Exception as exc:  # fx raises many types for untraceable control flow
+        raise ConfigError(
+            f"block reconstruction needs a model torch.fx can trace between blocks, and "
+            f"tracing {type(model).__name__} failed ({type(exc).__name__}: {exc}); use "
+            "method 'rapq-quick' (no reconstruction) or make forward() traceable"
+        ) from None
+    called = {n.target for n in graph.nodes if n.op == "call_module"}
+    missing = [u for u in units if u not in called]
+    if missing:
+        raise ConfigError(
+            f"units {missing[:3]} are never called by forward(); they cannot be reconstructed"
+        )
+    return graph
+
+
+def run_chunked(fn: Callable, args: tuple, kwargs: dict, n: int, chunk: int):
+    """Apply ``fn`` to every batch-sized slice of the tensors of length ``n`` in ``args``.
+
+    Values without the batch dimension (shapes, constants) pass unchanged; an output that
+    is not batched (``x.shape``) is computed once on the full arguments.
+    """
+
+    def sl(v, s):
+        return v[s] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+
+    outs = []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            s = slice(start, min(start + chunk, n))
+            a = fx.node.map_aggregate(args, lambda v, s=s: sl(v, s))
+            k = fx.node.map_aggregate(kwargs, lambda v, s=s: sl(v, s))
+            out = fn(*a, **k)
+            if not (isinstance(out, torch.Tensor) and out.dim() > 0
+                    and out.shape[0] == s.stop - s.start):
+                return fn(*args, **kwargs)
+            outs.append(out)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _node_fn(node: fx.Node, root: nn.Module) -> Callable:
+    if node.op == "call_module":
+        return root.get_submodule(node.target)
+    if node.op == "call_function":
+        return node.target
+    if node.op == "call_method":
+        return lambda obj, *a, **k: getattr(obj, node.target)(*a, **k)
+    raise ConfigError(f"unsupported fx node {node.op} in block reconstruction")
+
+
+def _fetch_attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def walk_units(
+    graph: fx.Graph,
+    units: Iterable[str],
+    fp_root: nn.Module,
+    q_root: nn.Module,
+    inputs: torch.Tensor,
+    on_unit: Callable[[str, tuple, tuple, torch.Tensor], None],
+    chunk: int = 64,
+) -> None:
+    """Propagate the calibration set through ``graph`` on the float and the quantized model.
+
+    At each unit, ``on_unit(name, fp_args, q_args, fp_out)`` may change the quantized unit
+    (reconstruct it); its quantized output is computed afterwards, so later units see the
+    already-reconstructed earlier ones, as BRECQ does. Intermediates are freed at last use.
+    """
+    units = set(units)
+    nodes = list(graph.nodes)
+    last_use = {}
+    for i, node in enumerate(nodes):
+        for inp in node.all_input_nodes:
+            last_use[inp] = i
+    n = inputs.shape[0]
+    env_fp: dict[fx.Node, object] = {}
+    env_q: dict[fx.Node, object] = {}
+    for i, node in enumerate(nodes):
+        if node.op == "output":
+            break
+        if node.op == "placeholder":
+            env_fp[node] = env_q[node] = inputs
+        elif node.op == "get_attr":
+            env_fp[node] = _fetch_attr(fp_root, node.target)
+            env_q[node] = _fetch_attr(q_root, node.target)
+        else:
+            fp_args = fx.node.map_arg(node.args, lambda a: env_fp[a])
+            fp_kwargs = fx.node.map_arg(node.kwargs, lambda a: env_fp[a])
+            q_args = fx.node.map_arg(node.args, lambda a: env_q[a])
+            q_kwargs = fx.node.map_arg(node.kwargs, lambda a: env_q[a])
+            fp_out = run_chunked(_node_fn(node, fp_root), fp_args, fp_kwargs, n, chunk)
+            if node.op == "call_module" and node.target in units:
+                on_unit(node.target, fp_args, q_args, fp_out)
+            env_fp[node] = fp_out
+            env_q[node] = run_chunked(_node_fn(node, q_root), q_args, q_kwargs, n, chunk)
+        for inp in node.all_input_nodes:
+            if last_use.get(inp) == i:
+                env_fp.pop(inp, None)
+                env_q.pop(inp, None)
+

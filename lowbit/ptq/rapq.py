@@ -1,0 +1,320 @@
+"""RAPQ: power-of-two post-training quantization (after Yao et al., IJCAI 2022).
+
+Four registered methods, all on the same prepared model and calibration tensor:
+
+* ``pot``: naive baseline, each calibrated scale rounded to the nearest power of two.
+* ``rapq-quick``: network-wide scale adjustment. Every weight and activation log2 scale is
+  relaxed to a continuous value and trained jointly so that the network's output matches the
+  float output, which trades rounding error (small scales) against clipping error (large
+  scales) across all layers at once; a short second phase trains through the rounded
+  exponents (straight-through) before they are fixed. If the result is worse than the naive
+  exponents on the calibration set, the naive ones are kept.
+* ``rapq``: quick, then BN-guided block reconstruction (AdaRound-style rounding, PoT scales
+  learned with straight-through exponents, loss = block output error + the mismatch of
+  pre-activation statistics against the float model's BatchNorm statistics).
+* ``brecq``: the same reconstruction with float scales, as a comparison.
+
+The exported exponents and zero-points are integers by construction (see
+:mod:`lowbit.quant.pot`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import QuantConfig
+from ..errors import CalibrationError, ConfigError
+from ..prepare import _inputs, calibrate, float_mode, prepare
+from ..quant.pot import PoTQuantizer
+from ..utils import model_device
+from .blocks import run_chunked
+from .reconstruct import (
+    ReconOptions,
+    bn_targets,
+    output_error,
+    reconstruct,
+    unwrap_quantizers,
+    wrap_quantizers,
+)
+from .registry import register_ptq
+
+log = logging.getLogger("lowbit")
+
+MIN_CALIB, MAX_CALIB = 8, 16384
+N_EVAL = 256  # calibration images on which a step is checked against the one before
+
+
+def gather_inputs(calib_data: Iterable, num_batches: int | None = None) -> torch.Tensor:
+    """The calibration set as one tensor (checked: size in range, every value finite)."""
+    batches = []
+    for i, batch in enumerate(calib_data):
+        if num_batches is not None and i >= num_batches:
+            break
+        x = _inputs(batch)
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(f"calibration batch {i} holds no tensor input: {type(x).__name__}")
+        if not bool(torch.isfinite(x).all()):
+            raise CalibrationError(
+                f"calibration batch {i} contains NaN or Inf; clean the data (check the "
+                "normalisation and the image decoding) before quantizing"
+            )
+        batches.append(x.detach())
+    n = sum(b.shape[0] for b in batches)
+    if not MIN_CALIB <= n <= MAX_CALIB:
+        raise ConfigError(
+            f"RAPQ needs between {MIN_CALIB} and {MAX_CALIB} calibration images, got {n}; "
+            "1,024 is the usual size (fewer overfit the reconstruction, more only cost memory)"
+        )
+    x = torch.cat(batches)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def with_kind(config: QuantConfig, kind: str, observer: str) -> QuantConfig:
+    """``config`` with every quantizer spec (defaults and rules) of ``kind`` and ``observer``."""
+    upd = {"kind": kind, "observer": observer}
+    data = config.model_dump()
+    for side in ("weight", "act"):
+        if data[side] is not None:
+            data[side].update(upd)
+    for rule in data["layers"]:
+        for side in ("weight", "act"):
+            if rule[side] is not None:
+                rule[side].update(upd)
+    return QuantConfig.model_validate(data)
+
+
+def _check_bits(config: QuantConfig) -> None:
+    if config.weight is not None and config.weight.bits < 2:
+        raise ConfigError(
+            f"RAPQ weights need at least 2 bits (signed), got {config.weight.bits}; use w_bits >= 2"
+        )
+
+
+def _calibrated(model, config, x, example_inputs, chunk, progress) -> nn.Module:
+    qmodel = prepare(model, config, example_inputs if example_inputs is not None else x[:2])
+    qmodel.to(x.device)
+    return calibrate(qmodel, [x[i:i + chunk] for i in range(0, x.shape[0], chunk)],
+                     progress=progress)
+
+
+def adjust_scales(
+    qmodel: nn.Module,
+    x: torch.Tensor,
+    *,
+    iters: int = 200,
+    batch_size: int = 32,
+    lr: float = 0.01,
+    seed: int = 0,
+    n_eval: int = N_EVAL,
+    chunk: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """RAPQ's network-wide adjustment of all power-of-two exponents at once (in place).
+
+    Returns the calibration output error of the naive exponents and of the adjusted ones, and
+    whether the adjusted ones were kept (they are only when they do not do worse).
+    """
+    if iters < 0 or batch_size < 1:
+        raise ConfigError(f"quick_iters must be >= 0 and batch_size >= 1, got {iters}, {batch_size}")
+    pot = [q for q in qmodel.modules() if isinstance(q, PoTQuantizer)]
+    if not pot:
+        raise ConfigError("scale adjustment needs 'pot' quantizers: prepare with kind='pot'")
+    n = x.shape[0]
+    qmodel.eval()
+    with float_mode(qmodel):
+        fp_out = run_chunked(qmodel, (x,), {}, n, chunk)
+    if not isinstance(fp_out, torch.Tensor):
+        raise ConfigError("scale adjustment needs a model whose output is one tensor")
+    m = min(n, n_eval)
+    swaps = wrap_quantizers(qmodel, pot=True, learn_w_scale=True, learn_a_scale=True,
+                            adaround=False, relax="ste")
+
+    def set_relax(mode: str) -> None:
+        for _, _, tq in swaps:
+            tq.relax = mode
+
+    @torch.no_grad()
+    def calib_error() -> float:
+        out = run_chunked(qmodel, (x[:m],), {}, m, chunk)
+        return output_error(out, fp_out[:m]).item()
+
+    frozen = [p for p in qmodel.parameters() if p.requires_grad]
+    params = [tq.log2_scale for _, _, tq in swaps]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    t0 = time.perf_counter()
+    naive = calib_error()
+    final = naive
+    try:
+        if iters > 0:
+            opt = torch.optim.Adam(params, lr=lr)
+            gen = torch.Generator().manual_seed(seed)
+            bs = min(batch_size, n)
+            switch = (2 * iters) // 3
+            from tqdm.auto import tqdm
+
+            bar = tqdm(range(iters), desc="adjust scales", disable=not progress, leave=False)
+            for it in bar:
+                if it == 0:
+                    set_relax("continuous")
+                if it == switch:
+                    set_relax("ste")
+                    for g in opt.param_groups:
+                        g["lr"] = lr / 4
+                idx = torch.randint(0, n, (bs,), generator=gen)
+                loss = output_error(qmodel(x[idx]), fp_out[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if progress and (it + 1) % 50 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4g}")
+            bar.close()
+            set_relax("ste")
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(torch.round(p))
+            final = calib_error()
+        kept = final <= naive
+        if not kept:
+            for _, _, tq in swaps:
+                tq.reset()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        unwrap_quantizers(swaps, commit=True)
+        for p in frozen:
+            p.requires_grad_(True)
+    return {"naive_error": naive, "adjusted_error": final if kept else naive,
+            "kept": kept, "seconds": time.perf_counter() - t0, "iters": iters}
+
+
+@torch.no_grad()
+def _outputs(qmodel: nn.Module, x: torch.Tensor, chunk: int, use_float: bool) -> torch.Tensor:
+    qmodel.eval()
+    if use_float:
+        with float_mode(qmodel):
+            return run_chunked(qmodel, (x,), {}, x.shape[0], chunk)
+    return run_chunked(qmodel, (x,), {}, x.shape[0], chunk)
+
+
+def _bn_setup(model, example_inputs, config: QuantConfig, bn_guided: bool | None):
+    targets, skipped = bn_targets(model, example_inputs, folded=config.fold_bn)
+    if bn_guided and not targets:
+        why = (f"its {len(skipped)} BatchNorms carry no running statistics (mean 0, var 1)"
+               if skipped else "it has no BatchNorm after a conv/linear layer")
+        raise ConfigError(
+            f"BN-guided reconstruction was forced, but {why}; run with bn_guided=None (auto) or "
+            "False to reconstruct from the data term alone"
+        )
+    if bn_guided is False:
+        return {}, "off (bn_guided=False)"
+    if not targets:
+        note = ("no BatchNorm statistics in this model "
+                f"({len(skipped)} BNs without information); BN term off, data term alone")
+        log.warning("rapq: %s", note)
+        return {}, note
+    note = f"on: {len(targets)} BatchNorm targets"
+    if skipped:
+        note += f", {len(skipped)} BNs without statistics skipped"
+    return targets, note
+
+
+def _recon_options(opts: dict[str, Any], progress: bool, seed: int) -> ReconOptions:
+    fields = ReconOptions.__dataclass_fields__
+    unknown = sorted(set(opts) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown reconstruction options {unknown}; known: {sorted(fields)}")
+    return ReconOptions(**opts, progress=progress, seed=seed)
+
+
+@register_ptq("pot", "rapq-quick", "rapq", "brecq")
+def rapq_ptq(
+    model: nn.Module,
+    config: QuantConfig,
+    calib_data: Iterable,
+    example_inputs=None,
+    *,
+    method: str = "rapq",
+    observer: str = "mse",
+    quick_iters: int = 300,
+    quick_lr: float = 0.01,
+    quick_batch_size: int = 32,
+    bn_guided: bool | None = None,
+    num_batches: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **recon: Any,
+) -> nn.Module:
+    """Quantize ``model`` with ``method`` (``pot``, ``rapq-quick``, ``rapq`` or ``brecq``).
+
+    ``recon`` takes :class:`~lowbit.ptq.reconstruct.ReconOptions` fields (``iters``,
+    ``batch_size``, ``bn_weight``, ...). The returned model carries ``lowbit_rapq``: what ran,
+    errors before/after each step, and where the time went.
+    """
+    t_start = time.perf_counter()
+    _check_bits(config)
+    reconstructs = method in {"rapq", "brecq"}
+    opts = _recon_options(recon, progress, seed) if reconstructs else None
+    if recon and not reconstructs:
+        raise ConfigError(f"options {sorted(recon)} apply to 'rapq' and 'brecq' only")
+    x = gather_inputs(calib_data, num_batches).to(model_device(model))
+    kind = "uniform" if method == "brecq" else "pot"
+    config = with_kind(config, kind, observer)
+    chunk = opts.chunk if opts else 64
+    info: dict[str, Any] = {"method": method, "calib_images": x.shape[0]}
+    targets, note = ({}, "n/a")
+    if reconstructs:
+        targets, note = _bn_setup(model, example_inputs, config, bn_guided)
+    info["bn_guided"] = note
+    t = time.perf_counter()
+    qmodel = _calibrated(model, config, x, example_inputs, chunk, progress)
+    info["seconds_calibrate"] = time.perf_counter() - t
+    if method in {"rapq-quick", "rapq"}:
+        info["quick"] = adjust_scales(qmodel, x, iters=quick_iters, batch_size=quick_batch_size,
+                                      lr=quick_lr, seed=seed, chunk=chunk, progress=progress)
+    if reconstructs:
+        # Reconstruction writes rounded weights into the model, so its float mode is no longer
+        # the float model: the reference is taken first.
+        x_eval = x[:N_EVAL]
+        ref = _outputs(qmodel, x_eval, chunk, use_float=True)
+        before = output_error(_outputs(qmodel, x_eval, chunk, use_float=False), ref).item()
+        backup = copy.deepcopy(qmodel.state_dict())
+        rep = reconstruct(qmodel, x, opts, pot=kind == "pot", bn=targets)
+        after = output_error(_outputs(qmodel, x_eval, chunk, use_float=False), ref).item()
+        kept = after <= before
+        if not kept:
+            qmodel.load_state_dict(backup)
+        info["reconstruction"] = {"error_before": before, "error_after": after, "kept": kept}
+        info["units"] = [u.__dict__ for u in rep.units]
+        info["seconds_cache"] = rep.seconds_cache
+        info["seconds_reconstruct"] = rep.seconds_optimise
+    info["seconds_total"] = time.perf_counter() - t_start
+    qmodel.lowbit_rapq = info
+    return qmodel
+
+
+def rapq(
+    model: nn.Module,
+    calib_data: Iterable,
+    w_bits: int = 4,
+    a_bits: int | None = 4,
+    *,
+    quick: bool = False,
+    example_inputs=None,
+    config: QuantConfig | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Python entry point: power-of-two PTQ of ``model`` at ``w_bits``/``a_bits`` (first and
+    last layer at 8 bits), full RAPQ or, with ``quick=True``, scale adjustment only."""
+    config = config or QuantConfig.uniform(w_bits, a_bits)
+    method = "rapq-quick" if quick else "rapq"
+    return rapq_ptq(model, config, calib_data, example_inputs, method=method, **options)

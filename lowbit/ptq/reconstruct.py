@@ -1,0 +1,390 @@
+"""Block reconstruction with learned weight rounding and learned scales (BRECQ / RAPQ style).
+
+Shared by RAPQ (power-of-two scales) and the float-scale ``brecq`` comparison: the only
+difference is whether a learned log2 scale is rounded (straight-through) to an integer.
+
+During optimisation each quantizer of the unit is temporarily wrapped by
+:class:`TrainableQuant`, which owns the relaxed parameters (a log2 scale, AdaRound's soft
+rounding variables) and writes integer results back into the quantizer when done; the
+quantizers themselves never hold a non-integer exponent or zero-point.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..nn.layers import QuantLayerMixin
+from ..prepare import find_conv_bn_pairs, quant_layers, set_mode
+from ..quant.autograd import floor_ste, round_ste
+from ..quant.base import Quantizer
+from ..quant.pot import PoTQuantizer, zero_point_for
+from .blocks import find_units, run_chunked, trace_units, walk_units
+
+log = logging.getLogger("lowbit")
+
+# AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
+ZETA, GAMMA = 1.1, -0.1
+
+
+def _rect_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _inverse_rect_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    h = h.clamp(1e-4, 1 - 1e-4)
+    return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1.0)
+
+
+class TrainableQuant(nn.Module):
+    """A quantizer's relaxed twin: learned log2 scale and, for weights, AdaRound rounding.
+
+    ``pot``: the log2 scale is rounded with a straight-through estimator in ``ste`` relaxation
+    (the forward pass then uses the exact exponent that will be exported) or used as is in
+    ``continuous`` relaxation. Zero-points are recomputed from the quantizer's lower clipping
+    bound at every step and rounded, so they are integers throughout.
+    """
+
+    def __init__(
+        self,
+        inner: Quantizer,
+        *,
+        pot: bool,
+        learn_scale: bool,
+        weight: torch.Tensor | None = None,
+        relax: str = "ste",
+    ):
+        super().__init__()
+        inner.require_calibrated()
+        self.inner = inner
+        self.pot = pot
+        self.relax = relax
+        self.qmin, self.qmax = inner.qrange
+        s0, zp0 = inner.scale_zero_point()
+        t0 = torch.log2(s0.detach().float())
+        self.log2_scale = nn.Parameter(t0.clone(), requires_grad=learn_scale)
+        self.register_buffer("t0", t0.clone())
+        self.register_buffer("zp0", zp0.detach().float().clone())
+        self.asymmetric = not inner.symmetric
+        lo = getattr(inner, "clip_lo", None)
+        self.register_buffer("lo", (lo if lo is not None else (self.qmin - zp0) * s0).float())
+        self.soft = True
+        self.v: nn.Parameter | None = None
+        if weight is not None:
+            rest = weight.detach() / self._b(s0, weight)
+            self.v = nn.Parameter(_inverse_rect_sigmoid(rest - torch.floor(rest)))
+
+    def _b(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.inner._broadcast(t, x)
+
+    def scale(self) -> torch.Tensor:
+        t = self.log2_scale
+        if self.pot and self.relax == "ste":
+            t = round_ste(t)
+        return torch.exp2(t)
+
+    def zero_point(self, scale: torch.Tensor) -> torch.Tensor:
+        if not self.asymmetric:
+            return self.zp0
+        return zero_point_for(self.lo, scale.detach(), self.qmin, self.qmax)
+
+    def rounding(self) -> torch.Tensor:
+        """AdaRound's rounding offsets in [0, 1]: soft while learning, hard 0/1 after."""
+        return _rect_sigmoid(self.v) if self.soft else (self.v >= 0).to(self.v.dtype)
+
+    def round_penalty(self, beta: float) -> torch.Tensor:
+        """AdaRound's regulariser: zero only when every offset is exactly 0 or 1."""
+        return (1 - (2 * _rect_sigmoid(self.v) - 1).abs().pow(beta)).sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scale()
+        zp = self.zero_point(s)
+        if self.v is None:
+            # torch's fused kernels give the same values and straight-through gradients (LSQ's
+            # for the scale) as the AdaRound formula below with round in place of floor + h,
+            # but save only their inputs for backward: a fraction of the memory on large maps.
+            if s.numel() == 1:
+                return torch._fake_quantize_learnable_per_tensor_affine(
+                    x, s.reshape(1), zp.reshape(1), self.qmin, self.qmax, 1.0)
+            return torch._fake_quantize_learnable_per_channel_affine(
+                x, s, zp, self.inner.ch_axis % x.dim(), self.qmin, self.qmax, 1.0)
+        sb, zpb = self._b(s, x), self._b(zp, x)
+        q = floor_ste(x / sb) + self.rounding()
+        return (torch.clamp(q + zpb, self.qmin, self.qmax) - zpb) * sb
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.log2_scale.copy_(self.t0)
+
+    @torch.no_grad()
+    def commit(self, weight: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Write the integer result into the quantizer; return the hard-rounded weight."""
+        self.soft = False
+        out = self(weight) if weight is not None and self.v is not None else None
+        if self.pot:
+            if not isinstance(self.inner, PoTQuantizer):
+                raise ConfigError("power-of-two relaxation needs a 'pot' quantizer")
+            self.inner.set_exponent(torch.round(self.log2_scale))
+        else:
+            s = torch.exp2(self.log2_scale).contiguous()
+            self.inner.scale = s
+            self.inner.zero_point = self.zero_point(s).to(torch.int32).contiguous()
+        return out
+
+
+def wrap_quantizers(
+    module: nn.Module, *, pot: bool, learn_w_scale: bool, learn_a_scale: bool,
+    adaround: bool, relax: str = "ste",
+) -> list[tuple[QuantLayerMixin, str, TrainableQuant]]:
+    """Swap every quantizer of ``module`` for a :class:`TrainableQuant`; returns the swaps."""
+    swaps = []
+    for _, layer in quant_layers(module):
+        if layer.weight_quant is not None:
+            tq = TrainableQuant(layer.weight_quant, pot=pot, learn_scale=learn_w_scale,
+                                weight=layer.weight if adaround else None, relax=relax)
+            swaps.append((layer, "weight_quant", tq))
+        if layer.input_quant is not None:
+            tq = TrainableQuant(layer.input_quant, pot=pot, learn_scale=learn_a_scale, relax=relax)
+            swaps.append((layer, "input_quant", tq))
+    for layer, slot, tq in swaps:
+        setattr(layer, slot, tq.to(layer.weight.device))
+    return swaps
+
+
+def unwrap_quantizers(swaps, commit: bool = True) -> None:
+    """Commit (integer exponents, hard rounding written into the weights) and restore."""
+    for layer, slot, tq in swaps:
+        if commit:
+            w = tq.commit(layer.weight if slot == "weight_quant" else None)
+            if w is not None:
+                layer.weight.data.copy_(w)
+        setattr(layer, slot, tq.inner)
+
+
+@dataclass
+class BNTarget:
+    """Statistics a pre-activation should have: the BN's affine output mean and std."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def bn_targets(model: nn.Module, example_inputs, folded: bool = True):
+    """Per-layer BN targets from the float model, and the BNs skipped for lack of statistics.
+
+    With BN folded into the conv (the default), the folded conv's output should have
+    per-channel mean ``beta`` and std ``|gamma| * sqrt(var / (var + eps))``. A BN whose running
+    mean is all 0 and variance all 1 (folded upstream, as TFLite exports are) carries no
+    information and is skipped. Keys are the names of the modules whose output is matched.
+    """
+    targets: dict[str, BNTarget] = {}
+    skipped: list[str] = []
+    for conv_name, bn_name in find_conv_bn_pairs(model, example_inputs):
+        bn = model.get_submodule(bn_name)
+        mean, var = bn.running_mean, bn.running_var
+        if mean is None or var is None or (
+            bool((mean == 0).all()) and bool((var == 1).all())
+        ):
+            skipped.append(bn_name)
+            continue
+        gamma = bn.weight.detach() if bn.affine else torch.ones_like(var)
+        beta = bn.bias.detach() if bn.affine else torch.zeros_like(mean)
+        std = gamma.abs() * torch.sqrt(var / (var + bn.eps))
+        targets[conv_name if folded else bn_name] = BNTarget(beta.clone(), std.clone())
+    return targets, skipped
+
+
+@dataclass
+class ReconOptions:
+    """Knobs of block reconstruction (defaults follow BRECQ/AdaRound, scaled to CPU budgets)."""
+
+    iters: int = 1000
+    batch_size: int = 32
+    lr_round: float = 3e-3
+    lr_scale: float = 2e-3
+    round_weight: float = 0.01
+    warmup: float = 0.2
+    beta: tuple[float, float] = (20.0, 2.0)
+    bn_weight: float = 0.05
+    learn_w_scale: bool = False
+    learn_a_scale: bool = True
+    chunk: int = 64
+    block_types: tuple[type[nn.Module], ...] | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.iters < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"reconstruction needs iters >= 1 and batch_size >= 1, got iters={self.iters}, "
+                f"batch_size={self.batch_size}"
+            )
+
+
+@dataclass
+class UnitReport:
+    name: str
+    error_before: float
+    error_after: float
+    bn_layers: int
+    seconds: float
+    reverted: bool = False
+
+
+@dataclass
+class ReconReport:
+    units: list[UnitReport] = field(default_factory=list)
+    seconds_cache: float = 0.0
+    seconds_optimise: float = 0.0
+
+
+def output_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BRECQ's reconstruction loss: squared error summed over channels, mean over the rest."""
+    d = (out - target).pow(2)
+    return d.sum(1).mean() if d.dim() > 1 else d.mean()
+
+
+@torch.no_grad()
+def _eval_error(unit: nn.Module, args: tuple, target: torch.Tensor, n_eval: int, chunk: int):
+    n = target.shape[0]
+    m = min(n, n_eval)
+    sub = tuple(a[:m] if isinstance(a, torch.Tensor) and a.shape[:1] == (n,) else a for a in args)
+    out = run_chunked(unit, sub, {}, m, chunk)
+    return output_error(out, target[:m]).item()
+
+
+def reconstruct_unit(
+    unit: nn.Module,
+    q_args: tuple,
+    target: torch.Tensor,
+    opts: ReconOptions,
+    *,
+    pot: bool,
+    bn: dict[nn.Module, BNTarget] | None = None,
+    name: str = "",
+    n_eval: int = 256,
+) -> UnitReport:
+    """Learn the rounding of ``unit``'s weights and its scales so that, fed the quantized
+    inputs ``q_args``, it reproduces the float outputs ``target`` (plus the BN term)."""
+    t_start = time.perf_counter()
+    n = target.shape[0]
+    bn = bn or {}
+    backup = copy.deepcopy(unit.state_dict())
+    err_before = _eval_error(unit, q_args, target, n_eval, opts.chunk)
+    swaps = wrap_quantizers(unit, pot=pot, learn_w_scale=opts.learn_w_scale,
+                            learn_a_scale=opts.learn_a_scale, adaround=True)
+    frozen = [p for p in unit.parameters() if p.requires_grad and not _owned(p, swaps)]
+    for p in frozen:
+        p.requires_grad_(False)
+    round_params = [tq.v for _, _, tq in swaps if tq.v is not None]
+    scale_params = [tq.log2_scale for _, _, tq in swaps if tq.log2_scale.requires_grad]
+    groups = [{"params": round_params, "lr": opts.lr_round}]
+    if scale_params:
+        groups.append({"params": scale_params, "lr": opts.lr_scale})
+    opt = torch.optim.Adam(groups)
+    stats: list[torch.Tensor] = []
+
+    def bn_hook(mod, inputs, out):
+        tgt = bn[mod]
+        dims = [d for d in range(out.dim()) if d != 1]
+        mean = out.mean(dims)
+        std = torch.sqrt(out.var(dims, unbiased=False) + 1e-5)
+        stats.append(((mean - tgt.mean) ** 2 + (std - tgt.std) ** 2).sum())
+
+    handles = [m.register_forward_hook(bn_hook) for m in bn] if opts.bn_weight > 0 else []
+    gen = torch.Generator().manual_seed(opts.seed)
+    bs = min(opts.batch_size, n)
+    warm = int(opts.warmup * opts.iters)
+    b0, b1 = opts.beta
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(opts.iters), desc=f"reconstruct {name}", disable=not opts.progress,
+               leave=False)
+    try:
+        for it in bar:
+            idx = torch.randint(0, n, (bs,), generator=gen)
+            args = tuple(a[idx] if isinstance(a, torch.Tensor) and a.shape[:1] == (n,) else a
+                         for a in q_args)
+            stats.clear()
+            loss = output_error(unit(*args), target[idx])
+            if stats:
+                loss = loss + opts.bn_weight * torch.stack(stats).sum()
+            if it >= warm:
+                beta = b1 + (b0 - b1) * (1 - (it - warm) / max(1, opts.iters - warm))
+                loss = loss + opts.round_weight * sum(
+                    tq.round_penalty(beta) for _, _, tq in swaps if tq.v is not None
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if opts.progress and (it + 1) % 100 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4g}")
+    finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        bar.close()
+    unwrap_quantizers(swaps, commit=True)
+    err_after = _eval_error(unit, q_args, target, n_eval, opts.chunk)
+    reverted = not err_after <= err_before
+    if reverted:
+        unit.load_state_dict(backup)
+        err_after = err_before
+    return UnitReport(name, err_before, err_after, len(bn), time.perf_counter() - t_start,
+                      reverted)
+
+
+def _owned(p: nn.Parameter, swaps) -> bool:
+    return any(p is tq.log2_scale or p is tq.v for _, _, tq in swaps)
+
+
+def reconstruct(
+    qmodel: nn.Module,
+    inputs: torch.Tensor,
+    opts: ReconOptions,
+    *,
+    pot: bool,
+    bn: dict[str, BNTarget] | None = None,
+) -> ReconReport:
+    """Reconstruct every unit of a calibrated ``qmodel`` in execution order, in place.
+
+    The float reference is the prepared model itself in float mode (BN already folded), copied
+    once; inputs of each unit are propagated through the traced graph, never recomputed.
+    """
+    opts.check()
+    units = find_units(qmodel, opts.block_types)
+    if not units:
+        raise ConfigError("model has no quantized layers to reconstruct: prepare it first")
+    graph = trace_units(qmodel, units)
+    fp_model = set_mode(copy.deepcopy(qmodel), "float").eval()
+    qmodel.eval()
+    bn = bn or {}
+    report = ReconReport()
+    t0 = time.perf_counter()
+
+    def on_unit(name, fp_args, q_args, fp_out):
+        unit = qmodel.get_submodule(name)
+        prefix = name + "."
+        unit_bn = {}
+        for mod_name, mod in unit.named_modules():
+            full = name if not mod_name else prefix + mod_name
+            if full in bn:
+                tgt = bn[full]
+                dev = fp_out.device
+                unit_bn[mod] = BNTarget(tgt.mean.to(dev), tgt.std.to(dev))
+        report.units.append(
+            reconstruct_unit(unit, q_args, fp_out, opts, pot=pot, bn=unit_bn, name=name)
+        )
+
+    walk_units(graph, units, fp_model, qmodel, inputs, on_unit, chunk=opts.chunk)
+    total = time.perf_counter() - t0
+    report.seconds_optimise = sum(u.seconds for u in report.units)
+    report.seconds_cache = total - report.seconds_optimise
+    return report

@@ -1,0 +1,121 @@
+"""The Python entry point: ``lowbit.qat.qat(model, "qil", train_loader, calib_data=...)``.
+
+It prepares the model with the method's quantizers, initialises them from calibration data,
+and trains the stages (one stage, or a progressive list) with the shared trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..config import QuantConfig
+from ..errors import ConfigError
+from ..evaluate import evaluate
+from ..prepare import calibrate, prepare, quantizers
+from .hooks import TrainHook
+from .schedule import Stage, parse_stages, run_stages
+from .trainer import TrainConfig
+
+METHODS = ("qil", "lsq")
+
+
+def method_config(
+    method: str,
+    w_bits: int = 4,
+    a_bits: int | None = 4,
+    *,
+    per_channel: bool = True,
+    first_last: str = "8bit",
+    observer: str = "mse",
+    bn: str = "fold",
+    learn_gamma: bool = True,
+) -> QuantConfig:
+    """The QuantConfig of a QAT method: QIL weights learn ``gamma`` (as in the paper) unless
+    ``learn_gamma`` is False; activations keep ``gamma = 1``. ``bn="fold"`` folds BatchNorm."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown QAT method {method!r}; choose one of {list(METHODS)}")
+    config = QuantConfig.uniform(w_bits, a_bits, kind=method, observer=observer,
+                                 per_channel=per_channel, first_last=first_last,
+                                 fold_bn=bn == "fold")
+    if method == "qil" and learn_gamma:
+        config = config.model_copy(update={
+            "weight": config.weight.model_copy(update={"options": {"learn_gamma": True}})})
+    return config
+
+
+@dataclass
+class QATResult:
+    """The trained model with its per-epoch history (one row per epoch, every stage)."""
+
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def qat(
+    model: nn.Module,
+    method: str,
+    train_data: Iterable,
+    *,
+    calib_data: Iterable,
+    example_inputs=None,
+    w_bits: int = 4,
+    a_bits: int | None = 4,
+    stages: Sequence[Stage] | str | None = None,
+    config: QuantConfig | None = None,
+    train: TrainConfig | None = None,
+    eval_data: Iterable | None = None,
+    hooks: Sequence[TrainHook] = (),
+    output_dir: str | Path | None = None,
+    resume: bool | str | Path = False,
+    model_name: str | None = None,
+    config_options: dict[str, Any] | None = None,
+    calib_batches: int | None = None,
+    dist_ctx=None,
+    eval_fn: Callable[[nn.Module], dict] | None = None,
+) -> QATResult:
+    """Quantization-aware training of a float ``model`` (never modified: it is copied).
+
+    ``stages`` (e.g. ``"5/5,4/4,3/3"``) runs progressive fine-tuning; otherwise one stage at
+    ``w_bits``/``a_bits``. ``config`` replaces the method's default QuantConfig for a
+    single-stage run (e.g. a mixed-precision result). ``config_options`` are passed to
+    :func:`method_config` (``per_channel``, ``first_last``, ``observer``, ``learn_gamma``).
+    ``resume=True`` continues from ``output_dir/checkpoint.pt`` if it exists.
+    """
+    train = train or TrainConfig()
+    if isinstance(stages, str):
+        stages = parse_stages(stages)
+    stages = list(stages) if stages else [Stage(w_bits=w_bits, a_bits=a_bits)]
+    opts = dict(config_options or {})
+    opts["bn"] = train.bn
+
+    def stage_config(stage: Stage) -> QuantConfig:
+        if config is not None and len(stages) == 1:
+            return config
+        return method_config(method, stage.w_bits, stage.a_bits, **opts)
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown QAT method {method!r}; choose one of {list(METHODS)}")
+    first = stage_config(stages[0])
+    if config is not None and (config.fold_bn != (train.bn == "fold")):
+        first = first.model_copy(update={"fold_bn": train.bn == "fold"})
+    if dist_ctx is not None:
+        model = model.to(dist_ctx.device)
+    qmodel = prepare(model, first, example_inputs)
+    if any(q.kind != method for q in quantizers(qmodel)):
+        raise ConfigError(f"the config's quantizer kinds do not match method {method!r}")
+    calibrate(qmodel, calib_data, num_batches=calib_batches, progress=train.progress)
+    if eval_fn is None and eval_data is not None:
+        def eval_fn(m):
+            return {"top1": evaluate(m, eval_data, progress=False).top1}
+    run_info = {"model": model_name or type(model).__name__, "method": method,
+                "quant": first.to_dict(), "options": {k: str(v) for k, v in opts.items()}}
+    history = run_stages(qmodel, stages, stage_config, train_data, train, hooks=hooks,
+                         output_dir=output_dir, run_info=run_info, eval_fn=eval_fn,
+                         resume=resume, dist_ctx=dist_ctx)
+    qmodel.eval()
+    return QATResult(qmodel, history)

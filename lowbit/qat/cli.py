@@ -1,0 +1,150 @@
+"""``lowbit qat``: quantization-aware training from flags or a recipe file.
+
+Every flag defaults to "not given" so that, with ``--recipe``, only the flags on the command
+line override the recipe; without a recipe the library defaults apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ConfigError
+
+
+def _bits(value: str) -> int:
+    try:
+        b = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer, got {value!r}") from None
+    if not 1 <= b <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be from 1 to 8, got {b}")
+    return b
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "qat", help="quantization-aware training (QIL, LSQ), progressive schedules, resume",
+        description="Quantization-aware training from a pretrained model. Multi-GPU: "
+        "torchrun --nproc_per_node N -m lowbit.cli qat ...",
+    )
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("run")
+    g.add_argument("--recipe", default=None, help="a recipe YAML (see recipes/); flags override it")
+    g.add_argument("--method", choices=["qil", "lsq"], default=S, help="QAT method (default qil)")
+    g.add_argument("--model", "-m", default=S, help="model name (see 'lowbit info --list')")
+    g.add_argument("--weights", "-w", default=S, help="pretrained weights file")
+    g.add_argument("--output-dir", "-o", default="lowbit-qat",
+                   help="checkpoint.pt, history.csv, steps.csv, results.json, model/ go here")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT_DIR/checkpoint.pt (refused if the run differs)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--no-eval-float", action="store_true", help="skip evaluating the float model")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", "-d", default=S, help="dataset (default: the model's)")
+    d.add_argument("--data-root", default=None, help="dataset folder (default ~/.cache/lowbit-data)")
+    d.add_argument("--batch-size", type=int, default=S, help="training batch per process (128)")
+    d.add_argument("--calib-size", type=int, default=S, help="images that initialise quantizers")
+    d.add_argument("--eval-size", type=int, default=S, help="evaluate on a seeded subset of N")
+    d.add_argument("--workers", type=int, default=S, help="data-loading worker processes")
+
+    q = p.add_argument_group("quantization")
+    q.add_argument("--w-bits", type=_bits, default=None, help="weight bits (one stage; default 4)")
+    q.add_argument("--a-bits", type=_bits, default=None, help="activation bits (default 4)")
+    q.add_argument("--progressive", default=None, metavar="W/A,...",
+                   help="progressive stages, e.g. 5/5,4/4,3/3,2/2 (each starts from the previous)")
+    q.add_argument("--per-tensor", action="store_true", default=S,
+                   help="one interval/step per tensor (the QIL paper); default per channel")
+    q.add_argument("--first-last", choices=["8bit", "float", "same"], default=S,
+                   help="first and last layer policy (default 8bit)")
+    q.add_argument("--observer", choices=["minmax", "percentile", "mse"], default=S,
+                   help="range observer that initialises the quantizers (default mse)")
+    q.add_argument("--no-learn-gamma", action="store_true", default=S,
+                   help="QIL: keep the weight nonlinearity gamma fixed at 1")
+    q.add_argument("--quant-config", default=S, help="a QuantConfig file (single stage)")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=S, help="epochs per stage (default 1)")
+    t.add_argument("--max-steps", type=int, default=S, dest="max_steps_per_epoch",
+                   help="cut each epoch after N steps")
+    t.add_argument("--optimizer", choices=["sgd", "adam"], default=S, help="default sgd")
+    t.add_argument("--lr", type=float, default=S, help="weights' learning rate (default 5e-4)")
+    t.add_argument("--quant-lr", type=float, default=S, help="quantizer parameters' lr (default 5e-3)")
+    t.add_argument("--weight-decay", type=float, default=S, help="conv/linear weights (1e-4)")
+    t.add_argument("--quant-weight-decay", type=float, default=S, help="quantizers (default 0)")
+    t.add_argument("--momentum", type=float, default=S, help="SGD momentum (default 0.9)")
+    t.add_argument("--schedule", choices=["cosine", "step", "constant"], default=S,
+                   help="learning-rate schedule (default cosine)")
+    t.add_argument("--warmup-steps", type=int, default=S, help="linear warm-up steps (0)")
+    t.add_argument("--bn", choices=["fold", "train", "freeze"], default=S,
+                   help="BatchNorm: fold into weights (default), train, or freeze")
+    t.add_argument("--quantizer-only", action="store_true", default=S, dest="freeze_weights",
+                   help="freeze the weights, train only the quantizer parameters")
+    t.add_argument("--no-channels-last", action="store_false", default=S, dest="channels_last",
+                   help="keep NCHW memory layout")
+    t.add_argument("--grad-clip", type=float, default=S, help="clip the global gradient norm")
+    t.add_argument("--label-smoothing", type=float, default=S, help="default 0")
+    t.add_argument("--distill", type=float, default=S, metavar="WEIGHT",
+                   help="add distillation from the float model with this weight")
+    t.add_argument("--logger", choices=["csv", "tensorboard", "none"], default=S,
+                   help="step logs: csv (default) or tensorboard")
+    t.add_argument("--log-every", type=int, default=S, help="steps between log lines (50)")
+    t.add_argument("--seed", type=int, default=S, help="seed of data order and init (0)")
+    return p
+
+
+TRAIN_FLAGS = ["epochs", "max_steps_per_epoch", "optimizer", "lr", "quant_lr", "weight_decay",
+               "quant_weight_decay", "momentum", "schedule", "warmup_steps", "bn",
+               "freeze_weights", "channels_last", "grad_clip", "label_smoothing", "logger",
+               "log_every", "seed"]
+RECIPE_FLAGS = ["method", "model", "weights", "dataset", "batch_size", "calib_size", "eval_size",
+                "workers", "observer", "quant_config", "distill"]
+
+
+def build_recipe(args):
+    """The recipe file (if any) with the command-line flags applied on top."""
+    from ..config import _validate
+    from .recipes import Recipe, load_recipe
+    from .schedule import Stage, parse_stages
+
+    data = load_recipe(args.recipe).model_dump() if args.recipe else {}
+    if not args.recipe and not hasattr(args, "model"):
+        raise ConfigError("give --model NAME (and --method), or a --recipe file")
+    for key in RECIPE_FLAGS:
+        if hasattr(args, key):
+            data[key] = getattr(args, key)
+    if hasattr(args, "per_tensor"):
+        data["per_channel"] = False
+    if hasattr(args, "no_learn_gamma"):
+        data["learn_gamma"] = False
+    if hasattr(args, "first_last"):
+        data["first_last"] = args.first_last
+    train = dict(data.get("train") or {})
+    for key in TRAIN_FLAGS:
+        if hasattr(args, key):
+            train[key] = getattr(args, key)
+    if args.no_progress:
+        train["progress"] = False
+    data["train"] = train
+    if args.progressive:
+        if args.w_bits is not None or args.a_bits is not None:
+            raise ConfigError("give either --progressive or --w-bits/--a-bits, not both")
+        data["stages"] = [s.model_dump() for s in parse_stages(args.progressive)]
+    elif args.w_bits is not None or args.a_bits is not None or not data.get("stages"):
+        w = args.w_bits if args.w_bits is not None else 4
+        a = args.a_bits if args.a_bits is not None else w
+        data["stages"] = [Stage(w_bits=w, a_bits=a).model_dump()]
+    return _validate(Recipe, data, "qat settings")
+
+
+def run(args) -> int:
+    from .recipes import run_recipe
+
+    recipe = build_recipe(args)
+    out = run_recipe(recipe, data_root=args.data_root, output_dir=args.output_dir,
+                     resume=args.resume, eval_float=not args.no_eval_float)
+    if out.get("top1") is not None:
+        print(f"{recipe.method} {recipe.model}: top-1 {out['top1']:.2f} % "
+              f"(float {out['float_top1']}); results in {args.output_dir}")
+    return 0

@@ -1,0 +1,465 @@
+"""The QAT trainer shared by every quantization-aware method (QIL, LSQ, mixed precision).
+
+It trains a *prepared and calibrated* model. Design choices, each for a reason:
+
+* quantizer parameters get their own learning rate and weight decay (their gradients have
+  another scale than the weights');
+* the learning rate is a pure function of the global step, so a resumed run needs no
+  scheduler state and is bit-identical to an uninterrupted one;
+* each epoch re-seeds the data order and torch's RNG from ``seed + epoch`` for the same reason;
+* loss, accuracy and a NaN flag accumulate on the device and are read only every
+  ``log_every`` steps (no per-step ``.item()``);
+* a checkpoint is written atomically after every epoch that ended healthy (finite loss, no
+  collapsed quantizer, replicas in sync), so a failure always leaves the last good one.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from ..errors import ConfigError, TrainingError
+from ..prepare import BN_TYPES, quantizers
+from ..utils import atomic_write_text, model_device
+from . import ddp
+from .checkpoint import CHECKPOINT_NAME, check_run, load_checkpoint, save_checkpoint
+from .hooks import StepContext, TrainHook
+
+# fields that change how a run is reported, not what it computes (free to differ on resume)
+COSMETIC = {"progress", "log_every", "logger"}
+
+
+class TrainConfig(BaseModel):
+    """Every training option; the CLI flags and recipe files map onto these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(1, ge=0, description="epochs (per stage in a progressive schedule)")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="cut every epoch after this many steps (short runs)"
+    )
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(5e-4, gt=0, description="learning rate of weights, biases, BN")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0, description="decay of conv/linear weights only")
+    quant_lr: float | None = Field(
+        5e-3, gt=0, description="quantizer parameters (None: same as lr)"
+    )
+    quant_weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75],
+        description="'step' schedule: fractions of the run where lr is multiplied by step_gamma",
+    )
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    bn: Literal["fold", "train", "freeze"] = Field(
+        "fold", description="fold BN into weights, train it, or freeze its statistics and affine"
+    )
+    freeze_weights: bool = Field(False, description="train the quantizers only")
+    channels_last: bool = True
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    log_every: int = Field(50, ge=1)
+    logger: Literal["csv", "tensorboard", "none"] = "csv"
+    seed: int = 0
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ValueError("milestones are fractions of the run, each in (0, 1)")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the result (compared when resuming)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in COSMETIC}
+
+
+def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    """Multiplier of the base learning rates at ``step`` of ``total``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    frac = step / max(total, 1)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** sum(frac >= m for m in cfg.milestones)
+    return 1.0
+
+
+def quantizer_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for q in quantizers(model) for p in q.parameters(recurse=False)}
+
+
+def apply_freezing(model: nn.Module, cfg: TrainConfig) -> None:
+    """Quantizer-only training and frozen BatchNorm via ``requires_grad`` on the non-quantizer
+    parameters (set both ways, so a later stage can unfreeze what an earlier one froze)."""
+    qids = quantizer_param_ids(model)
+    bn_ids = {id(p) for m in model.modules() if isinstance(m, BN_TYPES) for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) in qids:
+            continue
+        frozen = cfg.freeze_weights or (cfg.bn == "freeze" and id(p) in bn_ids)
+        p.requires_grad_(not frozen)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Three groups: decayed weights, undecayed biases/BN, quantizer parameters."""
+    qids = quantizer_param_ids(model)
+    groups: dict[str, list[nn.Parameter]] = {"weights": [], "other": [], "quant": []}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        key = "quant" if id(p) in qids else ("weights" if p.dim() > 1 else "other")
+        groups[key].append(p)
+    qlr = cfg.quant_lr if cfg.quant_lr is not None else cfg.lr
+    specs = [
+        dict(params=groups["weights"], lr=cfg.lr, weight_decay=cfg.weight_decay, name="weights"),
+        dict(params=groups["other"], lr=cfg.lr, weight_decay=0.0, name="other"),
+        dict(params=groups["quant"], lr=qlr, weight_decay=cfg.quant_weight_decay, name="quant"),
+    ]
+    specs = [g for g in specs if g["params"]]
+    for g in specs:
+        g["base_lr"] = g["lr"]
+    if not specs:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(specs, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.Adam(specs, lr=cfg.lr)
+
+
+class _Logger:
+    """Step-level scalars to ``steps.csv`` (appended) or TensorBoard; epoch rows go to
+    ``history.csv``, rewritten from the checkpointed history so it always matches it."""
+
+    def __init__(self, directory: Path | None, kind: str, enabled: bool):
+        self.directory = directory
+        self.kind = kind if (directory is not None and enabled) else "none"
+        self.writer = None
+        if self.kind != "none":
+            directory.mkdir(parents=True, exist_ok=True)
+        if self.kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "logger 'tensorboard' needs the tensorboard package: pip install tensorboard, "
+                    "or use the csv logger"
+                ) from None
+            self.writer = SummaryWriter(str(directory / "tensorboard"))
+
+    def step(self, row: dict[str, Any]) -> None:
+        if self.kind == "csv":
+            path = self.directory / "steps.csv"
+            new = not path.exists()
+            with path.open("a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+        elif self.writer is not None:
+            for k, v in row.items():
+                if k not in {"stage", "epoch", "step"}:
+                    self.writer.add_scalar(f"train/{k}", v, row["step"])
+
+    def history(self, rows: list[dict[str, Any]]) -> None:
+        if self.kind == "none" or not rows:
+            return
+        fields: list[str] = []
+        for r in rows:
+            fields += [k for k in r if k not in fields]
+        lines = [",".join(fields)]
+        lines += [",".join(str(r.get(k, "")) for k in fields) for r in rows]
+        atomic_write_text(self.directory / "history.csv", "\n".join(lines) + "\n")
+        if self.writer is not None:
+            last = rows[-1]
+            for k, v in last.items():
+                if isinstance(v, float):
+                    self.writer.add_scalar(f"epoch/{k}", v, last["epoch"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _inputs_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        return batch.get("input", batch.get("image")), batch["target"]
+    return batch[0], batch[1]
+
+
+class Trainer:
+    """Train a prepared, calibrated model; see the module docstring for the guarantees.
+
+    ``run_info`` (model name, method, configs) is stored in every checkpoint and compared on
+    resume. ``eval_fn(model) -> dict`` adds evaluation metrics to each epoch's row.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Iterable,
+        config: TrainConfig | None = None,
+        *,
+        hooks: Sequence[TrainHook] = (),
+        output_dir: str | Path | None = None,
+        run_info: dict[str, Any] | None = None,
+        eval_fn=None,
+        criterion=None,
+        stage: int = 0,
+        stage_label: str = "",
+        dist_ctx: ddp.DistContext | None = None,
+    ):
+        self.model = model
+        self.data = train_data
+        self.cfg = config or TrainConfig()
+        self.hooks = list(hooks)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.run_info = dict(run_info or {})
+        self.run_info.setdefault("train", self.cfg.identity())
+        self.eval_fn = eval_fn
+        self.criterion = criterion
+        self.stage = stage
+        self.stage_label = stage_label
+        self.ctx = dist_ctx or ddp.current()
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending_opt: dict[str, Any] | None = None
+        if not any(True for _ in quantizers(model)):
+            raise ConfigError(
+                "the model has no quantizers: prepare and calibrate it first "
+                "(lowbit.prepare + lowbit.calibrate), or use lowbit.qat.qat()"
+            )
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.output_dir / CHECKPOINT_NAME if self.output_dir is not None else None
+
+    def steps_per_epoch(self) -> int:
+        try:
+            n = len(self.data)  # type: ignore[arg-type]
+        except TypeError:
+            if self.cfg.max_steps_per_epoch is None:
+                raise ConfigError(
+                    "the training data has no len(): set max_steps_per_epoch"
+                ) from None
+            return self.cfg.max_steps_per_epoch
+        if self.cfg.max_steps_per_epoch is not None:
+            n = min(n, self.cfg.max_steps_per_epoch)
+        if n == 0:
+            raise ConfigError("the training data is empty: pass at least one batch")
+        return n
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.criterion is not None:
+            return self.criterion(out, y)
+        return F.cross_entropy(out, y, label_smoothing=self.cfg.label_smoothing)
+
+    def _set_epoch(self, epoch: int) -> None:
+        seed = self.cfg.seed * 100003 + self.stage * 1009 + epoch
+        torch.manual_seed(seed)
+        sampler = getattr(self.data, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.stage * 1009 + epoch)
+        gen = getattr(self.data, "generator", None)
+        if isinstance(gen, torch.Generator):
+            gen.manual_seed(seed)
+
+    def _train_mode(self, module: nn.Module) -> None:
+        module.train()
+        if self.cfg.bn == "freeze":
+            for m in module.modules():
+                if isinstance(m, BN_TYPES):
+                    m.eval()
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load model, optimizer, hooks and progress from a checkpoint; False if there is none
+        (``path`` None: this trainer's own checkpoint)."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None or not path.is_file():
+            return False
+        ckpt = load_checkpoint(path)
+        check_run(self.run_info, ckpt, path)
+        state = ckpt["model"]
+        own = self.model.state_dict()
+        bad = sorted(set(own) ^ set(state))
+        if bad:
+            raise TrainingError(
+                f"checkpoint {path} holds another architecture ({len(bad)} differing keys, "
+                f"first {bad[0]!r}); resume with the model it was written for"
+            )
+        if ckpt.get("stage", 0) != self.stage:
+            return False
+        self.model.load_state_dict(state)
+        self._pending_opt = ckpt.get("optimizer")
+        for hook, hs in zip(self.hooks, ckpt.get("hooks", []), strict=False):
+            hook.load_state_dict(hs)
+        self.epoch = int(ckpt["epoch"])
+        self.global_step = int(ckpt["global_step"])
+        self.history = list(ckpt.get("history", []))
+        return True
+
+    def _save(self) -> None:
+        if self.checkpoint_path is None or not self.ctx.is_main:
+            return
+        save_checkpoint(self.checkpoint_path, {
+            "run": self.run_info,
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            "hooks": [h.state_dict() for h in self.hooks],
+            "history": self.history,
+        })
+
+    def _check_health(self, bad: torch.Tensor, where: str) -> None:
+        """One sync: NaN/Inf loss anywhere since the last check, or a collapsed quantizer."""
+        flags = [bad.reshape(())]
+        named = [(q.name or type(q).__name__, q) for q in quantizers(self.model)
+                 if hasattr(q, "collapsed")]
+        flags += [q.collapsed().reshape(()) for _, q in named]
+        status = ddp.all_reduce_sum(torch.stack(flags).to(torch.float32), self.ctx).cpu()
+        keep = (f"the last good checkpoint {self.checkpoint_path} was kept"
+                if self.checkpoint_path is not None and self.checkpoint_path.exists()
+                else "no checkpoint was written")
+        if status[0] > 0:
+            raise TrainingError(
+                f"the loss became NaN/Inf ({where}); {keep}. Lower --lr / --quant-lr, "
+                "set --grad-clip, or check the input data"
+            )
+        collapsed = [n for (n, _), s in zip(named, status[1:].tolist(), strict=True) if s > 0]
+        if collapsed:
+            raise TrainingError(
+                f"the quantization interval of {', '.join(collapsed[:3])} collapsed (d -> 0 or "
+                f"not finite) ({where}); {keep}. Lower --quant-lr or raise the bits of that layer"
+            )
+
+    def fit(self, resume: bool | str | Path = False) -> list[dict[str, Any]]:
+        """Train to ``config.epochs``; returns one metrics row per epoch of this stage."""
+        cfg = self.cfg
+        if resume:
+            self.resume(None if resume is True else resume)
+        dev = model_device(self.model)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        apply_freezing(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg)
+        if self._pending_opt:
+            self.optimizer.load_state_dict(self._pending_opt)
+            self._pending_opt = None
+        net = ddp.wrap(self.model, self.ctx)
+        logger = _Logger(self.output_dir, cfg.logger, self.ctx.is_main)
+        steps = self.steps_per_epoch()
+        total = steps * cfg.epochs
+        for h in self.hooks:
+            h.on_train_start(self)
+        try:
+            while self.epoch < cfg.epochs:
+                row = self._epoch(net, dev, steps, total, logger)
+                self.history.append(row)
+                for h in self.hooks:
+                    h.on_epoch_end(self, self.epoch, row)
+                self.epoch += 1
+                self._save()
+                logger.history(self.history)
+                ddp.barrier(self.ctx)
+        finally:
+            logger.close()
+        self.model.eval()
+        return [r for r in self.history if r.get("stage", 0) == self.stage]
+
+    def _epoch(self, net: nn.Module, dev, steps: int, total: int, logger: _Logger) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, opt, epoch = self.cfg, self.optimizer, self.epoch
+        self._set_epoch(epoch)
+        self._train_mode(net)
+        for h in self.hooks:
+            h.on_epoch_start(self, epoch)
+        zero = lambda: torch.zeros((), device=dev)  # noqa: E731
+        loss_sum, task_sum, correct, count, bad = zero(), zero(), zero(), zero(), zero()
+        extra_sums = {h.name: zero() for h in self.hooks}
+        w_loss, w_correct, w_count = zero(), zero(), zero()
+        t0 = time.perf_counter()
+        bar = tqdm(total=steps, desc=f"stage {self.stage} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and self.ctx.is_main), leave=False)
+        seen = 0
+        for i, batch in enumerate(self.data):
+            if i >= steps:
+                break
+            x, y = _inputs_targets(batch)
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            factor = lr_factor(cfg, self.global_step, total)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            out = net(x)
+            task = self._loss(out, y)
+            loss = task
+            ctx = StepContext(self.model, x, y, out, task, epoch, self.global_step, self.stage)
+            for h in self.hooks:
+                term = h.extra_loss(ctx)
+                if term is not None:
+                    loss = loss + term
+                    extra_sums[h.name] += term.detach()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            for h in self.hooks:
+                h.on_step_end(ctx)
+            ld = loss.detach()
+            bad += ~torch.isfinite(ld)
+            hits = (out.detach().argmax(1) == y).sum()
+            n = y.shape[0]
+            loss_sum += ld * n
+            task_sum += task.detach() * n
+            correct += hits
+            count += n
+            w_loss += ld * n
+            w_correct += hits
+            w_count += n
+            self.global_step += 1
+            seen += 1
+            bar.update(1)
+            if seen % cfg.log_every == 0:
+                self._check_health(bad, f"stage {self.stage}, epoch {epoch + 1}, step {seen}")
+                wl = float(w_loss / w_count)
+                wa = 100.0 * float(w_correct / w_count)
+                bar.set_postfix(loss=f"{wl:.3f}", acc=f"{wa:.1f}")
+                logger.step(dict(stage=self.stage, epoch=epoch, step=self.global_step,
+                                 lr=opt.param_groups[0]["lr"], loss=wl, acc=wa))
+                w_loss, w_correct, w_count = zero(), zero(), zero()
+        bar.close()
+        if seen == 0:
+            raise ConfigError("the training data yielded no batch")
+        self._check_health(bad, f"stage {self.stage}, end of epoch {epoch + 1}")
+        ddp.check_in_sync(self.model, self.ctx)
+        sums = ddp.all_reduce_sum(torch.stack([loss_sum, task_sum, correct, count]), self.ctx)
+        ls, ts, cr, ct = sums.tolist()
+        row: dict[str, Any] = dict(
+            stage=self.stage, bits=self.stage_label, epoch=epoch + 1, steps=seen, loss=ls / ct, task_loss=ts / ct,
+            train_acc=100.0 * cr / ct, seconds=time.perf_counter() - t0,
+            **{f"loss_{k}": float(v) / seen for k, v in extra_sums.items()},
+        )
+        if self.eval_fn is not None:
+            self.model.eval()
+            row.update(self.eval_fn(self.model))
+        return row

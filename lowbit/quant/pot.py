@@ -1,0 +1,116 @@
+"""Power-of-two quantizer: every scale is exactly ``2**k`` with an integer exponent ``k``.
+
+Dequantization then becomes a bit shift, which accelerators and FPGAs without multipliers
+need. The exponent is stored as an ``int32`` buffer, never as a float that merely happens to
+be close to an integer, and the scale is built from it bit by bit (IEEE-754 exponent field),
+so it is exact by construction. Zero-points are integers and are recomputed from the
+calibrated lower clipping bound whenever the exponent changes, so they stay integer after
+every algorithm step (RAPQ's public code leaves them fractional after rescaling).
+
+Algorithms that optimise exponents (``lowbit.ptq.rapq``) relax ``k`` to a continuous value
+outside this class and hand back an integer through :meth:`PoTQuantizer.set_exponent`, which
+checks it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .base import Quantizer
+from .registry import register_quantizer
+
+# Normal float32 numbers: exponents outside this range have no exact power-of-two float32.
+MIN_EXPONENT, MAX_EXPONENT = -126, 127
+ROUNDINGS = ("nearest", "floor", "ceil")
+
+
+def pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """Exact float32 ``2**exponent`` for integer exponents, built from the exponent field."""
+    k = exponent.to(torch.int32)
+    if bool(((k < MIN_EXPONENT) | (k > MAX_EXPONENT)).any()):
+        raise ConfigError(
+            f"power-of-two exponent out of float32 range [{MIN_EXPONENT}, {MAX_EXPONENT}]: "
+            f"{k.min().item()}..{k.max().item()}; the calibration data is degenerate"
+        )
+    return torch.bitwise_left_shift(k + 127, 23).view(torch.float32)
+
+
+def is_pow2(t: torch.Tensor) -> bool:
+    """True when every element is exactly a positive power of two."""
+    mantissa, _ = torch.frexp(t)
+    return bool((mantissa == 0.5).all())
+
+
+def zero_point_for(
+    lo: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Integer zero-point placing the float ``lo`` on code ``qmin`` (clamped to the range)."""
+    return torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+
+
+@register_quantizer("pot")
+class PoTQuantizer(Quantizer):
+    """Uniform quantizer whose scale is ``2**exponent``; ``rounding`` picks the exponent from the
+    calibrated float scale (``nearest`` in the log domain is the usual naive PoT baseline)."""
+
+    def __init__(self, *args, rounding: str = "nearest", **kwargs):
+        super().__init__(*args, **kwargs)
+        if rounding not in ROUNDINGS:
+            raise ConfigError(f"pot rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        self.rounding = rounding
+        self.register_buffer("exponent", torch.zeros(1, dtype=torch.int32))
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+        self.register_buffer("clip_lo", torch.zeros(1))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rounding={self.rounding}"
+
+    def init_from_params(self, scale, zero_point, lo, hi) -> None:
+        dev = self.exponent.device
+        t = torch.log2(scale.reshape(-1).to(dev, torch.float32))
+        k = {"nearest": torch.round, "floor": torch.floor, "ceil": torch.ceil}[self.rounding](t)
+        self.clip_lo = torch.minimum(lo.reshape(-1).to(dev, torch.float32), torch.zeros(1, device=dev))
+        self.set_exponent(k.clamp(MIN_EXPONENT, MAX_EXPONENT))
+
+    @torch.no_grad()
+    def set_exponent(self, exponent: torch.Tensor) -> None:
+        """Store integer exponents (checked) and recompute the integer zero-point from them."""
+        exponent = torch.as_tensor(exponent, device=self.exponent.device).reshape(-1)
+        if exponent.is_floating_point() and not bool(
+            (torch.isfinite(exponent) & (exponent == torch.round(exponent))).all()
+        ):
+            raise ConfigError(
+                f"{self._where()}: power-of-two exponents must be integers, got non-integer "
+                "values; round the relaxed log2 scale before setting it"
+            )
+        k = exponent.to(torch.int32).contiguous()
+        scale = pow2(k)
+        qmin, qmax = self.qrange
+        if self.symmetric:
+            zp = torch.zeros_like(k)
+        else:
+            lo = self.clip_lo if self.clip_lo.numel() == k.numel() else self.clip_lo.expand_as(scale)
+            zp = zero_point_for(lo, scale, qmin, qmax).to(torch.int32)
+        self.exponent = k
+        self.zero_point = zp.contiguous()
+
+    def scale(self) -> torch.Tensor:
+        """Exact ``2**exponent`` (float32), shaped [C] or [1]."""
+        return pow2(self.exponent)
+
+    def scale_zero_point(self):
+        scale = self.scale()
+        if not is_pow2(scale):  # guards against a state dict edited by hand
+            raise ConfigError(f"{self._where()}: scale is not an exact power of two")
+        return scale, self.zero_point.float()
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        self.require_calibrated()
+        qmin, qmax = self.qrange
+        scale = self.scale()
+        if self.per_channel and scale.numel() > 1:
+            return torch.fake_quantize_per_channel_affine(
+                x, scale, self.zero_point, self.ch_axis % x.dim(), qmin, qmax
+            )
+        return torch.fake_quantize_per_tensor_affine(x, scale, self.zero_point, qmin, qmax)

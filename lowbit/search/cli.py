@@ -1,0 +1,194 @@
+"""``lowbit search``: mixed-precision search from the command line (thin: parse, call the API).
+
+One ``--budget`` runs one search and writes its config, table and plot; several run a Pareto
+sweep that retrains each found config briefly (optionally with EBR and distillation) and writes
+``pareto.csv`` / ``pareto.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import LowbitError
+
+
+def _bits(value: str) -> int:
+    try:
+        b = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer, got {value!r}") from None
+    if not 1 <= b <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be from 1 to 8, got {b}")
+    return b
+
+
+def _act_bits(value: str) -> int | None:
+    return None if value.lower() in {"float", "32", "none"} else _bits(value)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "search", help="mixed-precision search (SDQ) toward a budget; several budgets: Pareto sweep",
+        description="Learn per-layer weight bits with SDQ and write a lowbit config "
+        "(re-apply it with 'lowbit qat --quant-config DIR/config.yaml').",
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--recipe", default=None,
+                   help="an SDQ recipe YAML: search, then retrain with EBR + KD (other search "
+                   "options come from the recipe; --data-root, -o and --no-plot still apply)")
+    g.add_argument("--method", choices=["sdq"], default="sdq", help="search method (default sdq)")
+    g.add_argument("--model", "-m", default=None, help="model name (see 'lowbit info --list')")
+    g.add_argument("--weights", "-w", default=None, help="pretrained float weights")
+    g.add_argument("--budget", "-b", action="append", metavar="[KIND:]VALUE",
+                   help="avg_weight_bits:2.5 (or just 2.5), bitops:1.2G, weight_memory:64KiB; "
+                   "repeat for a Pareto sweep")
+    g.add_argument("--output-dir", "-o", default="lowbit-search", help="where results go")
+    g.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", "-d", default=None, help="dataset (default: the model's)")
+    d.add_argument("--data-root", default=None, help="dataset folder (default ~/.cache/lowbit-data)")
+    d.add_argument("--train-size", type=int, default=None,
+                   help="search on a seeded subset of N training images (default: all)")
+    d.add_argument("--eval-size", type=int, default=None, help="sweep: evaluate on a subset of N")
+    d.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    d.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    d.add_argument("--seed", type=int, default=0, help="seed of data order and sampling (0)")
+
+    s = p.add_argument_group("search")
+    s.add_argument("--min-bits", type=_bits, default=2, help="lowest weight bits (default 2)")
+    s.add_argument("--max-bits", type=_bits, default=8, help="starting weight bits (default 8)")
+    s.add_argument("--a-bits", type=_act_bits, default=4,
+                   help="activation bits, or 'float' (default 4)")
+    s.add_argument("--first-last", choices=["8bit", "float", "same"], default="8bit",
+                   help="first/last layer: fixed at 8 bits, float, or searched (same)")
+    s.add_argument("--per-tensor", action="store_true", help="one weight step per tensor")
+    s.add_argument("--observer", choices=["minmax", "percentile", "mse"], default="mse",
+                   help="range observer initialising the LSQ steps (default mse)")
+    s.add_argument("--steps", type=int, default=2000, help="maximum search steps (2000)")
+    s.add_argument("--check-every", type=int, default=20, help="steps between step-downs (20)")
+    s.add_argument("--threshold", type=float, default=0.9, help="DBP that steps a layer down")
+    s.add_argument("--lr", type=float, default=1e-4, help="weights' Adam lr (1e-4)")
+    s.add_argument("--quant-lr", type=float, default=1e-3, help="LSQ steps' Adam lr (1e-3)")
+    s.add_argument("--dbp-lr", type=float, default=0.02, help="DBPs' Adam lr (0.02)")
+    s.add_argument("--cost-weight", type=float, default=1.0, help="initial cost weight (1)")
+    s.add_argument("--cost-growth", type=float, default=1.05,
+                   help="cost weight multiplier at each check still over budget (1.05)")
+    s.add_argument("--calib-batches", type=int, default=8, help="batches initialising LSQ (8)")
+
+    r = p.add_argument_group("sweep retraining (several budgets)")
+    r.add_argument("--retrain-epochs", type=int, default=1, help="epochs per found config (1)")
+    r.add_argument("--retrain-steps", type=int, default=None, help="cut each epoch at N steps")
+    r.add_argument("--retrain-lr", type=float, default=1e-4, help="Adam lr (1e-4)")
+    r.add_argument("--ebr", type=float, default=0.0, metavar="WEIGHT",
+                   help="entropy-aware bin regularization weight (0: off)")
+    r.add_argument("--ebr-entropy", type=float, default=0.1, help="EBR entropy-term weight (0.1)")
+    r.add_argument("--kd-teacher", default=None, metavar="same|MODEL",
+                   help="distil from the float model itself ('same') or another model")
+    r.add_argument("--kd-teacher-weights", default=None, help="weights of --kd-teacher MODEL")
+    r.add_argument("--kd-weight", type=float, default=1.0, help="distillation weight (1)")
+    r.add_argument("--kd-temperature", type=float, default=4.0, help="softening temperature (4)")
+    return p
+
+
+def _settings(args):
+    from ..config import _validate
+    from .sdq import SDQSettings
+
+    return _validate(SDQSettings, dict(
+        min_bits=args.min_bits, max_bits=args.max_bits, a_bits=args.a_bits,
+        first_last=args.first_last, per_channel=not args.per_tensor, observer=args.observer,
+        steps=args.steps,
+        check_every=args.check_every, threshold=args.threshold, lr=args.lr,
+        quant_lr=args.quant_lr, dbp_lr=args.dbp_lr, cost_weight=args.cost_weight,
+        cost_growth=args.cost_growth,
+        calib_batches=args.calib_batches, seed=args.seed,
+    ), "search options")
+
+
+def _train_loader(spec, args):
+    from ..data import load_dataset, make_loader, subset
+
+    kwargs = dict(mean=spec.mean, std=spec.std, crop=spec.input_size[-1])
+    if spec.resize is not None:
+        kwargs["resize"] = spec.resize
+    train = load_dataset(args.dataset or spec.default_dataset, args.data_root, "train", **kwargs)
+    if args.train_size is not None and args.train_size < len(train):
+        train = subset(train, args.train_size, args.seed)
+    return make_loader(train, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed)
+
+
+def _loss_terms(args, model, example):
+    from ..losses import EntropyBinRegularizer, KnowledgeDistillation
+    from ..models import get_model
+
+    terms = []
+    if args.ebr > 0:
+        terms.append(EntropyBinRegularizer(args.ebr, args.ebr_entropy))
+    if args.kd_teacher:
+        teacher = (model if args.kd_teacher == "same"
+                   else get_model(args.kd_teacher, args.kd_teacher_weights))
+        kd = KnowledgeDistillation(teacher, args.kd_temperature, args.kd_weight)
+        kd.check(model, example)
+        terms.append(kd)
+    return terms
+
+
+def run(args) -> int:
+    from ..models import get_model, get_spec
+    from ..report import write_json
+    from .budget import Budget
+
+    if args.recipe:
+        from .recipe import load_sdq_recipe, run_sdq_recipe
+
+        run_sdq_recipe(load_sdq_recipe(args.recipe), data_root=args.data_root,
+                       output_dir=args.output_dir, plot=False if args.no_plot else None)
+        return 0
+    if not args.model or not args.budget:
+        raise LowbitError("give --model and at least one --budget (or a --recipe)")
+    if args.method != "sdq":
+        raise LowbitError(f"unknown search --method {args.method!r}; choose sdq")
+    budgets = [Budget.parse(b) for b in args.budget]
+    settings = _settings(args)
+    spec = get_spec(args.model)
+    model = get_model(args.model, args.weights)
+    train = _train_loader(spec, args)
+    example = next(iter(train))[0][:2]
+    progress = not args.no_progress
+    plot = False if args.no_plot else None
+    if len(budgets) == 1:
+        from .sdq import sdq_search
+
+        result = sdq_search(model, train, budgets[0], example, settings, progress=progress)
+        files = result.save(args.output_dir, plot=plot)
+        print(result.table())
+        print("wrote " + ", ".join(str(p) for p in files.values()))
+        print(f"retrain with: lowbit qat -m {args.model} --method lsq "
+              f"--quant-config {files['config']}")
+        return 0
+
+    from ..pipeline import build_data
+    from .pareto import pareto_sweep, retrain_scorer
+
+    data = build_data(spec, args.dataset, args.data_root, eval_size=args.eval_size,
+                      batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+    score = retrain_scorer(
+        model, train, data.eval, example, loss_terms=_loss_terms(args, model, example),
+        progress=progress, epochs=args.retrain_epochs, max_steps=args.retrain_steps,
+        lr=args.retrain_lr, calib_batches=args.calib_batches, seed=args.seed,
+    )
+    sweep = pareto_sweep(model, train, budgets, example, score, settings, progress=progress)
+    files = sweep.save(args.output_dir, plot=plot, title=f"{args.model}: SDQ Pareto sweep")
+    for i, res in enumerate(sweep.results):
+        res.save(f"{args.output_dir}/{i:02d}_{res.budget.kind.value}_{res.budget.value:g}",
+                 plot=plot)
+    write_json(f"{args.output_dir}/sweep.json", {
+        "model": args.model, "weights": args.weights, "protocol": data.protocol,
+        "settings": settings.model_dump(mode="json"), "rows": sweep.rows,
+    })
+    print(sweep.to_csv())
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0

@@ -1,0 +1,144 @@
+"""Pareto sweep: search at several budgets, score each result, keep the non-dominated ones.
+
+As AIMET does, the caller keeps the data loop: ``score(result) -> accuracy`` decides how a
+found config is retrained and evaluated (:func:`retrain_scorer` gives the usual choice). The
+sweep returns every point, marks the Pareto front (fewer BitOPs, higher accuracy) and writes a
+CSV and an accuracy-vs-BitOPs PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..evaluate import evaluate
+from ..utils import atomic_write_text
+from .budget import Budget
+from .sdq import SDQResult, SDQSettings, sdq_search
+
+COLUMNS = ["label", "budget_kind", "budget", "avg_weight_bits", "bitops", "size_bytes", "top1",
+           "steps", "forced", "on_front"]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the ``(cost, accuracy)`` points no other point beats on both (ties kept)."""
+    front = []
+    for i, (c, a) in enumerate(points):
+        dominated = any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for c2, a2 in points)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+@dataclass
+class ParetoResult:
+    """Rows of a sweep (one per budget, plus optional baselines such as uniform LSQ)."""
+
+    rows: list[dict[str, Any]]
+    baselines: list[dict[str, Any]] = field(default_factory=list)
+    results: list[SDQResult] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.mark_front()
+
+    def mark_front(self) -> None:
+        everything = self.rows + self.baselines
+        front = set(pareto_front([(r["bitops"], r["top1"]) for r in everything]))
+        for i, r in enumerate(everything):
+            r["on_front"] = i in front
+
+    def front(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows + self.baselines if r["on_front"]]
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in self.rows + self.baselines:
+            writer.writerow(r)
+        return buf.getvalue()
+
+    def save(self, directory: str | Path, plot: bool | None = None, title: str = "") -> dict:
+        """Write ``pareto.csv`` and, with matplotlib (or ``plot=True``), ``pareto.png``."""
+        from .plots import have_matplotlib, plot_pareto
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        out = {"csv": directory / "pareto.csv"}
+        atomic_write_text(out["csv"], self.to_csv())
+        if plot or (plot is None and have_matplotlib()):
+            pts = [(r["bitops"] / 1e9, r["top1"], r["label"]) for r in self.rows]
+            front = [(r["bitops"] / 1e9, r["top1"]) for r in self.front()]
+            base = [(r["bitops"] / 1e9, r["top1"], r["label"]) for r in self.baselines]
+            out["plot"] = plot_pareto(pts, front, directory / "pareto.png", title, base)
+        return out
+
+
+def row_of(result: SDQResult, top1: float, label: str | None = None) -> dict[str, Any]:
+    totals = result.cost.totals()
+    return dict(
+        label=label or result.budget.describe(), budget_kind=result.budget.kind.value,
+        budget=result.budget.value, avg_weight_bits=totals["avg_weight_bits"],
+        bitops=totals["bitops"], size_bytes=totals["size_bytes"], top1=top1,
+        steps=result.steps, forced=len(result.forced),
+    )
+
+
+def pareto_sweep(
+    model: nn.Module,
+    data: Iterable,
+    budgets: Sequence[Budget | str | float],
+    example_inputs,
+    score: Callable[[SDQResult], float],
+    settings: SDQSettings | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> ParetoResult:
+    """Run :func:`sdq_search` at each budget and score it; save every config under
+    ``output_dir/<i>_<budget>/`` when given. Budgets are searched in the order given."""
+    if not budgets:
+        raise ConfigError("give at least one budget for a Pareto sweep")
+    rows, results = [], []
+    for i, b in enumerate(budgets):
+        result = sdq_search(model, data, b, example_inputs, settings, progress=progress,
+                            **overrides)
+        top1 = float(score(result))
+        rows.append(row_of(result, top1))
+        results.append(result)
+        if output_dir is not None:
+            result.save(Path(output_dir) / f"{i:02d}_{result.budget.kind.value}_{result.budget.value:g}",
+                        plot=False)
+    sweep = ParetoResult(rows, results=results)
+    if output_dir is not None:
+        sweep.save(output_dir)
+    return sweep
+
+
+def retrain_scorer(
+    model: nn.Module,
+    train_data: Iterable,
+    eval_data: Iterable,
+    example_inputs,
+    *,
+    loss_terms: Sequence = (),
+    progress: bool = True,
+    **retrain_kwargs: Any,
+) -> Callable[[SDQResult], float]:
+    """``score(result)``: retrain the float ``model`` with the found config, return top-1."""
+    from .retrain import retrain
+
+    def score(result: SDQResult) -> float:
+        q = retrain(model, result.config, train_data, example_inputs, loss_terms=loss_terms,
+                    progress=progress, **retrain_kwargs)
+        return evaluate(q, eval_data, progress=progress, desc="eval").top1
+
+    return score

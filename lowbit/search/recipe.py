@@ -1,0 +1,156 @@
+"""SDQ recipes: one YAML file runs the search and then the retraining of the found config.
+
+``lowbit search --recipe recipes/sdq_resnet20_cifar10_w2a4.yaml``: search per-layer bits toward
+``budget``, save the config, then retrain it with the shared QAT trainer (LSQ) plus EBR and
+distillation from a float teacher, evaluate, and write ``results.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import _validate
+from ..errors import ConfigError
+from ..evaluate import evaluate
+from ..qat.api import qat
+from ..qat.trainer import TrainConfig
+from .budget import Budget
+from .sdq import SDQSettings, sdq_search
+
+
+class EBRSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(1e-2, ge=0)
+    entropy_weight: float = Field(0.1, ge=0)
+    tau: float = Field(0.1, gt=0)
+
+
+class KDSpec(BaseModel):
+    """``teacher: same`` distils from the float model being quantized."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str = "same"
+    teacher_weights: str | None = None
+    temperature: float = Field(4.0, gt=0)
+    weight: float = Field(1.0, ge=0)
+
+
+class SDQRecipe(BaseModel):
+    """A whole SDQ run; ``paper`` holds the numbers it aims to reproduce."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    description: str = ""
+    model: str
+    weights: str | None = None
+    dataset: str | None = None
+    budget: str
+    search: SDQSettings = Field(default_factory=SDQSettings)
+    search_train_size: int | None = Field(None, ge=1, description="search on a seeded subset")
+    ebr: EBRSpec | None = Field(default_factory=EBRSpec)
+    kd: KDSpec | None = Field(default_factory=KDSpec)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    calib_size: int = Field(1024, ge=1)
+    eval_size: int | None = Field(None, ge=1)
+    workers: int = Field(0, ge=0)
+    paper: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_sdq_recipe(path: str | Path) -> SDQRecipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist; see the sdq_*.yaml files under recipes/")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must hold a mapping")
+    recipe = _validate(SDQRecipe, data, f"recipe {path}")
+    Budget.parse(recipe.budget)
+    return recipe
+
+
+def run_sdq_recipe(
+    recipe: SDQRecipe,
+    *,
+    data_root: str | Path | None = None,
+    output_dir: str | Path = "lowbit-sdq",
+    plot: bool | None = None,
+    echo=print,
+) -> dict[str, Any]:
+    """Search, save the config under ``output_dir/search``, retrain, evaluate, write results."""
+    from ..data import load_dataset, make_loader, subset
+    from ..losses import EntropyBinRegularizer, KnowledgeDistillation, as_hook
+    from ..models import get_model, get_spec
+    from ..pipeline import build_data, save_quantized
+    from ..report import write_json
+
+    output_dir = Path(output_dir)
+    seed = recipe.train.seed
+    torch.manual_seed(seed)
+    spec = get_spec(recipe.model)
+    data = build_data(spec, recipe.dataset, data_root, calib_size=recipe.calib_size,
+                      eval_size=recipe.eval_size, batch_size=recipe.eval_batch_size,
+                      workers=recipe.workers, seed=seed)
+    kwargs = dict(mean=spec.mean, std=spec.std, crop=spec.input_size[-1])
+    if spec.resize is not None:
+        kwargs["resize"] = spec.resize
+    train_set = load_dataset(data.dataset, data_root, "train", **kwargs)
+    search_set = train_set
+    if recipe.search_train_size and recipe.search_train_size < len(train_set):
+        search_set = subset(train_set, recipe.search_train_size, seed)
+    loader = lambda ds: make_loader(ds, recipe.batch_size, shuffle=True,  # noqa: E731
+                                    workers=recipe.workers, seed=seed)
+    model = get_model(recipe.model, recipe.weights)
+    progress = recipe.train.progress
+    hooks = []
+    if recipe.kd is not None:
+        teacher = (get_model(recipe.model, recipe.weights) if recipe.kd.teacher == "same"
+                   else get_model(recipe.kd.teacher, recipe.kd.teacher_weights))
+        kd = KnowledgeDistillation(teacher, recipe.kd.temperature, recipe.kd.weight)
+        kd.check(model, data.example)
+        hooks.append(as_hook(kd))
+    if recipe.ebr is not None:
+        hooks.append(as_hook(EntropyBinRegularizer(recipe.ebr.weight, recipe.ebr.entropy_weight,
+                                                   recipe.ebr.tau)))
+    float_top1 = evaluate(model, data.eval, progress=progress, desc="eval float").top1
+    echo(f"float {recipe.model}: top-1 {float_top1:.2f} % ({data.protocol})")
+
+    t0 = time.perf_counter()
+    found = sdq_search(model, loader(search_set), recipe.budget, data.example, recipe.search,
+                       progress=progress)
+    search_seconds = time.perf_counter() - t0
+    files = found.save(output_dir / "search", plot=plot)
+    echo(found.table())
+
+    t0 = time.perf_counter()
+    result = qat(model, "lsq", loader(train_set), calib_data=data.calib,
+                 example_inputs=data.example, config=found.config, train=recipe.train,
+                 hooks=hooks, output_dir=output_dir / "qat", model_name=recipe.model,
+                 eval_fn=lambda m: {"top1": evaluate(m, data.eval, progress=False).top1})
+    train_seconds = time.perf_counter() - t0
+    final = [r for r in result.history if "top1" in r]
+    top1 = final[-1]["top1"] if final else evaluate(result.model, data.eval, progress=False).top1
+    echo(f"SDQ {found.budget.describe(found.achieved)}: top-1 {top1:.2f} % "
+         f"(float {float_top1:.2f} %)")
+    out = {
+        "recipe": recipe.model_dump(mode="json"), "protocol": data.protocol,
+        "float_top1": float_top1, "top1": top1, "search": found.to_dict(),
+        "search_seconds": search_seconds, "train_seconds": train_seconds,
+        "history": result.history, "config": str(files["config"]),
+    }
+    save_quantized(result.model, output_dir / "model", {"model": recipe.model, "method": "sdq"})
+    write_json(output_dir / "results.json", out)
+    return out

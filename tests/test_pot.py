@@ -1,0 +1,103 @@
+"""Power-of-two quantizer: exact 2**k scales, integer exponents and zero-points, as properties."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lowbit.errors import ConfigError
+from lowbit.quant import PoTQuantizer, QuantMode
+from lowbit.quant.pot import MAX_EXPONENT, MIN_EXPONENT, is_pow2, pow2
+
+
+def calibrated(x, **kw):
+    q = PoTQuantizer(**kw)
+    q.mode = QuantMode.CALIBRATE
+    q(x)
+    q.finish_calibration()
+    q.mode = QuantMode.QUANTIZE
+    return q
+
+
+tensors = st.integers(0, 2**31 - 1).map(
+    lambda seed: torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(seed))
+    * torch.rand(1, generator=torch.Generator().manual_seed(seed + 1)).item() * 10
+    + torch.rand(1, generator=torch.Generator().manual_seed(seed + 2)).item() * 3
+)
+pkwargs = st.fixed_dictionaries({
+    "bits": st.integers(2, 8),
+    "symmetric": st.booleans(),
+    "per_channel": st.booleans(),
+    "observer": st.sampled_from(["minmax", "percentile", "mse"]),
+    "signed": st.sampled_from([None, True, False]),
+    "rounding": st.sampled_from(["nearest", "floor", "ceil"]),
+})
+
+
+def test_pow2_is_exact_over_the_float32_range():
+    k = torch.arange(MIN_EXPONENT, MAX_EXPONENT + 1)
+    s = pow2(k)
+    mantissa, exp = torch.frexp(s)
+    assert (mantissa == 0.5).all() and torch.equal(exp - 1, k.to(exp.dtype))
+    with pytest.raises(ConfigError, match="out of float32 range"):
+        pow2(torch.tensor([MAX_EXPONENT + 1]))
+
+
+@given(x=tensors, kw=pkwargs)
+def test_scale_is_exactly_pow2_with_integer_exponent_and_zero_point(x, kw):
+    q = calibrated(x, **kw)
+    assert q.exponent.dtype == torch.int32
+    scale, zp = q.scale_zero_point()
+    mantissa, exp = torch.frexp(scale)
+    assert (mantissa == 0.5).all(), "every scale must be exactly 2**k"
+    assert torch.equal(exp - 1, q.exponent)
+    qmin, qmax = q.qrange
+    assert torch.equal(zp, torch.round(zp)) and ((zp >= qmin) & (zp <= qmax)).all()
+    if kw["symmetric"]:
+        assert (zp == 0).all()
+
+
+@given(x=tensors, kw=pkwargs)
+def test_idempotent_and_codes_in_range(x, kw):
+    q = calibrated(x, **kw)
+    y = q(x)
+    assert torch.equal(q(y), y), "fake quantization with a 2**k scale must be idempotent"
+    form = q.integer_form(x)
+    qmin, qmax = q.qrange
+    assert form.codes.dtype == torch.int32 and form.zero_point.dtype == torch.int32
+    assert form.codes.min() >= qmin and form.codes.max() <= qmax
+    assert torch.equal(form.dequantize(), y), "the integer path must be bit-exact"
+
+
+@given(x=tensors, shift=st.integers(-3, 3))
+def test_zero_point_stays_integer_when_exponent_changes(x, shift):
+    q = calibrated(x, bits=4, symmetric=False, signed=False)
+    q.set_exponent(q.exponent + shift)
+    _, zp = q.scale_zero_point()
+    assert q.zero_point.dtype == torch.int32 and torch.equal(zp, torch.round(zp))
+    assert torch.equal(q(q(x)), q(x))
+
+
+def test_nearest_rounding_is_in_the_log_domain():
+    q = PoTQuantizer(bits=8, signed=True)
+    q.init_from_params(torch.tensor([0.7, 0.75, 3.0]), torch.zeros(3), -torch.ones(3),
+                       torch.ones(3))
+    assert q.exponent.tolist() == [-1, 0, 2]  # log2: -0.51, -0.42, 1.58
+
+
+def test_set_exponent_rejects_non_integers_and_bad_rounding():
+    q = calibrated(torch.randn(10), bits=4)
+    with pytest.raises(ConfigError, match="must be integers"):
+        q.set_exponent(torch.tensor([0.5]))
+    with pytest.raises(ConfigError, match="rounding"):
+        PoTQuantizer(rounding="up")
+
+
+def test_state_dict_round_trip_keeps_integer_exponents():
+    x = torch.randn(4, 3, 5)
+    q = calibrated(x, bits=4, per_channel=True, symmetric=False)
+    fresh = PoTQuantizer(bits=4, per_channel=True, symmetric=False)
+    fresh.load_state_dict(q.state_dict())
+    fresh.mode = QuantMode.QUANTIZE
+    assert fresh.exponent.dtype == torch.int32 and torch.equal(fresh.exponent, q.exponent)
+    assert torch.equal(fresh(x), q(x)) and is_pow2(fresh.scale_zero_point()[0])

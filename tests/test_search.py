@@ -1,0 +1,191 @@
+"""SDQ search: budgets, the found config meets its budget, saved configs re-apply, Pareto sweep."""
+
+import json
+
+import pytest
+import torch
+
+from lowbit import ConfigError, QuantConfig, measure, prepare
+from lowbit.cli import main
+from lowbit.data import load_dataset, make_loader, subset
+from lowbit.models import get_model, get_spec
+from lowbit.prepare import quant_layers
+from lowbit.search import Budget, BudgetKind, ParetoResult, pareto_front, pareto_sweep, sdq_search
+from lowbit.train import train_epochs
+
+FAST = dict(steps=60, check_every=10, calib_batches=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A digits CNN trained for two epochs on 512 images, its loader and an example batch."""
+    torch.manual_seed(0)
+    spec = get_spec("digits_cnn")
+    train = subset(load_dataset("digits", split="train", mean=spec.mean, std=spec.std), 512, 0)
+    loader = make_loader(train, 64, shuffle=True, seed=0)
+    model = get_model("digits_cnn")
+    train_epochs(model, loader, 2, lr=1e-2)
+    return model.eval(), loader, next(iter(loader))[0][:2]
+
+
+def layer_bits(model):
+    return {n: m.w_bits for n, m in quant_layers(model)}
+
+
+def test_budget_parsing_and_errors():
+    assert Budget.parse("2.5") == Budget(kind=BudgetKind.AVG_WEIGHT_BITS, value=2.5)
+    assert Budget.parse(3) == Budget(value=3.0)
+    assert Budget.parse("bitops:1.5G").value == 1.5e9
+    assert Budget.parse("weight_memory:64KiB") == Budget(kind="weight_memory", value=65536.0)
+    assert Budget.parse("memory:2k").kind is BudgetKind.WEIGHT_MEMORY
+    for bad, msg in [("flops:3", "unknown budget kind"), ("bitops:abc", "cannot read"),
+                     ("bitops:-1", "positive"), ("2x", "cannot read")]:
+        with pytest.raises(ConfigError, match=msg):
+            Budget.parse(bad)
+
+
+@pytest.mark.parametrize("budget", ["3.5", "bitops:9M", "weight_memory:6KiB"])
+def test_found_config_meets_budget_and_reapplies(digits, budget, tmp_path):
+    model, loader, example = digits
+    res = sdq_search(model, loader, budget, example, a_bits=8, **FAST)
+    assert res.met
+    again = prepare(model, QuantConfig.load(res.save(tmp_path, plot=False)["config"]), example)
+    measured = res.budget.measure(measure(again, example))
+    assert res.budget.met_by(measured) and measured == pytest.approx(res.achieved)
+    bits = layer_bits(again)
+    assert {n: bits[n] for n in res.bits} == res.bits
+    assert bits["features.0"] == 8 and bits["fc"] == 8  # first/last at 8 bits, not searched
+    assert set(res.bits) == {"features.3", "features.6"}
+    json_cfg = res.config.save(tmp_path / "found.json")
+    assert layer_bits(prepare(model, QuantConfig.load(json_cfg), example)) == bits
+
+
+def test_layers_step_down_on_their_own_before_the_step_limit(digits):
+    model, loader, example = digits
+    res = sdq_search(model, loader, 4.0, example, a_bits=None, steps=400, check_every=5,
+                     dbp_lr=0.2, threshold=0.5, calib_batches=2, progress=False)
+    assert res.met and not res.forced and res.steps < 400
+    assert all(h["cost"] >= res.achieved for h in res.history)
+    assert res.history[0]["cost"] > res.history[-1]["cost"]
+
+
+def test_search_is_deterministic_under_a_seed(digits):
+    model, loader, example = digits
+    fresh = lambda: make_loader(loader.dataset, 64, shuffle=True, seed=1)  # noqa: E731
+    a = sdq_search(model, fresh(), 4.0, example, a_bits=None, dbp_lr=0.1, **FAST)
+    b = sdq_search(model, fresh(), 4.0, example, a_bits=None, dbp_lr=0.1, **FAST)
+    assert a.bits == b.bits and a.history == b.history
+
+
+def test_bad_budgets_and_bounds_are_clear_errors(digits):
+    model, loader, example = digits
+    with pytest.raises(ConfigError, match="cannot be met"):
+        sdq_search(model, loader, 1.5, example, **FAST)
+    with pytest.raises(ConfigError, match="already met"):
+        sdq_search(model, loader, 8.0, example, **FAST)
+    with pytest.raises(ConfigError, match="reversed"):
+        sdq_search(model, loader, 3.0, example, min_bits=6, max_bits=4, **FAST)
+    with pytest.raises(ConfigError, match="no layer is left"):
+        two = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(),
+                                  torch.nn.Linear(144, 10))
+        sdq_search(two, loader, 3.0, example, **FAST)
+
+
+def test_search_result_files(digits, tmp_path):
+    pytest.importorskip("matplotlib")
+    model, loader, example = digits
+    res = sdq_search(model, loader, 3.0, example, a_bits=4, **FAST)
+    files = res.save(tmp_path)
+    assert files["plot"].stat().st_size > 1000
+    data = json.loads(files["json"].read_text())
+    assert data["met"] and data["bits"] == res.bits and data["cost"]["avg_weight_bits"] <= 3.0
+    assert "features.3" in files["table"].read_text()
+
+
+def test_pareto_front_and_sweep(digits, tmp_path):
+    assert pareto_front([(1, 50), (2, 60), (2, 55), (3, 60), (0.5, 40)]) == [0, 1, 4]
+    model, loader, example = digits
+    sweep = pareto_sweep(model, loader, ["3", "5"], example, lambda r: 10 * r.achieved,
+                         output_dir=tmp_path, a_bits=None, **FAST)
+    assert isinstance(sweep, ParetoResult) and len(sweep.rows) == 2
+    assert all(r["on_front"] for r in sweep.rows)  # more bits, more (fake) accuracy
+    lines = (tmp_path / "pareto.csv").read_text().splitlines()
+    assert lines[0].startswith("label,budget_kind") and len(lines) == 3
+    assert len(list(tmp_path.glob("0*/config.yaml"))) == 2
+
+
+def test_cli_search_and_errors(digits, tmp_path, capsys):
+    model, _, _ = digits
+    weights = tmp_path / "digits.pt"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "found"
+    rc = main(["search", "-m", "digits_cnn", "-w", str(weights), "--budget", "3.5",
+               "--a-bits", "float", "--steps", "40", "--train-size", "256", "--batch-size", "64",
+               "--calib-batches", "2", "--no-plot", "--no-progress", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "--quant-config" in captured.out and (out / "config.yaml").is_file()
+    assert not (out / "bits.png").exists()
+    rc = main(["search", "-m", "digits_cnn", "--budget", "1", "--steps", "5", "--train-size",
+               "128", "--no-progress", "-o", str(tmp_path / "x")])
+    assert rc == 2 and "cannot be met" in capsys.readouterr().err
+    rc = main(["search", "-m", "digits_cnn", "--budget", "3", "--min-bits", "5", "--max-bits",
+               "3", "--no-progress", "--train-size", "128", "-o", str(tmp_path / "y")])
+    assert rc == 2 and "reversed" in capsys.readouterr().err
+
+
+def test_recipe_runs_search_then_retraining(digits, tmp_path, capsys):
+    pytest.importorskip("lowbit.qat")
+    model, _, _ = digits
+    weights = tmp_path / "digits.pt"
+    torch.save(model.state_dict(), weights)
+    recipe = tmp_path / "sdq.yaml"
+    recipe.write_text(f"""
+model: digits_cnn
+weights: {weights}
+budget: "3.5"
+search: {{steps: 40, check_every: 10, calib_batches: 2, a_bits: 8, observer: minmax}}
+search_train_size: 256
+ebr: {{weight: 0.01}}
+kd: {{teacher: same, temperature: 2.0}}
+train: {{epochs: 1, max_steps_per_epoch: 3, progress: false, logger: none}}
+batch_size: 64
+calib_size: 64
+eval_size: 100
+""")
+    out = tmp_path / "run"
+    rc = main(["search", "--recipe", str(recipe), "-o", str(out), "--no-plot"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    res = json.loads((out / "results.json").read_text())
+    assert res["search"]["met"] and 0 <= res["top1"] <= 100
+    assert {"loss_kd", "loss_ebr"} <= set(res["history"][-1])
+    assert (out / "search" / "config.yaml").is_file() and (out / "model" / "config.yaml").is_file()
+
+
+def test_retrain_scorer_with_loss_plugins(digits):
+    from lowbit.losses import EntropyBinRegularizer, KnowledgeDistillation
+    from lowbit.search.pareto import retrain_scorer
+
+    model, loader, example = digits
+    res = sdq_search(model, loader, 3.5, example, a_bits=8, **FAST)
+    calls = []
+    ebr = EntropyBinRegularizer(1e-2)
+    seen = lambda m, x, out, y: calls.append(x.shape[0]) or out.sum() * 0  # noqa: E731
+    score = retrain_scorer(model, loader, loader, example, progress=False, epochs=1,
+                           max_steps=3, calib_batches=2,
+                           loss_terms=[ebr, KnowledgeDistillation(model), seen])
+    top1 = score(res)
+    assert 0 <= top1 <= 100 and len(calls) == 3
+    assert all(p.requires_grad for p in model.parameters())  # the teacher is not frozen
+
+
+def test_nan_during_search_is_a_training_error(digits):
+    from lowbit import TrainingError
+
+    model, loader, example = digits
+    batches = list(loader)
+    data = batches[:1] + [(torch.full_like(x, float("nan")), y) for x, y in batches[1:]]
+    with pytest.raises(TrainingError, match="NaN"):  # calibrated on the clean first batch
+        sdq_search(model, data, 3.5, example, a_bits=None, calib_batches=1, steps=20,
+                   check_every=5, progress=False)
