@@ -85,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train, quantize and report on bundled data (no download)")
     demo.add_argument("--output-dir", default="lowbit-results", help="where demo.json goes")
     demo.add_argument("--epochs", type=int, default=30, help="float training epochs (default 30)")
-    demo.add_argument("--qat-epochs", type=int, default=8, help="LSQ fine-tuning epochs (default 8)")
+    demo.add_argument("--qat-epochs", type=int, default=8,
+                      help="LSQ/QIL/SDQ fine-tuning epochs (default 8)")
+    demo.add_argument("--recon-iters", type=int, default=200,
+                      help="RAPQ/BRECQ reconstruction steps per block (default 200)")
+    demo.add_argument("--quick-iters", type=int, default=100,
+                      help="RAPQ network-wide scale adjustment steps (default 100)")
+    demo.add_argument("--sdq-steps", type=int, default=300, help="SDQ search steps (default 300)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -154,7 +160,9 @@ def _config_from_args(args):
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.output_dir, epochs=args.epochs, qat_epochs=args.qat_epochs, seed=args.seed,
+    run_demo(args.output_dir, epochs=args.epochs, qat_epochs=args.qat_epochs,
+             recon_iters=args.recon_iters, quick_iters=args.quick_iters,
+             sdq_steps=args.sdq_steps, seed=args.seed,
              progress=not args.no_progress)
     return 0
 
@@ -306,8 +314,8 @@ def cmd_search(args) -> int:
     return run(args)
 
 
-COMMANDS = {"demo": cmd_demo, "info": cmd_info, "eval": cmd_eval, "ptq": cmd_ptq, "qat": cmd_qat}
-COMMANDS["search"] = cmd_search
+COMMANDS = {"demo": cmd_demo, "info": cmd_info, "eval": cmd_eval, "ptq": cmd_ptq, "qat": cmd_qat,
+            "search": cmd_search}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,10 @@
 """``lowbit demo``: the embedded default run, needing no download.
 
-Trains a tiny CNN on scikit-learn's bundled handwritten digits, quantizes it with every
-method lowbit ships, and reports accuracy, size and BitOPs per method.
+Trains a tiny CNN on scikit-learn's bundled handwritten digits, then quantizes it with every
+method lowbit ships — range-calibrated PTQ, power-of-two PTQ (naive, RAPQ quick and full) and
+its float-scale reconstruction twin, LSQ and QIL quantization-aware training, and an SDQ
+mixed-precision search retrained with EBR and distillation — and reports accuracy, size and
+BitOPs per method.
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ from .data import load_dataset, make_loader
 from .evaluate import evaluate
 from .models import get_model, get_spec
 from .pipeline import build_data
-from .prepare import calibrate, prepare
 from .ptq import ptq
 from .report import format_table, write_json
 from .train import train_epochs
 
-SETTINGS = [(8, 8), (4, 8), (4, 4), (2, 4)]
-PTQ_METHODS = ["minmax", "percentile", "mse"]
+PTQ_SETTINGS = [(8, 8), (4, 8), (4, 4), (2, 4)]
+RANGE_METHODS = ["minmax", "percentile", "mse"]
+POT_SETTINGS = [(4, 4), (2, 4)]
+POT_METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
 QAT_SETTINGS = [(4, 4), (2, 4)]
+QAT_METHODS = ["lsq", "qil"]
+SDQ_BUDGET = 3.0
 COLUMNS = ["method", "W/A", "top1", "agree", "size_KiB", "MBitOPs", "seconds"]
 
 
@@ -33,11 +39,18 @@ def run_demo(
     *,
     epochs: int = 30,
     qat_epochs: int = 8,
+    recon_iters: int = 200,
+    quick_iters: int = 100,
+    sdq_steps: int = 300,
     seed: int = 0,
     progress: bool = True,
     echo=print,
 ) -> dict:
     """Train, quantize with each method, print the table, write ``demo.json``; return results."""
+    from .losses import EntropyBinRegularizer, KnowledgeDistillation, as_hook
+    from .qat import TrainConfig, qat
+    from .search import sdq_search
+
     torch.manual_seed(seed)
     spec = get_spec("digits_cnn")
     data = build_data(spec, calib_size=512, batch_size=64, seed=seed)
@@ -48,30 +61,48 @@ def run_demo(
     t0 = time.perf_counter()
     model = get_model("digits_cnn")
     train_epochs(model, train_loader, epochs, lr=1e-2, progress=progress, seed=seed)
-    float_res = evaluate(model, data.eval, progress=False)
-    cost = measure(model, example)
-    rows = [dict(method="float", **{"W/A": "32/32"}, top1=float_res.top1, agree=100.0,
-                 size_KiB=cost.size_bytes / 1024, MBitOPs=cost.bitops / 1e6,
-                 seconds=time.perf_counter() - t0)]
-    echo(f"float digits_cnn: {float_res}  ({data.protocol})")
+    rows = [_row("float", "32/32", model, None, data, example, t0)]
+    echo(f"float digits_cnn: top-1 {rows[0]['top1']:.2f} %  ({data.protocol})")
 
-    for w, a in SETTINGS:
-        for method in PTQ_METHODS:
+    def add(method: str, wa: str, start: float, qmodel) -> None:
+        rows.append(_row(method, wa, qmodel, model, data, example, start))
+        if progress:
+            echo(f"  {method:<16} {wa:<8} top-1 {rows[-1]['top1']:.2f} %")
+
+    for w, a in PTQ_SETTINGS:
+        for method in RANGE_METHODS:
             t = time.perf_counter()
-            q = ptq(model, method, data.calib, QuantConfig.uniform(w, a), example,
-                    progress=False)
-            rows.append(_row(f"ptq-{method}", w, a, q, model, data, example, t))
+            add(f"ptq-{method}", f"{w}/{a}", t, ptq(model, method, data.calib,
+                QuantConfig.uniform(w, a), example, progress=False))
+    for w, a in POT_SETTINGS:
+        for method in POT_METHODS:
+            opts = {"pot": {}, "rapq-quick": {"quick_iters": quick_iters},
+                    "rapq": {"quick_iters": quick_iters, "iters": recon_iters},
+                    "brecq": {"iters": recon_iters}}[method]
+            t = time.perf_counter()
+            add(f"ptq-{method}", f"{w}/{a}", t, ptq(model, method, data.calib,
+                QuantConfig.uniform(w, a), example, progress=False, **opts))
+    train_cfg = TrainConfig(epochs=qat_epochs, optimizer="adam", lr=1e-3, quant_lr=1e-3,
+                            weight_decay=0.0, logger="none", progress=False, seed=seed)
     for w, a in QAT_SETTINGS:
-        t = time.perf_counter()
-        q = prepare(model, QuantConfig.uniform(w, a, kind="lsq", observer="mse"), example)
-        calibrate(q, data.calib, progress=False)
-        train_epochs(q, train_loader, qat_epochs, lr=1e-3, progress=progress, seed=seed)
-        rows.append(_row("qat-lsq", w, a, q, model, data, example, t))
+        for method in QAT_METHODS:
+            t = time.perf_counter()
+            res = qat(model, method, train_loader, calib_data=data.calib, example_inputs=example,
+                      w_bits=w, a_bits=a, train=train_cfg)
+            add(f"qat-{method}", f"{w}/{a}", t, res.model)
+    t = time.perf_counter()
+    found = sdq_search(model, train_loader, SDQ_BUDGET, example, steps=sdq_steps, a_bits=4,
+                       seed=seed, progress=False)
+    hooks = [as_hook(EntropyBinRegularizer(1e-2)), as_hook(KnowledgeDistillation(model, 4.0, 1.0))]
+    res = qat(model, "lsq", train_loader, calib_data=data.calib, example_inputs=example,
+              config=found.config, train=train_cfg, hooks=hooks)
+    add("sdq+ebr+kd", f"{found.achieved:.2f}/4", t, res.model)
 
     echo(format_table(rows, COLUMNS))
     payload = {
         "model": "digits_cnn", "dataset": "digits", "protocol": data.protocol,
-        "float_epochs": epochs, "qat_epochs": qat_epochs, "seed": seed,
+        "float_epochs": epochs, "qat_epochs": qat_epochs, "reconstruction_iters": recon_iters, "quick_iters": quick_iters,
+        "sdq_budget_avg_weight_bits": SDQ_BUDGET, "sdq_bits": found.bits, "seed": seed,
         "first_last_layer": "8 bits", "rows": rows,
     }
     path = write_json(Path(output_dir) / "demo.json", payload)
@@ -79,9 +110,10 @@ def run_demo(
     return payload
 
 
-def _row(method, w, a, q, reference, data, example, t0) -> dict:
+def _row(method, wa, q, reference, data, example, t0) -> dict:
     res = evaluate(q, data.eval, reference=reference, progress=False)
     cost = measure(q, example)
-    return dict(method=method, **{"W/A": f"{w}/{a}"}, top1=res.top1, agree=res.agreement,
+    return dict(method=method, **{"W/A": wa}, top1=res.top1,
+                agree=100.0 if reference is None else res.agreement,
                 size_KiB=cost.size_bytes / 1024, MBitOPs=cost.bitops / 1e6,
                 seconds=time.perf_counter() - t0)

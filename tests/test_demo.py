@@ -7,11 +7,15 @@ from lowbit.demo import run_demo
 
 def test_demo_reports_every_method(tmp_path):
     lines = []
-    res = run_demo(tmp_path, epochs=3, qat_epochs=1, progress=False, echo=lines.append)
+    res = run_demo(tmp_path, epochs=3, qat_epochs=1, recon_iters=10, quick_iters=5, sdq_steps=20,
+                   progress=False, echo=lines.append)
     methods = {(r["method"], r["W/A"]) for r in res["rows"]}
     for m in ["ptq-minmax", "ptq-percentile", "ptq-mse"]:
         assert (m, "4/4") in methods and (m, "8/8") in methods
-    assert ("qat-lsq", "2/4") in methods
+    for m in ["ptq-pot", "ptq-rapq-quick", "ptq-rapq", "ptq-brecq", "qat-lsq", "qat-qil"]:
+        assert (m, "2/4") in methods
+    sdq = [r for r in res["rows"] if r["method"] == "sdq+ebr+kd"]
+    assert len(sdq) == 1 and float(sdq[0]["W/A"].split("/")[0]) <= 3.0
     rows = {(r["method"], r["W/A"]): r for r in res["rows"]}
     assert rows[("float", "32/32")]["top1"] > 60
     assert rows[("ptq-mse", "8/8")]["agree"] > 90
