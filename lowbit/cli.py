@@ -11,24 +11,12 @@ import os
 import sys
 import time
 
+from .cli_args import act_bits_arg as _act_bits
+from .cli_args import bits_arg as _bits
 from .errors import LowbitError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPT = 130
-
-
-def _bits(value: str) -> int:
-    try:
-        b = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be an integer, got {value!r}") from None
-    if not 1 <= b <= 8:
-        raise argparse.ArgumentTypeError(f"bits must be from 1 to 8, got {b}")
-    return b
-
-
-def _act_bits(value: str) -> int | None:
-    return None if value.lower() in {"float", "32", "none"} else _bits(value)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
