@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +55,20 @@ def weights(model: str):
     if not Path(w).is_file():
         skip(f"weights {w} not found")
     return str(w)
+
+
+def load_rows(out: Path) -> list[dict]:
+    """Rows already in ``out.json`` (so a benchmark can add to or skip what was run)."""
+    path = out.with_suffix(".json")
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def save_rows(out: Path, rows: list[dict], fields: list[str]) -> None:
+    """Write ``out.json`` (with the environment) and ``out.csv`` (the listed fields)."""
+    from lowbit.report.tables import write_json
+
+    write_json(out.with_suffix(".json"), {"rows": rows})
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)

@@ -10,7 +10,6 @@ Each (model, setting, method) runs in its own process so that wall time and peak
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import subprocess
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, data_root, weights  # noqa: E402
+from common import MODELS, RESULTS, data_root, load_rows, save_rows, weights  # noqa: E402
 
 SETTINGS = [(8, 8), (4, 8), (4, 4)]
 FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
@@ -96,7 +95,7 @@ def main() -> None:
         print("ROW " + json.dumps(one(m, meth, int(w), int(a), args.calib_size, args.batch_size)))
         return
     out = Path(args.out)
-    rows = _load(out.with_suffix(".json"))
+    rows = load_rows(out)
     jobs = [(m, "float", 32, 32) for m in args.models]
     jobs += [(m, "float-full", 32, 32) for m in args.models if MODELS[m]["dataset"] != "cifar10"]
     jobs += [(m, meth, w, a) for m in args.models for (w, a) in SETTINGS for meth in args.methods]
@@ -118,23 +117,10 @@ def main() -> None:
         row = json.loads(line[4:])
         rows = [r for r in rows if (r["model"], r["method"], r["w_bits"], r["a_bits"])
                 != (m, meth, row["w_bits"], row["a_bits"])] + [row]
-        _save(out, rows)
+        save_rows(out, rows, FIELDS)
         print(f"{m:<22} {meth:<10} W{row['w_bits']}A{row['a_bits']}  top-1 {row['top1']:.2f}  "
               f"({row['wall_seconds']:.0f} s, {row['peak_rss_mib']:.0f} MiB)", flush=True)
 
-
-def _load(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["rows"] if path.is_file() else []
-
-
-def _save(out: Path, rows: list[dict]) -> None:
-    from lowbit.report.tables import write_json
-
-    write_json(out.with_suffix(".json"), {"rows": rows})
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ jobs may share the cores. Results: benchmarks/results/rapq.{csv,json}.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, data_root, weights  # noqa: E402
+from common import MODELS, RESULTS, data_root, load_rows, save_rows, weights  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
@@ -106,7 +105,7 @@ def main() -> None:
         print("ROW " + json.dumps(one(m, meth, int(w), int(a), args)))
         return
     out = Path(args.out)
-    rows = _load(out.with_suffix(".json"))
+    rows = load_rows(out)
     common = ["--iters", str(args.iters), "--quick-iters", str(args.quick_iters),
               "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
               "--threads", str(args.threads)]
@@ -131,25 +130,12 @@ def main() -> None:
                                   + " --settings " + s + " " + " ".join(common))
                 rows = [r for r in rows if (r["model"], r["method"], r["w_bits"], r["a_bits"])
                         != (m, meth, w, a)] + [row]
-                _save(out, rows)
+                save_rows(out, rows, FIELDS)
                 print(f"{m:<20} {meth:<11} {s}  top-1 {row['top1']:.2f}  "
                       f"(ptq {row['ptq_seconds']:.0f} s, wall {row['wall_seconds']:.0f} s, "
                       f"{row['peak_rss_mib']:.0f} MiB, load {row['load_avg_start']:.1f})",
                       flush=True)
 
-
-def _load(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["rows"] if path.is_file() else []
-
-
-def _save(out: Path, rows: list[dict]) -> None:
-    from lowbit.report.tables import write_json
-
-    write_json(out.with_suffix(".json"), {"rows": rows})
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -265,16 +265,22 @@ class QuantConfig(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> QuantConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML/JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-        return _validate(cls, data, str(path))
+        return load_yaml_model(cls, path, "config file")
+
+
+def load_yaml_model(model: type[BaseModel], path: str | Path, what: str, hint: str = ""):
+    """Read a YAML/JSON file into a pydantic ``model``; every failure is a :class:`ConfigError`
+    naming the file (``what`` says what the file is, ``hint`` where to find good ones)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist{hint}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML/JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping, got {type(data).__name__}")
+    return _validate(model, data, f"{what} {path}")
 
 
 def _validate(model: type[BaseModel], data: dict[str, Any], where: str):

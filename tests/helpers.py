@@ -46,3 +46,15 @@ class Tiny(nn.Module):
 def tiny() -> Tiny:
     torch.manual_seed(0)
     return randomize_bn(Tiny())
+
+
+def calibrated(cls, x: torch.Tensor, **kw):
+    """A quantizer of class ``cls`` calibrated on ``x`` and switched to quantize mode."""
+    from lowbit.quant import QuantMode
+
+    q = cls(**kw)
+    q.mode = QuantMode.CALIBRATE
+    q(x)
+    q.finish_calibration()
+    q.mode = QuantMode.QUANTIZE
+    return q

@@ -8,15 +8,11 @@ from hypothesis import strategies as st
 from lowbit.errors import ConfigError
 from lowbit.quant import PoTQuantizer, QuantMode
 from lowbit.quant.pot import MAX_EXPONENT, MIN_EXPONENT, is_pow2, pow2
+from tests.helpers import calibrated as calibrated_quantizer
 
 
 def calibrated(x, **kw):
-    q = PoTQuantizer(**kw)
-    q.mode = QuantMode.CALIBRATE
-    q(x)
-    q.finish_calibration()
-    q.mode = QuantMode.QUANTIZE
-    return q
+    return calibrated_quantizer(PoTQuantizer, x, **kw)
 
 
 tensors = st.integers(0, 2**31 - 1).map(

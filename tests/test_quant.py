@@ -14,17 +14,11 @@ from lowbit.quant import (
     int_range,
     round_ste,
 )
+from tests.helpers import calibrated
 
 KINDS = [UniformQuantizer, LSQQuantizer]
 
 
-def calibrated(cls, x, **kw):
-    q = cls(**kw)
-    q.mode = QuantMode.CALIBRATE
-    q(x)
-    q.finish_calibration()
-    q.mode = QuantMode.QUANTIZE
-    return q
 
 
 tensors = st.integers(0, 2**31 - 1).map(

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import EdgePolicy, QuantConfig, _validate
+from ..config import EdgePolicy, QuantConfig, load_yaml_model
 from ..errors import ConfigError
 from ..evaluate import evaluate
 from . import ddp
@@ -52,16 +51,7 @@ class Recipe(BaseModel):
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist; see the files under recipes/")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path} must hold a mapping")
-    return _validate(Recipe, data, f"recipe {path}")
+    return load_yaml_model(Recipe, path, "recipe", "; see the files under recipes/")
 
 
 def run_recipe(

@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import _validate
-from ..errors import ConfigError
+from ..config import load_yaml_model
 from ..evaluate import evaluate
 from ..qat.api import qat
 from ..qat.trainer import TrainConfig
@@ -68,16 +66,7 @@ class SDQRecipe(BaseModel):
 
 
 def load_sdq_recipe(path: str | Path) -> SDQRecipe:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist; see the sdq_*.yaml files under recipes/")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path} must hold a mapping")
-    recipe = _validate(SDQRecipe, data, f"recipe {path}")
+    recipe = load_yaml_model(SDQRecipe, path, "recipe", "; see the sdq_*.yaml files under recipes/")
     Budget.parse(recipe.budget)
     return recipe
 
