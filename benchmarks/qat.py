@@ -121,7 +121,7 @@ def speed(args) -> None:
     _save(RESULTS / "qat_speed", rows, list(rows[0]), meta)
 
 
-def one(name: str, steps: int, threads: int) -> dict:
+def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: str = "none") -> dict:
     import torch
 
     from lowbit.qat import Recipe, run_recipe
@@ -134,16 +134,19 @@ def one(name: str, steps: int, threads: int) -> dict:
         name=name, model="resnet20", weights=weights("resnet20"), dataset="cifar10",
         method=method, stages=parse_stages(stages), per_channel=True, first_last="8bit",
         observer="mse", batch_size=128, calib_size=1024,
-        train=dict(epochs=1, max_steps_per_epoch=steps * mult, optimizer="sgd", lr=LR,
+        train=dict(epochs=epochs * (1 if steps else mult),
+                   max_steps_per_epoch=steps * mult if steps else None, optimizer="sgd", lr=LR,
                    quant_lr=QUANT_LR, weight_decay=1e-4, schedule="cosine", bn="fold",
-                   log_every=50, progress=False, **extra),
+                   log_every=50, progress=False, augment=augment, **extra),
     )
     t0 = time.perf_counter()
     out = run_recipe(recipe, data_root=root, output_dir=None, eval_float=False,
                      echo=lambda s: print(s, flush=True))
     out["float_top1"] = FLOAT_TOP1
     per_stage = {r["bits"]: r["top1"] for r in out["history"]}
-    return dict(run=name, method=method, stages=stages, steps_per_stage=steps * mult,
+    return dict(run=name, method=method, stages=stages,
+                steps_per_stage=out["history"][0]["steps"] * recipe.train.epochs,
+                epochs_per_stage=recipe.train.epochs, augment=augment,
                 total_steps=sum(r["steps"] for r in out["history"]),
                 images_seen=128 * sum(r["steps"] for r in out["history"]),
                 top1=out["top1"], float_top1=out["float_top1"],
@@ -158,8 +161,9 @@ def runs(args) -> None:
         out.with_suffix(".json").is_file()) else []
     names = args.only or list(RUNS)
     for name in names:
-        cmd = [sys.executable, __file__, "one", name, "--steps", str(args.steps),
-               "--threads", str(args.threads)]
+        opts = (["--steps", str(args.steps)] if args.steps else []) + [
+            "--epochs", str(args.epochs), "--augment", args.augment]
+        cmd = [sys.executable, __file__, "one", name, *opts, "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(("ROW ", "SKIP"))),
                     None)
@@ -170,8 +174,7 @@ def runs(args) -> None:
             print(line)
             return
         row = json.loads(line[4:])
-        row["command"] = " ".join(["python benchmarks/qat.py runs --only", name,
-                                   "--steps", str(args.steps)])
+        row["command"] = " ".join(["python benchmarks/qat.py runs --only", name, *opts])
         prev = [r for r in prev if r["run"] != name] + [row]
         fields = list(row)
         _save(out, prev, fields, dict(
@@ -180,7 +183,8 @@ def runs(args) -> None:
                      "top-1 on the full 10,000-image test set (float 91.73 from "
                      "ptq_baseline); SGD momentum 0.9, lr 5e-4 (weights) / 5e-3 (quantizers), "
                      "weight decay 1e-4, cosine over each stage, BN folded, per-channel weights, first/last layer "
-                     "8 bits; no data augmentation"))
+                     "8 bits; augmentation as in each row ('crop-flip': pad 4, random crop, "
+                     "flip); 2/2 direct gets as many steps as the three progressive stages"))
         print(f"{name:<26} top-1 {row['top1']:.2f} (float {row['float_top1']:.2f}, "
               f"{row['total_steps']} steps, {row['wall_seconds']:.0f} s)", flush=True)
 
@@ -196,11 +200,16 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=2)
     r = sub.add_parser("runs")
     r.add_argument("--only", nargs="+", choices=list(RUNS))
-    r.add_argument("--steps", type=int, default=80, help="training steps per stage")
+    r.add_argument("--steps", type=int, default=None,
+                   help="cut each epoch after this many steps (default: full epochs)")
+    r.add_argument("--epochs", type=int, default=1, help="epochs per stage")
+    r.add_argument("--augment", default="crop-flip", choices=["none", "flip", "crop-flip"])
     r.add_argument("--threads", type=int, default=2)
     o = sub.add_parser("one")
     o.add_argument("name", choices=list(RUNS))
-    o.add_argument("--steps", type=int, default=80)
+    o.add_argument("--steps", type=int, default=None)
+    o.add_argument("--epochs", type=int, default=1)
+    o.add_argument("--augment", default="crop-flip")
     o.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.what == "speed":
@@ -208,7 +217,7 @@ def main() -> None:
     elif args.what == "runs":
         runs(args)
     else:
-        print("ROW " + json.dumps(one(args.name, args.steps, args.threads)), flush=True)
+        print("ROW " + json.dumps(one(args.name, args.steps, args.threads, args.epochs, args.augment)), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-root", default=None,
         help="dataset folder (default ~/.cache/lowbit-data); CIFAR: the folder holding "
-        "cifar-10-batches-py; ImageNet-style: the folder holding val/<synset>/",
+        "cifar-10-batches-py; ImageNet-style: the folder holding val/<synset>/ (and "
+        "train/<synset>/ for training)",
     )
     p.add_argument("--calib-size", type=int, default=1024, help="calibration images (default 1024)")
     p.add_argument("--eval-size", type=int, default=None, help="evaluate on a seeded subset of N")

@@ -183,3 +183,29 @@ def test_config_builds_qil_in_a_model():
     assert torch.isfinite(q(x)).all()
     with pytest.raises(ConfigError):
         QILQuantizer(bits=4, gamma=0.0)
+
+
+@pytest.mark.parametrize("gamma,learn,per_channel,grad_scale", [
+    (1.0, False, False, True), (1.0, False, True, True), (0.7, True, True, True),
+    (1.3, True, False, False), (1.0, True, True, True),
+])
+def test_fused_weight_path_matches_autograd_path(gamma, learn, per_channel, grad_scale):
+    torch.manual_seed(0)
+    w = (torch.randn(8, 4, 3, 3) * 0.3).contiguous(memory_format=torch.channels_last)
+    q = _weight_q(bits=3, gamma=gamma, learn=learn, per_channel=per_channel)
+    q.use_grad_scale = grad_scale
+    with torch.no_grad():
+        q.c.copy_(torch.linspace(0.1, 0.4, q.c.numel()))
+        q.d.copy_(torch.linspace(0.3, 0.05, q.d.numel()))
+    weight = torch.randn_like(w)
+    grads = []
+    for fused in (True, False):
+        q.fused = fused
+        wi = w.clone().requires_grad_()
+        q.c.grad = q.d.grad = q.gamma.grad = None
+        out = q(wi)
+        (out * weight).sum().backward()
+        g = q.gamma.grad.clone() if learn else torch.zeros(1)
+        grads.append((out.detach(), wi.grad, q.c.grad.clone(), q.d.grad.clone(), g))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -124,7 +124,7 @@ def test_cli_search_and_errors(digits, tmp_path, capsys):
                "--calib-batches", "2", "--no-plot", "--no-progress", "-o", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "--quant-config" in captured.out and (out / "config.yaml").is_file()
+    assert "--config" in captured.out and (out / "config.yaml").is_file()
     assert not (out / "bits.png").exists()
     rc = main(["search", "-m", "digits_cnn", "--budget", "1", "--steps", "5", "--train-size",
                "128", "--no-progress", "-o", str(tmp_path / "x")])

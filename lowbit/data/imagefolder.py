@@ -1,4 +1,7 @@
-"""ImageNet-style ``val/<synset>/<image>`` folders with the usual resize + centre-crop protocol.
+"""ImageNet-style ``<split>/<synset>/<image>`` folders with the usual preprocessing.
+
+Evaluation uses resize + centre crop; training uses random-resized crop + horizontal flip drawn
+from torch's global RNG, so ``torch.manual_seed`` (and DataLoader worker seeding) reproduces it.
 
 Labels are positions in the full sorted ImageNet-1k synset list, so a 1000-class model is scored
 over all its outputs even on a 10-class subset such as Imagenette.
@@ -6,6 +9,7 @@ over all its outputs even on a 10-class subset such as Imagenette.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from functools import lru_cache
@@ -90,8 +94,55 @@ def resize_center_crop(image: Image.Image, resize: int, crop: int) -> Image.Imag
     return image.crop((left, top, left + crop, top + crop))
 
 
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """Pick ``(left, top, crop width, crop height)`` for the Inception-style training crop.
+
+    Samples an area fraction uniformly in ``scale`` and an aspect ratio log-uniformly in
+    ``ratio``; after ``attempts`` misses (a box larger than the image) it falls back to the
+    largest centred box whose aspect lies in ``ratio``, as torchvision does.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(attempts):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_lo, log_hi).item())
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(torch.randint(0, width - w + 1, (1,)).item())
+            top = int(torch.randint(0, height - h + 1, (1,)).item())
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop_flip(image: Image.Image, crop: int) -> Image.Image:
+    """The standard ImageNet training augmentation: random-resized crop to ``crop`` px, then a
+    horizontal flip with probability 1/2."""
+    left, top, w, h = random_resized_crop_box(*image.size)
+    image = image.resize((crop, crop), Image.BILINEAR, box=(left, top, left + w, top + h))
+    if torch.rand(1).item() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return image
+
+
 class ImageFolderDataset(Dataset):
-    """Decodes one image per access: an ImageNet split does not fit in memory as float."""
+    """Decodes one image per access: an ImageNet split does not fit in memory as float.
+
+    ``augment`` switches from the deterministic evaluation transform to the random training one.
+    """
 
     def __init__(
         self,
@@ -100,12 +151,14 @@ class ImageFolderDataset(Dataset):
         std: Sequence[float],
         resize: int = 256,
         crop: int = 224,
+        augment: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
         self.classes = list(imagenet_class_names())
         self.resize = resize
         self.crop = crop
+        self.augment = augment
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -113,11 +166,15 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def load_pixels(self, index: int) -> torch.Tensor:
-        """The resized, cropped image as uint8 [3, crop, crop], before normalisation."""
+        """The transformed image as uint8 [3, crop, crop], before normalisation."""
         path = self.samples[index][0]
         try:
             with Image.open(path) as im:
-                im = resize_center_crop(im.convert("RGB"), self.resize, self.crop)
+                im = im.convert("RGB")
+                if self.augment:
+                    im = random_resized_crop_flip(im, self.crop)
+                else:
+                    im = resize_center_crop(im, self.resize, self.crop)
                 pixels = np.asarray(im, dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise DataError(f"could not decode image {path}: {exc}") from exc

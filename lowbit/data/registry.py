@@ -94,6 +94,27 @@ _IMAGENET_HINTS = {
 }
 
 
+_IMAGENET_TRAIN_HINTS = {
+    "ImageNet": "ImageNet must be obtained from https://image-net.org; ILSVRC2012_img_train.tar "
+    "holds one tar per synset: extract each into train/<synset>/.",
+    "Imagenette": "Imagenette's archive (https://github.com/fastai/imagenette) already has "
+    "train/ beside val/.",
+}
+
+
+def _imagenet_train_folder(root: Path, label: str) -> Path:
+    """Training images must sit in ``root/train``: unlike val, ``root`` itself is never taken as
+    the train folder, so a val-only folder cannot be silently trained on."""
+    folder = root / "train"
+    if folder.is_dir():
+        return folder
+    raise DataError(
+        f"{label} training split not found: looked for {folder} holding <synset>/<image>.JPEG, "
+        f"e.g. train/n01440764/n01440764_10026.JPEG, next to val/. "
+        f"{_IMAGENET_TRAIN_HINTS[label]} Pass the folder holding train/ with --data-root."
+    )
+
+
 def _imagenet_folder(root: Path, label: str) -> tuple[Path, bool]:
     """Return the val folder and whether it was found as ``root/val`` (for error messages)."""
     if (root / "val").is_dir():
@@ -116,10 +137,14 @@ def _load_imagefolder(
     std: list[float],
     resize: int,
     crop: int,
+    augment: bool,
 ) -> ImageFolderDataset:
-    _check_split(name, split, ("val", "test"))
+    _check_split(name, split, ("train", "val", "test"))
     if resize < 1 or crop < 1 or crop > resize:
         raise DataError(f"need 1 <= crop <= resize, got resize={resize} crop={crop}")
+    if split == "train":
+        samples = scan_synset_folder(_imagenet_train_folder(root, label))
+        return ImageFolderDataset(samples, mean, std, resize=resize, crop=crop, augment=augment)
     folder, nested = _imagenet_folder(root, label)
     try:
         samples = scan_synset_folder(folder)
@@ -129,11 +154,17 @@ def _load_imagefolder(
         raise DataError(
             f"{root} has no val/ subfolder and is not a val folder itself: {exc}"
         ) from exc
-    return ImageFolderDataset(samples, mean, std, resize=resize, crop=crop)
+    return ImageFolderDataset(samples, mean, std, resize=resize, crop=crop, augment=augment)
 
 
 def _digits(
-    root: Path, split: str, mean: list[float], std: list[float], resize: int, crop: int
+    root: Path,
+    split: str,
+    mean: list[float],
+    std: list[float],
+    resize: int,
+    crop: int,
+    augment: bool,
 ) -> InMemoryImageDataset:
     from lowbit.data.digits import load_digits_dataset
 
@@ -141,30 +172,56 @@ def _digits(
 
 
 def _cifar10(
-    root: Path, split: str, mean: list[float], std: list[float], resize: int, crop: int
+    root: Path,
+    split: str,
+    mean: list[float],
+    std: list[float],
+    resize: int,
+    crop: int,
+    augment: bool,
 ) -> InMemoryImageDataset:
     return _load_cifar("cifar10", root, split, mean, std, hundred=False)
 
 
 def _cifar100(
-    root: Path, split: str, mean: list[float], std: list[float], resize: int, crop: int
+    root: Path,
+    split: str,
+    mean: list[float],
+    std: list[float],
+    resize: int,
+    crop: int,
+    augment: bool,
 ) -> InMemoryImageDataset:
     return _load_cifar("cifar100", root, split, mean, std, hundred=True)
 
 
 def _imagenet(
-    root: Path, split: str, mean: list[float], std: list[float], resize: int, crop: int
+    root: Path,
+    split: str,
+    mean: list[float],
+    std: list[float],
+    resize: int,
+    crop: int,
+    augment: bool,
 ) -> ImageFolderDataset:
-    return _load_imagefolder("imagenet", "ImageNet", root, split, mean, std, resize, crop)
+    return _load_imagefolder("imagenet", "ImageNet", root, split, mean, std, resize, crop, augment)
 
 
 def _imagenette(
-    root: Path, split: str, mean: list[float], std: list[float], resize: int, crop: int
+    root: Path,
+    split: str,
+    mean: list[float],
+    std: list[float],
+    resize: int,
+    crop: int,
+    augment: bool,
 ) -> ImageFolderDataset:
-    return _load_imagefolder("imagenette", "Imagenette", root, split, mean, std, resize, crop)
+    return _load_imagefolder(
+        "imagenette", "Imagenette", root, split, mean, std, resize, crop, augment
+    )
 
 
-Loader = Callable[[Path, str, list[float], list[float], int, int], Dataset]
+Loader = Callable[[Path, str, list[float], list[float], int, int, bool], Dataset]
 
 # name -> (channels, default folder under DEFAULT_ROOT, loader)
 _LOADERS: dict[str, tuple[int, str, Loader]] = {
@@ -189,13 +246,16 @@ def load_dataset(
     std: Sequence[float] | None = None,
     resize: int = 256,
     crop: int = 224,
+    augment: bool | None = None,
 ) -> Dataset:
     """Load a dataset yielding ``(float32 [C, H, W], int label)`` normalised as ``(p - mean) / std``.
 
     ``mean``/``std`` are per channel in pixel units (0..255; 0..16 for digits); None leaves raw
     pixel values. ``root`` defaults to ``~/.cache/lowbit-data`` (``.../imagenet`` or
-    ``.../imagenette`` for those). ImageNet-style data has only its labelled validation set, so
-    ``"test"`` means ``"val"`` there. ``resize``/``crop`` apply to ImageNet-style data only.
+    ``.../imagenette`` for those). ImageNet-style data reads ``root/train`` and ``root/val``;
+    its test labels are not public, so ``"test"`` means ``"val"`` there. ``resize``/``crop``
+    and ``augment`` apply to ImageNet-style data only: ``augment`` (default: on for ``"train"``)
+    swaps resize + centre crop for random-resized crop + horizontal flip.
     """
     key = name.lower()
     if key not in _LOADERS:
@@ -206,4 +266,6 @@ def load_dataset(
     else:
         base = Path(root)
     mean_l, std_l = _norm_stats(mean, std, channels)
-    return loader(base.expanduser(), split, mean_l, std_l, resize, crop)
+    if augment is None:
+        augment = split == "train"
+    return loader(base.expanduser(), split, mean_l, std_l, resize, crop, augment)

@@ -19,9 +19,9 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     """``T^2 * KL(teacher_T || student_T)``, averaged over the batch."""
     if student.shape != teacher.shape:
         raise ConfigError(
-            f"the teacher's outputs {tuple(teacher.shape)} differ from the student's "
-            f"{tuple(student.shape)}: distill from a teacher trained on the same classes "
-            f"({student.shape[-1]} outputs)"
+            f"the KD teacher has {teacher.shape[-1]} output classes but the student has "
+            f"{student.shape[-1]} (outputs {tuple(teacher.shape)} vs {tuple(student.shape)}): "
+            f"distill from a teacher trained on the same classes"
         )
     t = temperature
     s_log = F.log_softmax(student / t, dim=1)

@@ -7,14 +7,13 @@
 
 from .api import METHODS, QATResult, method_config, qat
 from .checkpoint import load_checkpoint, save_checkpoint
-from .hooks import DistillationHook, StepContext, TrainHook
+from .hooks import StepContext, TrainHook
 from .recipes import Recipe, load_recipe, run_recipe
 from .schedule import Stage, apply_bits, parse_stages, run_stages
 from .trainer import TrainConfig, Trainer, build_optimizer, lr_factor
 
 __all__ = [
     "METHODS",
-    "DistillationHook",
     "QATResult",
     "Recipe",
     "Stage",

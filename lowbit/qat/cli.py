@@ -11,6 +11,8 @@ import argparse
 from ..cli_args import bits_arg as _bits
 from ..errors import ConfigError
 
+EBR_DEFAULT = 1e-2  # EntropyBinRegularizer's default weight; a literal keeps --help torch-free
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -53,7 +55,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="range observer that initialises the quantizers (default mse)")
     q.add_argument("--no-learn-gamma", action="store_true", default=S,
                    help="QIL: keep the weight nonlinearity gamma fixed at 1")
-    q.add_argument("--quant-config", default=S, help="a QuantConfig file (single stage)")
+    q.add_argument("--quant-config", "--config", default=S, metavar="FILE",
+                   help="a QuantConfig file, e.g. the per-layer mixed-precision config.yaml "
+                   "that 'lowbit search' writes (single stage; --method defaults to its "
+                   "quantizer kind)")
 
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=S, help="epochs per stage (default 1)")
@@ -74,10 +79,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="freeze the weights, train only the quantizer parameters")
     t.add_argument("--no-channels-last", action="store_false", default=S, dest="channels_last",
                    help="keep NCHW memory layout")
+    t.add_argument("--augment", choices=["none", "flip", "crop-flip"], default=S,
+                   help="batch augmentation (default none; CIFAR recipes use crop-flip)")
     t.add_argument("--grad-clip", type=float, default=S, help="clip the global gradient norm")
     t.add_argument("--label-smoothing", type=float, default=S, help="default 0")
-    t.add_argument("--distill", type=float, default=S, metavar="WEIGHT",
-                   help="add distillation from the float model with this weight")
+    t.add_argument("--distill", type=float, default=S, dest="kd_weight", metavar="WEIGHT",
+                   help="deprecated alias of --kd-weight")
+
+    r = p.add_argument_group("regularization and distillation (SDQ retraining)")
+    r.add_argument("--ebr", type=float, nargs="?", const=EBR_DEFAULT, default=S, metavar="WEIGHT",
+                   help="entropy-aware bin regularization; WEIGHT defaults to "
+                   f"{EBR_DEFAULT:g} (the SDQ recipe's value)")
+    r.add_argument("--ebr-entropy", type=float, default=S, dest="ebr_entropy_weight",
+                   metavar="W", help="EBR weight of the bin-evenness (entropy) term (0.1)")
+    r.add_argument("--kd-teacher", default=S, metavar="MODEL",
+                   help="distil from this registry model ('same': the float model itself)")
+    r.add_argument("--kd-teacher-weights", default=S, metavar="FILE",
+                   help="weights of --kd-teacher MODEL")
+    r.add_argument("--kd-weight", type=float, default=S, metavar="W",
+                   help="distillation weight (1 with --kd-teacher); without --kd-teacher it "
+                   "distils from the float model being quantized")
+    r.add_argument("--kd-temperature", type=float, default=S, metavar="T",
+                   help="distillation softening temperature (4)")
     t.add_argument("--logger", choices=["csv", "tensorboard", "none"], default=S,
                    help="step logs: csv (default) or tensorboard")
     t.add_argument("--log-every", type=int, default=S, help="steps between log lines (50)")
@@ -87,10 +110,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 TRAIN_FLAGS = ["epochs", "max_steps_per_epoch", "optimizer", "lr", "quant_lr", "weight_decay",
                "quant_weight_decay", "momentum", "schedule", "warmup_steps", "bn",
-               "freeze_weights", "channels_last", "grad_clip", "label_smoothing", "logger",
+               "freeze_weights", "channels_last", "augment", "grad_clip", "label_smoothing", "logger",
                "log_every", "seed"]
 RECIPE_FLAGS = ["method", "model", "weights", "dataset", "batch_size", "calib_size", "eval_size",
-                "workers", "observer", "quant_config", "distill"]
+                "workers", "observer", "quant_config", "kd_teacher", "kd_teacher_weights",
+                "kd_weight", "kd_temperature", "ebr", "ebr_entropy_weight"]
+
+
+def _config_method(path: str) -> str | None:
+    """The QAT method a QuantConfig file implies (its weight quantizer kind), so that
+    ``--config found.yaml`` from ``lowbit search`` (LSQ) needs no ``--method``."""
+    from ..config import QuantConfig
+
+    spec = QuantConfig.load(path).weight
+    return spec.kind if spec is not None and spec.kind in ("qil", "lsq") else None
 
 
 def build_recipe(args):
@@ -105,6 +138,10 @@ def build_recipe(args):
     for key in RECIPE_FLAGS:
         if hasattr(args, key):
             data[key] = getattr(args, key)
+    if not data.get("method") and data.get("quant_config"):
+        method = _config_method(data["quant_config"])
+        if method is not None:
+            data["method"] = method
     if hasattr(args, "per_tensor"):
         data["per_channel"] = False
     if hasattr(args, "no_learn_gamma"):

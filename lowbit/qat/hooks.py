@@ -3,6 +3,7 @@
 Distillation, bin regularisers and bitwidth annealing all need the same few places: an extra
 loss term per step and callbacks at epoch boundaries. A hook subclasses :class:`TrainHook` and
 overrides what it needs; its state travels in the checkpoint so a resumed run is identical.
+Distillation and EBR are loss plug-ins in :mod:`lowbit.losses`, adapted by ``as_hook``.
 """
 
 from __future__ import annotations
@@ -56,23 +57,3 @@ class TrainHook:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
-
-class DistillationHook(TrainHook):
-    """Knowledge distillation from a float teacher: ``weight * T^2 * KL(student_T || teacher_T)``."""
-
-    name = "distill"
-
-    def __init__(self, teacher: nn.Module, weight: float = 1.0, temperature: float = 4.0):
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.weight = weight
-        self.temperature = temperature
-
-    def extra_loss(self, ctx: StepContext) -> torch.Tensor:
-        t = self.temperature
-        with torch.no_grad():
-            target = torch.log_softmax(self.teacher(ctx.inputs) / t, dim=1)
-        student = torch.log_softmax(ctx.outputs / t, dim=1)
-        kl = torch.nn.functional.kl_div(student, target, reduction="batchmean", log_target=True)
-        return self.weight * t * t * kl

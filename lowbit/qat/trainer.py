@@ -31,6 +31,7 @@ from ..errors import ConfigError, TrainingError
 from ..prepare import BN_TYPES, quantizers
 from ..utils import atomic_write_text, model_device
 from . import ddp
+from .augment import Augment, augment_batch
 from .checkpoint import CHECKPOINT_NAME, check_run, load_checkpoint, save_checkpoint
 from .hooks import StepContext, TrainHook
 
@@ -68,6 +69,9 @@ class TrainConfig(BaseModel):
     )
     freeze_weights: bool = Field(False, description="train the quantizers only")
     channels_last: bool = True
+    augment: Augment = Field(
+        "none", description="batch augmentation: none, flip, or crop-flip (CIFAR: pad 4, crop, flip)"
+    )
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     log_every: int = Field(50, ge=1)
@@ -403,6 +407,7 @@ class Trainer:
                 break
             x, y = _inputs_targets(batch)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            x = augment_batch(x, cfg.augment)
             if cfg.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             factor = lr_factor(cfg, self.global_step, total)

@@ -18,7 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "search", help="mixed-precision search (SDQ) toward a budget; several budgets: Pareto sweep",
         description="Learn per-layer weight bits with SDQ and write a lowbit config "
-        "(re-apply it with 'lowbit qat --quant-config DIR/config.yaml').",
+        "(retrain it with 'lowbit qat --config DIR/config.yaml --ebr --kd-weight 1').",
     )
     g = p.add_argument_group("run")
     g.add_argument("--recipe", default=None,
@@ -70,13 +70,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--retrain-epochs", type=int, default=1, help="epochs per found config (1)")
     r.add_argument("--retrain-steps", type=int, default=None, help="cut each epoch at N steps")
     r.add_argument("--retrain-lr", type=float, default=1e-4, help="Adam lr (1e-4)")
-    r.add_argument("--ebr", type=float, default=0.0, metavar="WEIGHT",
-                   help="entropy-aware bin regularization weight (0: off)")
+    r.add_argument("--ebr", type=float, nargs="?", const=1e-2, default=0.0, metavar="WEIGHT",
+                   help="entropy-aware bin regularization (WEIGHT 0.01 if omitted; default off)")
     r.add_argument("--ebr-entropy", type=float, default=0.1, help="EBR entropy-term weight (0.1)")
     r.add_argument("--kd-teacher", default=None, metavar="same|MODEL",
                    help="distil from the float model itself ('same') or another model")
     r.add_argument("--kd-teacher-weights", default=None, help="weights of --kd-teacher MODEL")
-    r.add_argument("--kd-weight", type=float, default=1.0, help="distillation weight (1)")
+    r.add_argument("--kd-weight", type=float, default=None,
+                   help="distillation weight (1); alone, distils from the float model")
     r.add_argument("--kd-temperature", type=float, default=4.0, help="softening temperature (4)")
     return p
 
@@ -109,19 +110,14 @@ def _train_loader(spec, args):
 
 
 def _loss_terms(args, model, example):
-    from ..losses import EntropyBinRegularizer, KnowledgeDistillation
-    from ..models import get_model
+    """The sweep's EBR / KD terms, built as ``lowbit qat`` builds them."""
+    from ..losses import build_loss_terms, load_teacher
 
-    terms = []
-    if args.ebr > 0:
-        terms.append(EntropyBinRegularizer(args.ebr, args.ebr_entropy))
-    if args.kd_teacher:
-        teacher = (model if args.kd_teacher == "same"
-                   else get_model(args.kd_teacher, args.kd_teacher_weights))
-        kd = KnowledgeDistillation(teacher, args.kd_temperature, args.kd_weight)
-        kd.check(model, example)
-        terms.append(kd)
-    return terms
+    kd = args.kd_teacher is not None or args.kd_weight is not None
+    teacher = load_teacher(args.kd_teacher, args.kd_teacher_weights, model) if kd else None
+    return build_loss_terms(model, example, ebr=args.ebr, ebr_entropy_weight=args.ebr_entropy,
+                            teacher=teacher, kd_weight=args.kd_weight or 1.0,
+                            kd_temperature=args.kd_temperature)
 
 
 def run(args) -> int:
@@ -154,8 +150,8 @@ def run(args) -> int:
         files = result.save(args.output_dir, plot=plot)
         print(result.table())
         print("wrote " + ", ".join(str(p) for p in files.values()))
-        print(f"retrain with: lowbit qat -m {args.model} --method lsq "
-              f"--quant-config {files['config']}")
+        print(f"retrain with: lowbit qat -m {args.model} --config {files['config']} "
+              "--ebr --kd-weight 1")
         return 0
 
     from ..pipeline import build_data

@@ -81,7 +81,7 @@ def run_sdq_recipe(
 ) -> dict[str, Any]:
     """Search, save the config under ``output_dir/search``, retrain, evaluate, write results."""
     from ..data import load_dataset, make_loader, subset
-    from ..losses import EntropyBinRegularizer, KnowledgeDistillation, as_hook
+    from ..losses import as_hook, build_loss_terms, load_teacher
     from ..models import get_model, get_spec
     from ..pipeline import build_data, save_quantized
     from ..report import write_json
@@ -104,16 +104,13 @@ def run_sdq_recipe(
                                     workers=recipe.workers, seed=seed)
     model = get_model(recipe.model, recipe.weights)
     progress = recipe.train.progress
-    hooks = []
-    if recipe.kd is not None:
-        teacher = (get_model(recipe.model, recipe.weights) if recipe.kd.teacher == "same"
-                   else get_model(recipe.kd.teacher, recipe.kd.teacher_weights))
-        kd = KnowledgeDistillation(teacher, recipe.kd.temperature, recipe.kd.weight)
-        kd.check(model, data.example)
-        hooks.append(as_hook(kd))
-    if recipe.ebr is not None:
-        hooks.append(as_hook(EntropyBinRegularizer(recipe.ebr.weight, recipe.ebr.entropy_weight,
-                                                   recipe.ebr.tau)))
+    kd, ebr = recipe.kd, recipe.ebr
+    teacher = load_teacher(kd.teacher, kd.teacher_weights, model) if kd is not None else None
+    hooks = [as_hook(t) for t in build_loss_terms(
+        model, data.example, teacher=teacher,
+        kd_weight=kd.weight if kd else 1.0, kd_temperature=kd.temperature if kd else 4.0,
+        ebr=ebr.weight if ebr else None, ebr_entropy_weight=ebr.entropy_weight if ebr else 0.1,
+        ebr_tau=ebr.tau if ebr else 0.1)]
     float_top1 = evaluate(model, data.eval, progress=progress, desc="eval float").top1
     echo(f"float {recipe.model}: top-1 {float_top1:.2f} % ({data.protocol})")
 
