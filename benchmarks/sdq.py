@@ -67,6 +67,9 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="sanity: 3-bit budget, A4, SDQ and LSQ arms, 200 search steps (DBP lr 0.1), "
                    "30 retraining steps on 2,048 images, evaluation on 1,000")
+    p.add_argument("--augment", default="crop-flip", choices=["none", "flip", "crop-flip"],
+                   help="batch augmentation of every retraining arm (default crop-flip)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--tag", default=None, help="results file suffix (default: full or quick)")
     args = p.parse_args(argv)
     if args.quick:
@@ -77,6 +80,21 @@ def parse(argv=None):
         args.eval_size = args.eval_size or 1000
     args.tag = args.tag or ("quick" if args.quick else "full")
     return args
+
+
+def _save(args, argv, protocol: str, float_top1: float, rows: list[dict]) -> None:
+    """Rewrite the results after every arm, so an interrupted sweep keeps what it finished."""
+    from lowbit.report import write_json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"sdq_{args.tag}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    write_json(RESULTS / f"sdq_{args.tag}.json", {
+        "command": "python benchmarks/sdq.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "protocol": protocol, "float_top1": float_top1, "augment": args.augment, "rows": rows,
+    })
 
 
 def main(argv=None) -> int:
@@ -93,10 +111,10 @@ def main(argv=None) -> int:
     from lowbit.models import get_model, get_spec
     from lowbit.pipeline import build_data
     from lowbit.qat import TrainConfig, qat
-    from lowbit.report import write_json
     from lowbit.search import Budget, sdq_search
     from lowbit.search.plots import have_matplotlib, plot_pareto
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     spec = get_spec("resnet20")
     data = build_data(spec, "cifar10", root, calib_size=1024, eval_size=args.eval_size,
@@ -111,7 +129,8 @@ def main(argv=None) -> int:
     print(f"float ResNet-20: {float_top1:.2f} % on {data.protocol}")
     example = data.example
     tcfg = TrainConfig(epochs=args.epochs, max_steps_per_epoch=args.max_steps, lr=args.lr,
-                       grad_clip=args.grad_clip, progress=False, logger="none")
+                       grad_clip=args.grad_clip, augment=args.augment, progress=False,
+                       logger="none")
 
     def score(qmodel):
         rep = measure(qmodel, example)
@@ -164,18 +183,10 @@ def main(argv=None) -> int:
                     extra, seconds = {}, time.perf_counter() - t
                 row = dict(arm=arm, **base, **extra, **score(res.model), seconds=seconds)
                 rows.append(row)
+                _save(args, argv, data.protocol, float_top1, rows)
                 print(f"{arm} W{b} A{a_s}: top-1 {row['top1']:.2f} %, avg bits "
                       f"{row['avg_weight_bits']:.3f}, {row['gbitops']:.4f} GBitOPs")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / f"sdq_{args.tag}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    write_json(RESULTS / f"sdq_{args.tag}.json", {
-        "command": "python benchmarks/sdq.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "protocol": data.protocol, "float_top1": float_top1, "rows": rows,
-    })
     if have_matplotlib():
         sdq = [(r["gbitops"], r["top1"], f"SDQ W{r['bits']}A{r['a_bits']}") for r in rows
                if r["arm"] == "sdq"]

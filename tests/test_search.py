@@ -165,19 +165,63 @@ eval_size: 100
 
 def test_retrain_scorer_with_loss_plugins(digits):
     from lowbit.losses import EntropyBinRegularizer, KnowledgeDistillation
-    from lowbit.search.pareto import retrain_scorer
+    from lowbit.qat import TrainConfig
+    from lowbit.search import RetrainScorer
 
     model, loader, example = digits
     res = sdq_search(model, loader, 3.5, example, a_bits=8, **FAST)
     calls = []
     ebr = EntropyBinRegularizer(1e-2)
     seen = lambda m, x, out, y: calls.append(x.shape[0]) or out.sum() * 0  # noqa: E731
-    score = retrain_scorer(model, loader, loader, example, progress=False, epochs=1,
-                           max_steps=3, calib_batches=2,
-                           loss_terms=[ebr, KnowledgeDistillation(model), seen])
+    score = RetrainScorer(model, loader, loader, example, calib_batches=2, progress=False,
+                          train=TrainConfig(max_steps_per_epoch=3, progress=False, logger="none"),
+                          loss_terms=[ebr, KnowledgeDistillation(model), seen])
     top1 = score(res)
     assert 0 <= top1 <= 100 and len(calls) == 3
+    row = score.last.history[-1]  # the shared trainer's epoch row, with each plug-in's loss
+    assert row["steps"] == 3 and {"loss_kd", "loss_ebr"} <= set(row)
     assert all(p.requires_grad for p in model.parameters())  # the teacher is not frozen
+
+
+def test_cli_sweep_retrains_each_config_with_the_qat_trainer(digits, tmp_path, capsys,
+                                                            monkeypatch):
+    import lowbit.qat.api
+    from lowbit.prepare import quantizers
+
+    model, _, example = digits
+    weights = tmp_path / "digits.pt"
+    torch.save(model.state_dict(), weights)
+    runs = []
+    real_qat = lowbit.qat.api.qat
+
+    def spy(*args, **kwargs):
+        runs.append((kwargs, real_qat(*args, **kwargs)))
+        return runs[-1][1]
+
+    monkeypatch.setattr(lowbit.qat.api, "qat", spy)
+    out = tmp_path / "sweep"
+    rc = main(["search", "-m", "digits_cnn", "-w", str(weights), "-b", "3.5", "-b", "5",
+               "--a-bits", "8", "--steps", "40", "--check-every", "10", "--train-size", "256",
+               "--batch-size", "64", "--calib-batches", "2", "--eval-size", "100",
+               "--retrain-steps", "2", "--retrain-lr", "1e-3", "--ebr", "--no-plot",
+               "--no-progress", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert len(rows) == 2 and all(0 <= r["top1"] <= 100 for r in rows)
+    assert len((out / "pareto.csv").read_text().splitlines()) == 3
+    assert len(runs) == 2
+    for kwargs, result in runs:
+        cfg = kwargs["train"]
+        assert (cfg.optimizer, cfg.lr, cfg.quant_lr, cfg.max_steps_per_epoch) == (
+            "adam", 1e-3, None, 2)
+        assert result.history[-1]["steps"] == 2 and "loss_ebr" in result.history[-1]
+        start = prepare(model, kwargs["config"], example)
+        qids = {id(p) for q in quantizers(start) for p in q.parameters()}
+        trained = dict(result.model.named_parameters())
+        moved = [n for n, p in start.named_parameters()
+                 if id(p) not in qids and not torch.equal(p, trained[n])]
+        assert moved, "retraining left every weight where it started"
 
 
 def test_nan_during_search_is_a_training_error(digits):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,14 +17,63 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..config import EdgePolicy, QuantConfig, load_yaml_model
 from ..errors import ConfigError
 from ..evaluate import evaluate
+from ..losses import SAME_TEACHER
 from . import ddp
 from .api import qat
 from .schedule import Stage
 from .trainer import TrainConfig
 
+KD_TEMPERATURE = 4.0
+EBR_ENTROPY_WEIGHT = 0.1
+EBR_TAU = 0.1
 
-class Recipe(BaseModel):
-    """A complete QAT run; ``paper`` holds the numbers the recipe aims to reproduce."""
+# constraints shared by both recipe spellings of KD / EBR (nested specs and flat QAT fields)
+KDWeight = Annotated[float, Field(gt=0, description="KD loss weight")]
+KDTemperature = Annotated[float, Field(gt=0, description="KD softening temperature")]
+EBRWeight = Annotated[float, Field(ge=0, description="EBR weight (0: off)")]
+EBREntropyWeight = Annotated[float, Field(ge=0, description="EBR bin-evenness term weight")]
+EBRTau = Annotated[float, Field(gt=0, description="EBR soft-assignment temperature")]
+
+
+def _check_teacher_weights(teacher: str | None, teacher_weights: str | None) -> None:
+    if teacher_weights and teacher in (None, SAME_TEACHER):
+        raise ValueError("kd_teacher_weights needs kd_teacher MODEL (the float model already "
+                         "has the recipe's weights)")
+
+
+class EBRSpec(BaseModel):
+    """Entropy-aware bin regularization of a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: EBRWeight = 1e-2
+    entropy_weight: EBREntropyWeight = EBR_ENTROPY_WEIGHT
+    tau: EBRTau = EBR_TAU
+
+
+class KDSpec(BaseModel):
+    """Distillation of a recipe; ``teacher: same`` distils from the float model being quantized."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str = SAME_TEACHER
+    teacher_weights: str | None = None
+    temperature: KDTemperature = KD_TEMPERATURE
+    weight: KDWeight = 1.0
+
+    @model_validator(mode="after")
+    def _teacher_weights_need_a_teacher(self) -> KDSpec:
+        _check_teacher_weights(self.teacher, self.teacher_weights)
+        return self
+
+
+class RecipeBase(BaseModel):
+    """The fields every recipe shares (model, data, batches, training, paper), and its KD / EBR
+    loss terms; :class:`Recipe` (QAT) and ``lowbit.search.recipe.SDQRecipe`` add their own, so
+    both validate and default the common part identically.
+
+    A subclass says how it spells KD and EBR through :meth:`kd_spec` and :meth:`ebr_spec`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -33,6 +82,44 @@ class Recipe(BaseModel):
     model: str
     weights: str | None = None
     dataset: str | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    calib_size: int = Field(1024, ge=1)
+    eval_size: int | None = Field(None, ge=1)
+    workers: int = Field(0, ge=0)
+    paper: dict[str, Any] = Field(default_factory=dict, description="numbers it aims to reproduce")
+
+    def kd_spec(self) -> KDSpec | None:
+        return None
+
+    def ebr_spec(self) -> EBRSpec | None:
+        return None
+
+    def loss_terms(self, model: torch.nn.Module, example_inputs) -> list:
+        """The KD / EBR loss terms; a teacher with other classes fails here, before training.
+
+        ``model`` is the float model being quantized: the ``same`` (self-distillation) teacher.
+        """
+        from ..losses import build_loss_terms, load_teacher
+
+        kd, ebr = self.kd_spec(), self.ebr_spec()
+        teacher = None
+        if kd is not None:
+            teacher = load_teacher(kd.teacher, kd.teacher_weights, model).to(example_inputs.device)
+        return build_loss_terms(
+            model, example_inputs, teacher=teacher,
+            kd_weight=kd.weight if kd else 1.0,
+            kd_temperature=kd.temperature if kd else KD_TEMPERATURE,
+            ebr=ebr.weight if ebr else None,
+            ebr_entropy_weight=ebr.entropy_weight if ebr else EBR_ENTROPY_WEIGHT,
+            ebr_tau=ebr.tau if ebr else EBR_TAU,
+        )
+
+
+class Recipe(RecipeBase):
+    """A complete QAT run. KD and EBR are flat fields here (they mirror ``lowbit qat`` flags)."""
+
     method: Literal["qil", "lsq"] = "qil"
     stages: list[Stage] = Field(min_length=1)
     per_channel: bool = True
@@ -43,20 +130,13 @@ class Recipe(BaseModel):
     kd_teacher: str | None = Field(
         None, description="KD teacher: a registry model name, or 'same' (the float model)")
     kd_teacher_weights: str | None = Field(None, description="weights of kd_teacher")
-    kd_weight: float | None = Field(
-        None, gt=0, description="KD weight; given alone, distils from the float model (1 with "
+    kd_weight: KDWeight | None = Field(
+        None, description="KD weight; given alone, distils from the float model (1 with "
         "only kd_teacher)")
-    kd_temperature: float = Field(4.0, gt=0, description="KD softening temperature")
-    ebr: float | None = Field(None, ge=0, description="EBR weight (None or 0: off)")
-    ebr_entropy_weight: float = Field(0.1, ge=0, description="EBR bin-evenness term weight")
-    ebr_tau: float = Field(0.1, gt=0, description="EBR soft-assignment temperature")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
-    calib_size: int = Field(1024, ge=1)
-    eval_size: int | None = Field(None, ge=1)
-    workers: int = Field(0, ge=0)
-    paper: dict[str, Any] = Field(default_factory=dict)
+    kd_temperature: KDTemperature = KD_TEMPERATURE
+    ebr: EBRWeight | None = Field(None, description="EBR weight (None or 0: off)")
+    ebr_entropy_weight: EBREntropyWeight = EBR_ENTROPY_WEIGHT
+    ebr_tau: EBRTau = EBR_TAU
 
     @model_validator(mode="before")
     @classmethod
@@ -75,36 +155,28 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _teacher_weights_need_a_teacher(self) -> Recipe:
-        if self.kd_teacher_weights and self.kd_teacher in (None, "same"):
-            raise ValueError("kd_teacher_weights needs kd_teacher MODEL (the float model already "
-                             "has the recipe's weights)")
+        _check_teacher_weights(self.kd_teacher, self.kd_teacher_weights)
         return self
 
     @property
     def kd(self) -> bool:
         return self.kd_teacher is not None or self.kd_weight is not None
 
+    def kd_spec(self) -> KDSpec | None:
+        if not self.kd:
+            return None
+        return KDSpec(teacher=self.kd_teacher or SAME_TEACHER,
+                      teacher_weights=self.kd_teacher_weights,
+                      temperature=self.kd_temperature, weight=self.kd_weight or 1.0)
+
+    def ebr_spec(self) -> EBRSpec | None:
+        if not self.ebr:
+            return None
+        return EBRSpec(weight=self.ebr, entropy_weight=self.ebr_entropy_weight, tau=self.ebr_tau)
+
 
 def load_recipe(path: str | Path) -> Recipe:
     return load_yaml_model(Recipe, path, "recipe", "; see the files under recipes/")
-
-
-def recipe_loss_terms(recipe: Recipe, model: torch.nn.Module, example_inputs) -> list:
-    """The recipe's KD / EBR loss terms; a teacher with other classes fails here, before training.
-
-    ``model`` is the float model being quantized: the default (self-distillation) teacher.
-    """
-    from ..losses import build_loss_terms, load_teacher
-
-    teacher = None
-    if recipe.kd:
-        teacher = load_teacher(recipe.kd_teacher, recipe.kd_teacher_weights, model)
-        teacher = teacher.to(example_inputs.device)
-    return build_loss_terms(
-        model, example_inputs, ebr=recipe.ebr, ebr_entropy_weight=recipe.ebr_entropy_weight,
-        ebr_tau=recipe.ebr_tau, teacher=teacher, kd_weight=recipe.kd_weight or 1.0,
-        kd_temperature=recipe.kd_temperature,
-    )
 
 
 def run_recipe(
@@ -142,7 +214,7 @@ def run_recipe(
     config = QuantConfig.load(recipe.quant_config) if recipe.quant_config else None
     if config is not None and len(recipe.stages) > 1:
         raise ConfigError("quant_config applies to a single stage; drop the extra stages")
-    hooks = [as_hook(t) for t in recipe_loss_terms(recipe, model, data.example.to(ctx.device))]
+    hooks = [as_hook(t) for t in recipe.loss_terms(model, data.example.to(ctx.device))]
     progress = recipe.train.progress and ctx.is_main
     float_top1 = None
     if eval_float and ctx.is_main:

@@ -1,8 +1,8 @@
 """``lowbit search``: mixed-precision search from the command line (thin: parse, call the API).
 
 One ``--budget`` runs one search and writes its config, table and plot; several run a Pareto
-sweep that retrains each found config briefly (optionally with EBR and distillation) and writes
-``pareto.csv`` / ``pareto.png``.
+sweep that retrains each found config briefly with the shared QAT trainer (optionally with EBR
+and distillation) and writes ``pareto.csv`` / ``pareto.png``.
 """
 
 from __future__ import annotations
@@ -66,10 +66,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="cost weight multiplier at each check still over budget (1.05)")
     s.add_argument("--calib-batches", type=int, default=8, help="batches initialising LSQ (8)")
 
-    r = p.add_argument_group("sweep retraining (several budgets)")
+    r = p.add_argument_group("sweep retraining (several budgets; the shared QAT trainer, LSQ)")
     r.add_argument("--retrain-epochs", type=int, default=1, help="epochs per found config (1)")
     r.add_argument("--retrain-steps", type=int, default=None, help="cut each epoch at N steps")
-    r.add_argument("--retrain-lr", type=float, default=1e-4, help="Adam lr (1e-4)")
+    r.add_argument("--retrain-optimizer", choices=["adam", "sgd"], default="adam",
+                   help="optimizer of the retraining (default adam)")
+    r.add_argument("--retrain-lr", type=float, default=1e-4,
+                   help="lr of weights and LSQ steps (1e-4)")
+    r.add_argument("--retrain-grad-clip", type=float, default=None,
+                   help="clip the global gradient norm (default off)")
     r.add_argument("--ebr", type=float, nargs="?", const=1e-2, default=0.0, metavar="WEIGHT",
                    help="entropy-aware bin regularization (WEIGHT 0.01 if omitted; default off)")
     r.add_argument("--ebr-entropy", type=float, default=0.1, help="EBR entropy-term weight (0.1)")
@@ -107,6 +112,20 @@ def _train_loader(spec, args):
     if args.train_size is not None and args.train_size < len(train):
         train = subset(train, args.train_size, args.seed)
     return make_loader(train, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed)
+
+
+def _retrain_config(args):
+    """The sweep's retraining flags as a QAT ``TrainConfig``: one lr for weights and LSQ steps
+    and no weight decay (as the sweep always retrained), no step log (it keeps only the score)."""
+    from ..config import _validate
+    from ..qat.trainer import TrainConfig
+
+    return _validate(TrainConfig, dict(
+        epochs=args.retrain_epochs, max_steps_per_epoch=args.retrain_steps,
+        optimizer=args.retrain_optimizer, lr=args.retrain_lr, quant_lr=None,
+        weight_decay=0.0, grad_clip=args.retrain_grad_clip,
+        seed=args.seed, progress=not args.no_progress, logger="none",
+    ), "sweep retraining options")
 
 
 def _loss_terms(args, model, example):
@@ -155,15 +174,13 @@ def run(args) -> int:
         return 0
 
     from ..pipeline import build_data
-    from .pareto import pareto_sweep, retrain_scorer
+    from .pareto import RetrainScorer, pareto_sweep
 
     data = build_data(spec, args.dataset, args.data_root, eval_size=args.eval_size,
                       batch_size=args.batch_size, workers=args.workers, seed=args.seed)
-    score = retrain_scorer(
-        model, train, data.eval, example, loss_terms=_loss_terms(args, model, example),
-        progress=progress, epochs=args.retrain_epochs, max_steps=args.retrain_steps,
-        lr=args.retrain_lr, calib_batches=args.calib_batches, seed=args.seed,
-    )
+    score = RetrainScorer(model, train, data.eval, example, train=_retrain_config(args),
+                          loss_terms=_loss_terms(args, model, example),
+                          calib_batches=args.calib_batches, progress=progress)
     sweep = pareto_sweep(model, train, budgets, example, score, settings, progress=progress)
     files = sweep.save(args.output_dir, plot=plot, title=f"{args.model}: SDQ Pareto sweep")
     for i, res in enumerate(sweep.results):

@@ -1,9 +1,9 @@
 """Pareto sweep: search at several budgets, score each result, keep the non-dominated ones.
 
 As AIMET does, the caller keeps the data loop: ``score(result) -> accuracy`` decides how a
-found config is retrained and evaluated (:func:`retrain_scorer` gives the usual choice). The
-sweep returns every point, marks the Pareto front (fewer BitOPs, higher accuracy) and writes a
-CSV and an accuracy-vs-BitOPs PNG.
+found config is retrained and evaluated (:class:`RetrainScorer`, the usual choice, retrains it
+with the shared QAT trainer). The sweep returns every point, marks the Pareto front (fewer
+BitOPs, higher accuracy) and writes a CSV and an accuracy-vs-BitOPs PNG.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -22,6 +22,9 @@ from ..evaluate import evaluate
 from ..utils import atomic_write_text
 from .budget import Budget
 from .sdq import SDQResult, SDQSettings, sdq_search
+
+if TYPE_CHECKING:
+    from ..qat.trainer import TrainConfig
 
 COLUMNS = ["label", "budget_kind", "budget", "avg_weight_bits", "bitops", "size_bytes", "top1",
            "steps", "forced", "on_front"]
@@ -123,22 +126,51 @@ def pareto_sweep(
     return sweep
 
 
-def retrain_scorer(
-    model: nn.Module,
-    train_data: Iterable,
-    eval_data: Iterable,
-    example_inputs,
-    *,
-    loss_terms: Sequence = (),
-    progress: bool = True,
-    **retrain_kwargs: Any,
-) -> Callable[[SDQResult], float]:
-    """``score(result)``: retrain the float ``model`` with the found config, return top-1."""
-    from .retrain import retrain
+class RetrainScorer:
+    """``score(result)``: retrain the float ``model`` with the found config through the shared
+    QAT trainer (LSQ, :func:`lowbit.qat.qat`), evaluate it, return top-1.
 
-    def score(result: SDQResult) -> float:
-        q = retrain(model, result.config, train_data, example_inputs, loss_terms=loss_terms,
-                    progress=progress, **retrain_kwargs)
-        return evaluate(q, eval_data, progress=progress, desc="eval").top1
+    The sweep uses the same trainer as ``lowbit qat`` and the SDQ recipe, so a sweep point and a
+    full retraining differ only in their :class:`~lowbit.qat.TrainConfig`. ``loss_terms`` (EBR,
+    KD, any ``term(model, inputs, outputs, targets)``) are added through
+    :func:`lowbit.losses.as_hook`. ``calib_data`` defaults to ``train_data``. The last retrained
+    :class:`~lowbit.qat.QATResult` is kept in ``last`` (only the last, so a sweep over a large
+    model holds one copy).
+    """
 
-    return score
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Iterable,
+        eval_data: Iterable,
+        example_inputs,
+        *,
+        train: TrainConfig | None = None,
+        loss_terms: Sequence = (),
+        calib_data: Iterable | None = None,
+        calib_batches: int | None = 8,
+        progress: bool = True,
+    ):
+        from ..qat.trainer import TrainConfig
+
+        self.model = model
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.example_inputs = example_inputs
+        self.train = train if train is not None else TrainConfig(progress=progress, logger="none")
+        self.loss_terms = list(loss_terms)
+        self.calib_data = calib_data if calib_data is not None else train_data
+        self.calib_batches = calib_batches
+        self.progress = progress
+        self.last = None
+
+    def __call__(self, result: SDQResult) -> float:
+        from ..losses import as_hook
+        from ..qat.api import qat
+
+        self.last = qat(self.model, "lsq", self.train_data, calib_data=self.calib_data,
+                        example_inputs=self.example_inputs, config=result.config,
+                        train=self.train, hooks=[as_hook(t) for t in self.loss_terms],
+                        calib_batches=self.calib_batches)
+        return evaluate(self.last.model, self.eval_data, progress=self.progress, desc="eval").top1
+

@@ -1,6 +1,6 @@
 """SDQ recipes: one YAML file runs the search and then the retraining of the found config.
 
-``lowbit search --recipe recipes/sdq_resnet20_cifar10_w2a4.yaml``: search per-layer bits toward
+``lowbit search --recipe recipes/sdq_resnet20_cifar10_w3a4.yaml``: search per-layer bits toward
 ``budget``, save the config, then retrain it with the shared QAT trainer (LSQ) plus EBR and
 distillation from a float teacher, evaluate, and write ``results.json``.
 """
@@ -12,57 +12,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..config import load_yaml_model
 from ..evaluate import evaluate
 from ..qat.api import qat
-from ..qat.trainer import TrainConfig
+from ..qat.recipes import EBRSpec, KDSpec, RecipeBase
 from .budget import Budget
 from .sdq import SDQSettings, sdq_search
 
 
-class EBRSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SDQRecipe(RecipeBase):
+    """A whole SDQ run: the common recipe fields plus the budget, the search settings, and KD /
+    EBR as nested specs (on by default; ``null`` turns one off)."""
 
-    weight: float = Field(1e-2, ge=0)
-    entropy_weight: float = Field(0.1, ge=0)
-    tau: float = Field(0.1, gt=0)
-
-
-class KDSpec(BaseModel):
-    """``teacher: same`` distils from the float model being quantized."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    teacher: str = "same"
-    teacher_weights: str | None = None
-    temperature: float = Field(4.0, gt=0)
-    weight: float = Field(1.0, ge=0)
-
-
-class SDQRecipe(BaseModel):
-    """A whole SDQ run; ``paper`` holds the numbers it aims to reproduce."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = ""
-    description: str = ""
-    model: str
-    weights: str | None = None
-    dataset: str | None = None
     budget: str
     search: SDQSettings = Field(default_factory=SDQSettings)
     search_train_size: int | None = Field(None, ge=1, description="search on a seeded subset")
     ebr: EBRSpec | None = Field(default_factory=EBRSpec)
     kd: KDSpec | None = Field(default_factory=KDSpec)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
-    calib_size: int = Field(1024, ge=1)
-    eval_size: int | None = Field(None, ge=1)
-    workers: int = Field(0, ge=0)
-    paper: dict[str, Any] = Field(default_factory=dict)
+
+    def kd_spec(self) -> KDSpec | None:
+        return self.kd
+
+    def ebr_spec(self) -> EBRSpec | None:
+        return self.ebr
 
 
 def load_sdq_recipe(path: str | Path) -> SDQRecipe:
@@ -81,7 +55,7 @@ def run_sdq_recipe(
 ) -> dict[str, Any]:
     """Search, save the config under ``output_dir/search``, retrain, evaluate, write results."""
     from ..data import load_dataset, make_loader, subset
-    from ..losses import as_hook, build_loss_terms, load_teacher
+    from ..losses import as_hook
     from ..models import get_model, get_spec
     from ..pipeline import build_data, save_quantized
     from ..report import write_json
@@ -104,13 +78,7 @@ def run_sdq_recipe(
                                     workers=recipe.workers, seed=seed)
     model = get_model(recipe.model, recipe.weights)
     progress = recipe.train.progress
-    kd, ebr = recipe.kd, recipe.ebr
-    teacher = load_teacher(kd.teacher, kd.teacher_weights, model) if kd is not None else None
-    hooks = [as_hook(t) for t in build_loss_terms(
-        model, data.example, teacher=teacher,
-        kd_weight=kd.weight if kd else 1.0, kd_temperature=kd.temperature if kd else 4.0,
-        ebr=ebr.weight if ebr else None, ebr_entropy_weight=ebr.entropy_weight if ebr else 0.1,
-        ebr_tau=ebr.tau if ebr else 0.1)]
+    hooks = [as_hook(t) for t in recipe.loss_terms(model, data.example)]
     float_top1 = evaluate(model, data.eval, progress=progress, desc="eval float").top1
     echo(f"float {recipe.model}: top-1 {float_top1:.2f} % ({data.protocol})")
 
