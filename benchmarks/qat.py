@@ -39,7 +39,11 @@ RUNS = {
     "lsq_w4a4": ("lsq", "4/4", 1, {}),
     "lsq_w3a3": ("lsq", "3/3", 1, {}),
     "lsq_w2a2_direct": ("lsq", "2/2", 3, {}),
+    "qil_w4a4_kd": ("qil", "4/4", 1, {"kd_weight": 1.0}),
+    "qil_w3a3_kd": ("qil", "3/3", 1, {"kd_weight": 1.0}),
 }
+# recipe-level fields among the extras (the rest are trainer options)
+RECIPE_EXTRAS = {"kd_weight", "kd_teacher", "ebr"}
 
 
 LR, QUANT_LR = 5e-4, 5e-3
@@ -128,7 +132,9 @@ def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: st
     from lowbit.qat.schedule import parse_stages
 
     torch.set_num_threads(threads)
-    method, stages, mult, extra = RUNS[name]
+    method, stages, mult, extras = RUNS[name]
+    extra = {k: v for k, v in extras.items() if k not in RECIPE_EXTRAS}
+    recipe_extra = {k: v for k, v in extras.items() if k in RECIPE_EXTRAS}
     root = data_root("cifar10")
     recipe = Recipe(
         name=name, model="resnet20", weights=weights("resnet20"), dataset="cifar10",
@@ -138,6 +144,7 @@ def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: st
                    max_steps_per_epoch=steps * mult if steps else None, optimizer="sgd", lr=LR,
                    quant_lr=QUANT_LR, weight_decay=1e-4, schedule="cosine", bn="fold",
                    log_every=50, progress=False, augment=augment, **extra),
+        **recipe_extra,
     )
     t0 = time.perf_counter()
     out = run_recipe(recipe, data_root=root, output_dir=None, eval_float=False,
@@ -152,7 +159,8 @@ def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: st
                 top1=out["top1"], float_top1=out["float_top1"],
                 drop=out["float_top1"] - out["top1"], stage_top1=json.dumps(per_stage),
                 train_seconds=out["train_seconds"], wall_seconds=time.perf_counter() - t0,
-                quantizer_only=bool(extra.get("freeze_weights")))
+                quantizer_only=bool(extra.get("freeze_weights")),
+                kd_weight=recipe_extra.get("kd_weight"))
 
 
 def runs(args) -> None:

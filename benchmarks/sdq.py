@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, data_root, weights  # noqa: E402
 
 FIELDS = ["arm", "bits", "a_bits", "budget_kind", "budget", "top1", "avg_weight_bits", "gbitops",
-          "size_kib", "search_steps", "forced", "epochs", "steps_per_epoch", "teacher",
+          "size_kib", "search_steps", "min_bits", "forced", "epochs", "steps_per_epoch", "teacher",
           "float_top1", "train_images", "eval_images", "seconds"]
 ARMS = ["sdq", "sdq_no_ebr", "sdq_no_kd", "lsq", "qil"]
 
@@ -48,6 +48,8 @@ def parse(argv=None):
                    choices=["avg_weight_bits", "bitops", "weight_memory"])
     p.add_argument("--search-steps", type=int, default=3000)
     p.add_argument("--dbp-lr", type=float, default=0.02, help="SDQ DBP learning rate")
+    p.add_argument("--min-bits", type=int, default=2,
+                   help="lowest weight bits of a searched layer (1 allows binary layers)")
     p.add_argument("--check-every", type=int, default=20, help="SDQ step-down period")
     p.add_argument("--epochs", type=int, default=30, help="retraining epochs of every arm")
     p.add_argument("--max-steps", type=int, default=None, help="cut each epoch at N steps")
@@ -165,7 +167,8 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 found = sdq_search(model, train, budget, example, a_bits=a_bits,
                                    steps=args.search_steps, dbp_lr=args.dbp_lr,
-                                   check_every=args.check_every, progress=False)
+                                   check_every=args.check_every, min_bits=args.min_bits,
+                                   progress=False)
                 search_s = time.perf_counter() - t
                 found.save(RESULTS / f"sdq_{args.tag}_configs" / f"w{b}a{a_s}", plot=None)
                 print(found.table())
@@ -175,7 +178,8 @@ def main(argv=None) -> int:
                     res = qat(model, "lsq", train, calib_data=data.calib, example_inputs=example,
                               config=found.config, train=tcfg,
                               hooks=hooks(arm != "sdq_no_ebr", arm != "sdq_no_kd"))
-                    extra = dict(search_steps=found.steps, forced=len(found.forced))
+                    extra = dict(search_steps=found.steps, min_bits=args.min_bits,
+                                 forced=len(found.forced))
                     seconds = time.perf_counter() - t + search_s
                 else:
                     res = qat(model, arm, train, calib_data=data.calib, example_inputs=example,

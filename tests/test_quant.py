@@ -69,7 +69,8 @@ def test_integer_form_dequantizes_to_fake_quant(x, kw, cls):
 
 @given(bits=st.integers(1, 8), signed=st.booleans(), narrow=st.booleans())
 def test_int_range_counts_levels(bits, signed, narrow):
-    if signed and bits < 2:
+    if signed and bits == 1:
+        assert int_range(bits, signed, narrow) == (-1, 1)  # binary codes -1, +1
         return
     lo, hi = int_range(bits, signed, narrow)
     levels = hi - lo + 1

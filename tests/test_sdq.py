@@ -37,8 +37,7 @@ def test_reversed_bounds_and_bad_dbp_are_clear_errors():
         SDQQuantizer(bits=3, signed=True, min_bits=4)
     with pytest.raises(ConfigError, match="init_dbp"):
         SDQQuantizer(bits=3, signed=True, init_dbp=1.5)
-    with pytest.raises(ConfigError, match="at least 2 bits"):
-        SDQQuantizer(bits=3, signed=True, min_bits=1)
+    assert SDQQuantizer(bits=3, signed=True, min_bits=1).min_bits == 1  # binary weights
 
 
 def test_forward_is_exactly_one_branch_and_frequency_matches_dbp():

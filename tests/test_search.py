@@ -102,6 +102,22 @@ def test_search_result_files(digits, tmp_path):
     assert "features.3" in files["table"].read_text()
 
 
+def test_binary_weights_reach_a_budget_below_two_bits(digits, tmp_path):
+    from lowbit.cli import build_parser
+    from lowbit.search.cli import _settings
+
+    args = build_parser().parse_args(["search", "-m", "digits_cnn", "-b", "1.9", "--min-bits", "1"])
+    assert _settings(args).min_bits == 1
+    model, loader, example = digits
+    with pytest.raises(ConfigError, match="cannot be met"):
+        sdq_search(model, loader, 1.9, example, a_bits=None, first_last="same", **FAST)
+    res = sdq_search(model, loader, 1.9, example, min_bits=1, max_bits=3, a_bits=None,
+                     first_last="same", **FAST)
+    assert res.met and res.achieved <= 1.9 and min(res.bits.values()) == 1
+    again = prepare(model, QuantConfig.load(res.config.save(tmp_path / "c.yaml")), example)
+    assert measure(again, example).avg_weight_bits == pytest.approx(res.achieved)
+
+
 def test_pareto_front_and_sweep(digits, tmp_path):
     assert pareto_front([(1, 50), (2, 60), (2, 55), (3, 60), (0.5, 40)]) == [0, 1, 4]
     model, loader, example = digits

@@ -40,6 +40,14 @@ def bin_codes(w: torch.Tensor, quantizer: Quantizer) -> tuple[torch.Tensor, torc
     qmin, qmax = quantizer.qrange
     s, z = quantizer._broadcast(scale, w), quantizer._broadcast(zp, w)
     s_ref = scale.mean()
+    if quantizer.binary:
+        # codes -1/+1 have no 0 bin: count them as bins 0/1 of the code units (w / s + 1) / 2
+        pos = w.detach() >= 0
+        v = ((w / s).detach() + 1).mul_(0.5)
+        v = torch.where(pos, v.clamp(min=0.5001), v.clamp(max=0.4999))
+        e = (w - torch.where(pos, s, -s)) / s_ref
+        v = v + (w / (2 * s_ref) - (w / (2 * s_ref)).detach())
+        return v, e, 0, 1
     v = (w / s).detach() + z
     centre = bin_index(v, qmin, qmax).to(w.dtype).reshape(w.shape) + qmin
     e = (w - (centre - z) * s) / s_ref

@@ -126,3 +126,43 @@ def learned_fake_quant(
 ) -> torch.Tensor:
     """Fake-quantize with trainable ``scale`` (and ``zero_point``), LSQ gradients for both."""
     return _LearnedFakeQuant.apply(x, scale, zero_point, qmin, qmax)
+
+
+class _BinaryFakeQuant(torch.autograd.Function):
+    """Binary weights ``s * sign(x)`` with ``sign(0) = +1``.
+
+    ``dy/ds = sign(x)`` is exact (the output is linear in ``s``), times ``grad_factor`` (LSQ's
+    gradient scale, applied here rather than by :func:`grad_scale` so that the forward output
+    is exactly ``±s`` and matches the integer form bit for bit); ``dy/dx`` is the
+    straight-through estimate clipped to ``|x| <= s`` (the hardtanh STE of BinaryConnect and
+    XNOR-Net), so weights far outside the binary range stop being pushed further out.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, grad_factor):
+        pos = x >= 0
+        ctx.save_for_backward(pos, x.abs() <= scale if ctx.needs_input_grad[0] else None)
+        ctx.s_shape, ctx.grad_factor = scale.shape, grad_factor
+        return torch.where(pos, scale, -scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pos, inside = ctx.saved_tensors
+        gx = grad * inside if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            gs = torch.where(pos, grad, -grad).sum_to_size(ctx.s_shape).mul_(ctx.grad_factor)
+        return gx, gs, None
+
+
+def binary_fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, grad_factor: float = 1.0
+) -> torch.Tensor:
+    """Binary fake quantization with a trainable positive ``scale`` (broadcastable to ``x``)
+    whose gradient is multiplied by ``grad_factor``."""
+    return _BinaryFakeQuant.apply(x, scale, grad_factor)
+
+
+def binary_codes(x: torch.Tensor) -> torch.Tensor:
+    """Binary integer codes (int32): +1 where ``x >= 0``, else -1 (matches the forward pass)."""
+    return torch.where(x >= 0, 1, -1).to(torch.int32)

@@ -36,20 +36,38 @@ class QuantMode(str, Enum):
     QUANTIZE = "quantize"
 
 
-def check_bits(bits: int, signed: bool | None = None) -> int:
-    """Validate a bitwidth with a message that says what is allowed."""
+def check_bits(bits: int, signed: bool | None = None, quantizer: type | None = None) -> int:
+    """Validate a bitwidth with a message that says what is allowed.
+
+    Signed 1 bit means binary weights ({-s, +s}); only quantizer classes whose
+    ``min_signed_bits`` is 1 implement it, so ``quantizer`` (the class, None: the base) decides.
+    """
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ConfigError(
             f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}; "
             "keep a layer in float by excluding it from quantization instead"
         )
-    if signed and bits < 2:
-        raise ConfigError("signed quantization needs at least 2 bits; use unsigned for 1 bit")
+    floor = getattr(quantizer, "min_signed_bits", 2)
+    if signed and bits < floor:
+        from .registry import QUANTIZERS
+
+        kind = getattr(quantizer, "kind", "base")
+        binary = sorted(k for k, c in QUANTIZERS.items() if getattr(c, "min_signed_bits", 2) == 1)
+        raise ConfigError(
+            f"signed {kind!r} quantization needs at least {floor} bits, got {bits}; binary "
+            f"(signed 1-bit) weights need quantizer kind {' or '.join(map(repr, binary))}, "
+            "and unsigned quantization allows 1 bit"
+        )
     return bits
 
 
 def int_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
-    """Integer code range; ``narrow`` drops the most negative code (symmetric weights)."""
+    """Integer code range; ``narrow`` drops the most negative code (symmetric weights).
+
+    Signed 1 bit is binary: codes -1 and +1 (0 is never produced), so the range is (-1, 1).
+    """
+    if signed and bits == 1:
+        return -1, 1
     if signed:
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         return (lo + 1 if narrow else lo), hi
@@ -102,6 +120,7 @@ class Quantizer(nn.Module):
     """Base class for all quantizers; see the module docstring for the mode contract."""
 
     kind = "base"
+    min_signed_bits = 2  # 1 where the subclass implements binary weights
 
     def __init__(
         self,
@@ -115,27 +134,36 @@ class Quantizer(nn.Module):
         observer_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
-        self._bits = check_bits(bits, signed)
         self.signed = signed
         self.symmetric = symmetric
         self.per_channel = per_channel
         self.ch_axis = ch_axis
         self.narrow_range = narrow_range
-        self.observer: Observer = build_observer(
-            observer, axis=ch_axis if per_channel else None, **(observer_kwargs or {})
-        )
         self.mode = QuantMode.FLOAT
         self.calibrated = False
         self.name = ""
         self.static = False
+        self._bits = self._check_bits(bits, signed)
+        self.observer: Observer = build_observer(
+            observer, axis=ch_axis if per_channel else None, **(observer_kwargs or {})
+        )
 
     @property
     def bits(self) -> int:
         return self._bits
 
+    def _check_bits(self, bits: int, signed: bool | None) -> int:
+        """:func:`check_bits` for this class (subclasses add their own limits)."""
+        return check_bits(bits, signed, type(self))
+
+    @property
+    def binary(self) -> bool:
+        """Signed 1 bit: weights are ``s * sign(w)``."""
+        return self.bits == 1 and bool(self.signed)
+
     def set_bits(self, bits: int) -> None:
         """Change the bitwidth (mixed-precision search); parameters keep their meaning."""
-        self._bits = check_bits(bits, self.signed)
+        self._bits = self._check_bits(bits, self.signed)
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -205,7 +233,7 @@ class Quantizer(nn.Module):
             )
         if self.signed is None:
             self.signed = self._observed_signed()
-            check_bits(self.bits, self.signed)
+            self._check_bits(self.bits, self.signed)
         qmin, qmax = self.qrange
 
         def qrange_fn(data, lo, hi):
@@ -270,7 +298,7 @@ class Quantizer(nn.Module):
         if meta is not None:
             bits, signed, calibrated = (int(v) for v in meta.tolist())
             self.signed = None if signed < 0 else bool(signed)
-            self._bits = check_bits(bits, self.signed)
+            self._bits = self._check_bits(bits, self.signed)
             self.calibrated = bool(calibrated)
         for name, buf in list(self._buffers.items()) + list(self._parameters.items()):
             key = prefix + name

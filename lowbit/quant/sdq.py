@@ -10,7 +10,10 @@ search sees a DBP settle near 1 it calls :meth:`SDQQuantizer.step_down` and the 
 
 Both bitwidths share one learned clipping range: the step size of ``b - 1`` bits is the LSQ step
 of ``b`` bits times the ratio of the two integer spans, so lowering the bitwidth keeps the range
-the weights were trained for, and the integer zero-point stays an integer.
+the weights were trained for, and the integer zero-point stays an integer. Binary (signed 1 bit,
+``min_bits=1``) counts as the span 2 of its codes -1 and +1, so with narrow-range weights the
+binary magnitude ``s`` equals the 2-bit step: {-s, 0, s} becomes {-s, s} over the same range, and
+the step the 1-bit branch trains with is exactly the one :meth:`SDQQuantizer.step_down` keeps.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .autograd import grad_scale, learned_fake_quant, round_ste
-from .base import EPS, check_bits, int_range
+from .autograd import binary_fake_quant, grad_scale, learned_fake_quant, round_ste
+from .base import EPS, int_range
 from .lsq import LSQQuantizer
 from .registry import register_quantizer
 
@@ -62,7 +65,8 @@ def span(bits: int, signed: bool, narrow: bool) -> int:
 class SDQQuantizer(LSQQuantizer):
     """LSQ quantizer with a Differentiable Bitwidth Parameter; see the module docstring.
 
-    ``min_bits`` bounds the search from below (the quantizer never samples under it);
+    ``min_bits`` bounds the search from below (the quantizer never samples under it); 1 allows
+    binary weights (symmetric signed quantizers only);
     ``init_dbp`` is where every DBP (re)starts, 0 meaning "always the higher bitwidth".
     ``searching`` is switched off by the search for layers whose bits are fixed (first/last
     layer policy) and after the search; the quantizer then behaves exactly like LSQ.
@@ -70,7 +74,7 @@ class SDQQuantizer(LSQQuantizer):
 
     def __init__(self, *args, min_bits: int = 2, init_dbp: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        check_bits(min_bits, self.signed)
+        self._check_bits(min_bits, self.signed)
         if min_bits > self.bits:
             raise ConfigError(
                 f"sdq quantizer: min_bits {min_bits} is above its starting bits {self.bits}; "
@@ -117,6 +121,8 @@ class SDQQuantizer(LSQQuantizer):
     def _fake_quant(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         scale, zp, qmin, qmax = self._params_at(bits)
         g = 1.0 / math.sqrt(x.numel() / self.scale.numel() * max(qmax, 1))
+        if bits == 1 and self.signed:
+            return binary_fake_quant(x, self._broadcast(scale.abs().clamp_min(EPS), x), g)
         s = self._broadcast(grad_scale(scale, g).abs().clamp_min(EPS), x)
         z = self._broadcast(zp if self.symmetric else grad_scale(zp, g), x)
         return learned_fake_quant(x, s, z, qmin, qmax)
@@ -133,7 +139,7 @@ class SDQQuantizer(LSQQuantizer):
 
     def set_bits(self, bits: int) -> None:
         """Change the bitwidth keeping the clipping range; the zero-point stays an integer."""
-        check_bits(bits, self.signed)
+        self._check_bits(bits, self.signed)
         if self.calibrated and bits != self.bits:
             with torch.no_grad():
                 scale, zp, _, _ = self._params_at(bits)

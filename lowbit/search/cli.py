@@ -46,7 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed of data order and sampling (0)")
 
     s = p.add_argument_group("search")
-    s.add_argument("--min-bits", type=_bits, default=2, help="lowest weight bits (default 2)")
+    s.add_argument("--min-bits", type=_bits, default=2,
+                   help="lowest weight bits (default 2; 1 allows binary {-s,+s} weights)")
     s.add_argument("--max-bits", type=_bits, default=8, help="starting weight bits (default 8)")
     s.add_argument("--a-bits", type=_act_bits, default=4,
                    help="activation bits, or 'float' (default 4)")

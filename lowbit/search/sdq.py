@@ -47,7 +47,9 @@ class SDQSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_bits: int = Field(2, description="lowest weight bits a searched layer may get")
+    min_bits: int = Field(
+        2, description="lowest weight bits a searched layer may get (1: binary weights)"
+    )
     max_bits: int = Field(8, description="bits every searched layer starts from")
     a_bits: int | None = Field(4, description="activation bits (None: float activations)")
     first_last: EdgePolicy = Field(
@@ -70,8 +72,8 @@ class SDQSettings(BaseModel):
 
     @model_validator(mode="after")
     def _bounds(self) -> SDQSettings:
-        check_bits(self.min_bits, signed=True)
-        check_bits(self.max_bits, signed=True)
+        check_bits(self.min_bits, signed=True, quantizer=SDQQuantizer)
+        check_bits(self.max_bits, signed=True, quantizer=SDQQuantizer)
         if self.a_bits is not None:
             check_bits(self.a_bits)
         if self.min_bits >= self.max_bits:
