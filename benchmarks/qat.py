@@ -39,6 +39,8 @@ RUNS = {
     "lsq_w4a4": ("lsq", "4/4", 1, {}),
     "lsq_w3a3": ("lsq", "3/3", 1, {}),
     "lsq_w2a2_direct": ("lsq", "2/2", 3, {}),
+    "qil_w2a2_direct_bntrain": ("qil", "2/2", 3, {"bn": "train"}),
+    "qil_w2a2_progressive_bntrain": ("qil", "4/4,3/3,2/2", 1, {"bn": "train"}),
     "qil_w4a4_kd": ("qil", "4/4", 1, {"kd_weight": 1.0}),
     "qil_w3a3_kd": ("qil", "3/3", 1, {"kd_weight": 1.0}),
 }
@@ -142,8 +144,8 @@ def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: st
         observer="mse", batch_size=128, calib_size=1024,
         train=dict(epochs=epochs * (1 if steps else mult),
                    max_steps_per_epoch=steps * mult if steps else None, optimizer="sgd", lr=LR,
-                   quant_lr=QUANT_LR, weight_decay=1e-4, schedule="cosine", bn="fold",
-                   log_every=50, progress=False, augment=augment, **extra),
+                   quant_lr=QUANT_LR, weight_decay=1e-4, schedule="cosine",
+                   log_every=50, progress=False, augment=augment, **{"bn": "fold", **extra}),
         **recipe_extra,
     )
     t0 = time.perf_counter()
@@ -160,11 +162,11 @@ def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: st
                 drop=out["float_top1"] - out["top1"], stage_top1=json.dumps(per_stage),
                 train_seconds=out["train_seconds"], wall_seconds=time.perf_counter() - t0,
                 quantizer_only=bool(extra.get("freeze_weights")),
-                kd_weight=recipe_extra.get("kd_weight"))
+                kd_weight=recipe_extra.get("kd_weight"), bn=recipe.train.bn)
 
 
 def runs(args) -> None:
-    out = RESULTS / "qat_runs"
+    out = RESULTS / args.out
     prev = json.loads(out.with_suffix(".json").read_text())["rows"] if (
         out.with_suffix(".json").is_file()) else []
     names = args.only or list(RUNS)
@@ -182,7 +184,8 @@ def runs(args) -> None:
             print(line)
             return
         row = json.loads(line[4:])
-        row["command"] = " ".join(["python benchmarks/qat.py runs --only", name, *opts])
+        row["command"] = " ".join(["python benchmarks/qat.py runs --only", name, *opts]
+                                  + ([] if args.out == "qat_runs" else ["--out", args.out]))
         prev = [r for r in prev if r["run"] != name] + [row]
         fields = list(row)
         _save(out, prev, fields, dict(
@@ -213,6 +216,7 @@ def main() -> None:
     r.add_argument("--epochs", type=int, default=1, help="epochs per stage")
     r.add_argument("--augment", default="crop-flip", choices=["none", "flip", "crop-flip"])
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--out", default="qat_runs", help="results file stem under benchmarks/results")
     o = sub.add_parser("one")
     o.add_argument("name", choices=list(RUNS))
     o.add_argument("--steps", type=int, default=None)

@@ -35,7 +35,7 @@ from common import RESULTS, data_root, weights  # noqa: E402
 
 FIELDS = ["arm", "bits", "a_bits", "budget_kind", "budget", "top1", "avg_weight_bits", "gbitops",
           "size_kib", "search_steps", "min_bits", "forced", "epochs", "steps_per_epoch", "teacher",
-          "float_top1", "train_images", "eval_images", "seconds"]
+          "float_top1", "bn", "train_images", "eval_images", "seconds"]
 ARMS = ["sdq", "sdq_no_ebr", "sdq_no_kd", "lsq", "qil"]
 
 
@@ -72,6 +72,11 @@ def parse(argv=None):
     p.add_argument("--augment", default="crop-flip", choices=["none", "flip", "crop-flip"],
                    help="batch augmentation of every retraining arm (default crop-flip)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--bn", default="fold", choices=["fold", "train"],
+                   help="BatchNorm in retraining: fold (default) or train; at 2 bits and below "
+                   "folded BN recovers far more slowly from the quantized start")
+    p.add_argument("--reuse-search", action="store_true",
+                   help="retrain the config an earlier run of this tag saved instead of searching")
     p.add_argument("--tag", default=None, help="results file suffix (default: full or quick)")
     args = p.parse_args(argv)
     if args.quick:
@@ -82,6 +87,28 @@ def parse(argv=None):
         args.eval_size = args.eval_size or 1000
     args.tag = args.tag or ("quick" if args.quick else "full")
     return args
+
+
+def _saved_search(folder: Path):
+    """The config, steps and forced step-downs of a search saved by an earlier run."""
+    import json
+    from types import SimpleNamespace
+
+    from lowbit import QuantConfig
+
+    if not (folder / "config.yaml").is_file():
+        raise SystemExit(f"--reuse-search: no saved search in {folder}; run without it first")
+    info = json.loads((folder / "search.json").read_text())
+    seconds = json.loads(p.read_text())["seconds"] if (p := folder / "seconds.json").is_file() else 0.0
+    return SimpleNamespace(config=QuantConfig.load(folder / "config.yaml"), steps=info["steps"],
+                           forced=info["forced"], seconds=seconds)
+
+
+def _record_seconds(folder: Path, seconds: float) -> None:
+    import json
+
+    (folder / "seconds.json").write_text(json.dumps({"search_seconds": seconds,
+                                                     "seconds": seconds}) + "\n")
 
 
 def _save(args, argv, protocol: str, float_top1: float, rows: list[dict]) -> None:
@@ -95,7 +122,7 @@ def _save(args, argv, protocol: str, float_top1: float, rows: list[dict]) -> Non
         writer.writerows(rows)
     write_json(RESULTS / f"sdq_{args.tag}.json", {
         "command": "python benchmarks/sdq.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "protocol": protocol, "float_top1": float_top1, "augment": args.augment, "rows": rows,
+        "protocol": protocol, "float_top1": float_top1, "augment": args.augment, "bn": args.bn, "rows": rows,
     })
 
 
@@ -131,7 +158,7 @@ def main(argv=None) -> int:
     print(f"float ResNet-20: {float_top1:.2f} % on {data.protocol}")
     example = data.example
     tcfg = TrainConfig(epochs=args.epochs, max_steps_per_epoch=args.max_steps, lr=args.lr,
-                       grad_clip=args.grad_clip, augment=args.augment, progress=False,
+                       grad_clip=args.grad_clip, augment=args.augment, bn=args.bn, progress=False,
                        logger="none")
 
     def score(qmodel):
@@ -160,18 +187,24 @@ def main(argv=None) -> int:
                 measure(prepare(model, uniform, example), example)))
             base = dict(bits=b, a_bits=a_s, budget_kind=kind, budget=budget.value,
                         epochs=args.epochs, steps_per_epoch=args.max_steps or len(train),
-                        teacher=args.teacher, float_top1=float_top1, train_images=len(train_set),
+                        teacher=args.teacher, float_top1=float_top1, bn=args.bn, train_images=len(train_set),
                         eval_images=len(data.eval.dataset))
             found = None
             if any(a.startswith("sdq") for a in args.arms):
                 t = time.perf_counter()
-                found = sdq_search(model, train, budget, example, a_bits=a_bits,
-                                   steps=args.search_steps, dbp_lr=args.dbp_lr,
-                                   check_every=args.check_every, min_bits=args.min_bits,
-                                   progress=False)
-                search_s = time.perf_counter() - t
-                found.save(RESULTS / f"sdq_{args.tag}_configs" / f"w{b}a{a_s}", plot=None)
-                print(found.table())
+                folder = RESULTS / f"sdq_{args.tag}_configs" / f"w{b}a{a_s}"
+                if args.reuse_search:
+                    found = _saved_search(folder)
+                    search_s = found.seconds
+                else:
+                    found = sdq_search(model, train, budget, example, a_bits=a_bits,
+                                       steps=args.search_steps, dbp_lr=args.dbp_lr,
+                                       check_every=args.check_every, min_bits=args.min_bits,
+                                       progress=False)
+                    search_s = time.perf_counter() - t
+                    found.save(folder, plot=None)
+                    _record_seconds(folder, search_s)
+                    print(found.table())
             for arm in args.arms:
                 t = time.perf_counter()
                 if arm.startswith("sdq"):
