@@ -41,11 +41,16 @@ RUNS = {
     "lsq_w2a2_direct": ("lsq", "2/2", 3, {}),
     "qil_w2a2_direct_bntrain": ("qil", "2/2", 3, {"bn": "train"}),
     "qil_w2a2_progressive_bntrain": ("qil", "4/4,3/3,2/2", 1, {"bn": "train"}),
+    # the same 2/2 training as the direct run, started from the 3/3 stage instead of float
+    "qil_w2a2_progressive_bntrain_equal2": ("qil", "4/4,3/3,2/2", 1, {"bn": "train",
+                                                                      "last_stage_mult": 3}),
+    "qil_w3a3_bntrain": ("qil", "3/3", 1, {"bn": "train"}),
     "qil_w4a4_kd": ("qil", "4/4", 1, {"kd_weight": 1.0}),
     "qil_w3a3_kd": ("qil", "3/3", 1, {"kd_weight": 1.0}),
 }
 # recipe-level fields among the extras (the rest are trainer options)
 RECIPE_EXTRAS = {"kd_weight", "kd_teacher", "ebr"}
+STAGE_EXTRAS = {"last_stage_mult"}
 
 
 LR, QUANT_LR = 5e-4, 5e-3
@@ -127,20 +132,30 @@ def speed(args) -> None:
     _save(RESULTS / "qat_speed", rows, list(rows[0]), meta)
 
 
+def _stages(text: str, epochs: int, last_mult: int):
+    """Stages from "W/A,..." where the last stage may train ``last_mult`` times longer."""
+    from lowbit.qat.schedule import parse_stages
+
+    stages = parse_stages(text)
+    if last_mult != 1:
+        stages[-1] = stages[-1].model_copy(update={"epochs": epochs * last_mult})
+    return stages
+
+
 def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: str = "none") -> dict:
     import torch
 
     from lowbit.qat import Recipe, run_recipe
-    from lowbit.qat.schedule import parse_stages
 
     torch.set_num_threads(threads)
     method, stages, mult, extras = RUNS[name]
-    extra = {k: v for k, v in extras.items() if k not in RECIPE_EXTRAS}
+    extra = {k: v for k, v in extras.items() if k not in RECIPE_EXTRAS | STAGE_EXTRAS}
     recipe_extra = {k: v for k, v in extras.items() if k in RECIPE_EXTRAS}
     root = data_root("cifar10")
     recipe = Recipe(
         name=name, model="resnet20", weights=weights("resnet20"), dataset="cifar10",
-        method=method, stages=parse_stages(stages), per_channel=True, first_last="8bit",
+        method=method, stages=_stages(stages, epochs, extras.get("last_stage_mult", 1)),
+        per_channel=True, first_last="8bit",
         observer="mse", batch_size=128, calib_size=1024,
         train=dict(epochs=epochs * (1 if steps else mult),
                    max_steps_per_epoch=steps * mult if steps else None, optimizer="sgd", lr=LR,
