@@ -35,14 +35,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, data_root, load_rows, save_rows, weights  # noqa: E402
+from common import MODELS, RESULTS, data_root, load_rows, run_child, save_rows, weights  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 INSTALL = ("python -m venv /tmp/brevenv --system-site-packages && /tmp/brevenv/bin/pip install "
@@ -359,16 +358,9 @@ def main() -> None:
         for s in args.settings:
             w, a = SETTINGS[s]
             cmd = [sys.executable, __file__, "--one", m, str(w), str(a), *common]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines()
-                         if ln.startswith(("ROW ", "SKIP"))), None)
-            if proc.returncode != 0 or line is None:
-                print(proc.stdout, proc.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"benchmark run failed: {m} {s}")
-            if line.startswith("SKIP"):
-                print(line)
+            row = run_child(cmd, f"{m} {s}")
+            if row is None:
                 return
-            row = json.loads(line[4:])
             row["command"] = ("OMP_WAIT_POLICY=PASSIVE /tmp/brevenv/bin/python "
                               "benchmarks/brevitas_pot.py --models " + m + " --settings " + s
                               + " " + " ".join(common))

@@ -72,3 +72,17 @@ def save_rows(out: Path, rows: list[dict], fields: list[str]) -> None:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+
+
+def run_child(cmd: list[str], label: str) -> dict | None:
+    """Run one benchmark setting in its own process (so its time and peak memory are its own)
+    and return the row it prints as ``ROW {json}``; None after printing its ``SKIP`` line."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(("ROW ", "SKIP"))), None)
+    if proc.returncode != 0 or line is None:
+        print(proc.stdout[-3000:], proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"benchmark run failed: {label}")
+    if line.startswith("SKIP"):
+        print(line)
+        return None
+    return json.loads(line[4:])

@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, data_root, load_rows, save_rows, weights  # noqa: E402
+from common import MODELS, RESULTS, data_root, load_rows, run_child, save_rows, weights  # noqa: E402
 
 SETTINGS = [(8, 8), (4, 8), (4, 4)]
 FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
@@ -106,15 +105,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", m, meth, str(w), str(a),
                "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(("ROW ", "SKIP"))), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stdout, proc.stderr, file=sys.stderr)
-            raise SystemExit(f"benchmark run failed: {m} {meth} W{w}A{a}")
-        if line.startswith("SKIP"):
-            print(line)
+        row = run_child(cmd, f"{m} {meth} W{w}A{a}")
+        if row is None:
             return
-        row = json.loads(line[4:])
         rows = [r for r in rows if (r["model"], r["method"], r["w_bits"], r["a_bits"])
                 != (m, meth, row["w_bits"], row["a_bits"])] + [row]
         save_rows(out, rows, FIELDS)

@@ -21,13 +21,12 @@ import argparse
 import csv
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, data_root, weights  # noqa: E402
+from common import RESULTS, data_root, run_child, weights  # noqa: E402
 
 # name -> (method, stages "W/A,...", steps multiplier per stage, extra recipe fields)
 RUNS = {
@@ -189,16 +188,9 @@ def runs(args) -> None:
         opts = (["--steps", str(args.steps)] if args.steps else []) + [
             "--epochs", str(args.epochs), "--augment", args.augment]
         cmd = [sys.executable, __file__, "one", name, *opts, "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(("ROW ", "SKIP"))),
-                    None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"benchmark run failed: {name}")
-        if line.startswith("SKIP"):
-            print(line)
+        row = run_child(cmd, name)
+        if row is None:
             return
-        row = json.loads(line[4:])
         row["command"] = " ".join(["python benchmarks/qat.py runs --only", name, *opts]
                                   + ([] if args.out == "qat_runs" else ["--out", args.out]))
         prev = [r for r in prev if r["run"] != name] + [row]

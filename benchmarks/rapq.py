@@ -15,13 +15,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, data_root, load_rows, save_rows, weights  # noqa: E402
+from common import MODELS, RESULTS, data_root, load_rows, run_child, save_rows, weights  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
@@ -116,16 +115,9 @@ def main() -> None:
             w, a = SETTINGS[s]
             for meth in args.methods:
                 cmd = [sys.executable, __file__, "--one", m, meth, str(w), str(a), *common]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((ln for ln in proc.stdout.splitlines()
-                             if ln.startswith(("ROW ", "SKIP"))), None)
-                if proc.returncode != 0 or line is None:
-                    print(proc.stdout, proc.stderr[-4000:], file=sys.stderr)
-                    raise SystemExit(f"benchmark run failed: {m} {meth} W{w}A{a}")
-                if line.startswith("SKIP"):
-                    print(line)
+                row = run_child(cmd, f"{m} {meth} W{w}A{a}")
+                if row is None:
                     return
-                row = json.loads(line[4:])
                 row["command"] = ("python benchmarks/rapq.py --models " + m + " --methods " + meth
                                   + " --settings " + s + " " + " ".join(common))
                 rows = [r for r in rows if (r["model"], r["method"], r["w_bits"], r["a_bits"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -68,7 +69,7 @@ def _cifar_folder(root: Path, subdir: str, label: str, files: dict[str, list[str
 
 
 def _load_cifar(
-    name: str, root: Path, split: str, mean: list[float], std: list[float], hundred: bool
+    name: str, root: Path, split: str, mean: list[float], std: list[float], hundred: bool, **_
 ) -> InMemoryImageDataset:
     files = CIFAR100_FILES if hundred else CIFAR10_FILES
     _check_split(name, split, tuple(files))
@@ -157,79 +158,22 @@ def _load_imagefolder(
     return ImageFolderDataset(samples, mean, std, resize=resize, crop=crop, augment=augment)
 
 
-def _digits(
-    root: Path,
-    split: str,
-    mean: list[float],
-    std: list[float],
-    resize: int,
-    crop: int,
-    augment: bool,
-) -> InMemoryImageDataset:
+def _digits(root: Path, split: str, mean: list[float], std: list[float], **_) -> InMemoryImageDataset:
     from lowbit.data.digits import load_digits_dataset
 
     return load_digits_dataset(split, mean, std)
 
 
-def _cifar10(
-    root: Path,
-    split: str,
-    mean: list[float],
-    std: list[float],
-    resize: int,
-    crop: int,
-    augment: bool,
-) -> InMemoryImageDataset:
-    return _load_cifar("cifar10", root, split, mean, std, hundred=False)
-
-
-def _cifar100(
-    root: Path,
-    split: str,
-    mean: list[float],
-    std: list[float],
-    resize: int,
-    crop: int,
-    augment: bool,
-) -> InMemoryImageDataset:
-    return _load_cifar("cifar100", root, split, mean, std, hundred=True)
-
-
-def _imagenet(
-    root: Path,
-    split: str,
-    mean: list[float],
-    std: list[float],
-    resize: int,
-    crop: int,
-    augment: bool,
-) -> ImageFolderDataset:
-    return _load_imagefolder("imagenet", "ImageNet", root, split, mean, std, resize, crop, augment)
-
-
-def _imagenette(
-    root: Path,
-    split: str,
-    mean: list[float],
-    std: list[float],
-    resize: int,
-    crop: int,
-    augment: bool,
-) -> ImageFolderDataset:
-    return _load_imagefolder(
-        "imagenette", "Imagenette", root, split, mean, std, resize, crop, augment
-    )
-
-
-Loader = Callable[[Path, str, list[float], list[float], int, int, bool], Dataset]
+# called with keywords root, split, mean, std, resize, crop, augment (each takes what it needs)
+Loader = Callable[..., Dataset]
 
 # name -> (channels, default folder under DEFAULT_ROOT, loader)
 _LOADERS: dict[str, tuple[int, str, Loader]] = {
     "digits": (1, "", _digits),
-    "cifar10": (3, "", _cifar10),
-    "cifar100": (3, "", _cifar100),
-    "imagenet": (3, "imagenet", _imagenet),
-    "imagenette": (3, "imagenette", _imagenette),
+    "cifar10": (3, "", partial(_load_cifar, "cifar10", hundred=False)),
+    "cifar100": (3, "", partial(_load_cifar, "cifar100", hundred=True)),
+    "imagenet": (3, "imagenet", partial(_load_imagefolder, "imagenet", "ImageNet")),
+    "imagenette": (3, "imagenette", partial(_load_imagefolder, "imagenette", "Imagenette")),
 }
 
 
@@ -268,4 +212,5 @@ def load_dataset(
     mean_l, std_l = _norm_stats(mean, std, channels)
     if augment is None:
         augment = split == "train"
-    return loader(base.expanduser(), split, mean_l, std_l, resize, crop, augment)
+    return loader(root=base.expanduser(), split=split, mean=mean_l, std=std_l, resize=resize,
+                  crop=crop, augment=augment)
