@@ -44,11 +44,12 @@ RUNS = {
     "qil_w2a2_progressive_bntrain_equal2": ("qil", "4/4,3/3,2/2", 1, {"bn": "train",
                                                                       "last_stage_mult": 3}),
     "qil_w3a3_bntrain": ("qil", "3/3", 1, {"bn": "train"}),
-    "qil_w4a4_kd": ("qil", "4/4", 1, {"kd_weight": 1.0}),
-    "qil_w3a3_kd": ("qil", "3/3", 1, {"kd_weight": 1.0}),
+    "qil_w4a4_kd": ("qil", "4/4", 1, {"kd_weight": 1.0, "kd_temperature": 4.0}),
+    "qil_w3a3_kd_t4": ("qil", "3/3", 1, {"kd_weight": 1.0, "kd_temperature": 4.0}),
+    "qil_w3a3_kd": ("qil", "3/3", 1, {"kd_weight": 1.0, "kd_temperature": 1.0}),
 }
 # recipe-level fields among the extras (the rest are trainer options)
-RECIPE_EXTRAS = {"kd_weight", "kd_teacher", "ebr"}
+RECIPE_EXTRAS = {"kd_weight", "kd_temperature", "kd_teacher", "ebr"}
 STAGE_EXTRAS = {"last_stage_mult"}
 
 
@@ -141,7 +142,8 @@ def _stages(text: str, epochs: int, last_mult: int):
     return stages
 
 
-def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: str = "none") -> dict:
+def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: str = "none",
+        log_dir: str | None = None) -> dict:
     import torch
 
     from lowbit.qat import Recipe, run_recipe
@@ -163,7 +165,7 @@ def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: st
         **recipe_extra,
     )
     t0 = time.perf_counter()
-    out = run_recipe(recipe, data_root=root, output_dir=None, eval_float=False,
+    out = run_recipe(recipe, data_root=root, output_dir=log_dir, eval_float=False,
                      echo=lambda s: print(s, flush=True))
     out["float_top1"] = FLOAT_TOP1
     per_stage = {r["bits"]: r["top1"] for r in out["history"]}
@@ -176,7 +178,8 @@ def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: st
                 drop=out["float_top1"] - out["top1"], stage_top1=json.dumps(per_stage),
                 train_seconds=out["train_seconds"], wall_seconds=time.perf_counter() - t0,
                 quantizer_only=bool(extra.get("freeze_weights")),
-                kd_weight=recipe_extra.get("kd_weight"), bn=recipe.train.bn)
+                kd_weight=recipe_extra.get("kd_weight"),
+                kd_temperature=recipe_extra.get("kd_temperature"), bn=recipe.train.bn)
 
 
 def runs(args) -> None:
@@ -230,13 +233,16 @@ def main() -> None:
     o.add_argument("--epochs", type=int, default=1)
     o.add_argument("--augment", default="crop-flip")
     o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--log-dir", default=None,
+                   help="write the trainer's checkpoints and step/epoch logs here")
     args = ap.parse_args()
     if args.what == "speed":
         speed(args)
     elif args.what == "runs":
         runs(args)
     else:
-        print("ROW " + json.dumps(one(args.name, args.steps, args.threads, args.epochs, args.augment)), flush=True)
+        print("ROW " + json.dumps(one(args.name, args.steps, args.threads, args.epochs, args.augment,
+                                     args.log_dir)), flush=True)
 
 
 if __name__ == "__main__":

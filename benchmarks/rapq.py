@@ -7,6 +7,7 @@ jobs may share the cores. Results: benchmarks/results/rapq.{csv,json}.
     python benchmarks/rapq.py --models resnet20 --settings W4A4 W2A4
     python benchmarks/rapq.py --models mobilenet_v2_tflite --methods pot rapq-quick rapq \\
         --iters 300 --settings W4A4
+    python benchmarks/rapq.py --models mobilenet_v2_tflite --methods pot+bc --settings W4A8
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODELS, RESULTS, data_root, load_rows, run_child, save_rows, weights  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
-METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
+BASE_METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
+# "+bc": the same method followed by empirical bias correction (lowbit.ptq.bias_correction)
+METHODS = BASE_METHODS + [m + "+bc" for m in BASE_METHODS]
 FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
-          "float_top1", "iters", "quick_iters", "bn_guided", "quick_naive_error",
+          "float_top1", "iters", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
           "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
-          "seconds_reconstruct", "ptq_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib",
+          "seconds_reconstruct", "seconds_bias_correction", "ptq_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib",
           "load_avg_start", "threads", "protocol", "command", "note"]
 
 
@@ -50,13 +53,15 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
                       batch_size=args.batch_size,
                       workers=2 if info["dataset"] != "cifar10" else 0)
     net = get_model(model, weights(model)).to(memory_format=torch.channels_last)
-    opts = {}
-    if method in {"rapq", "rapq-quick"}:
+    base = method.removesuffix("+bc")
+    opts = {"bias_correction": True} if base != method else {}
+    if base in {"rapq", "rapq-quick"}:
         opts["quick_iters"] = args.quick_iters
-    if method in {"rapq", "brecq"}:
+        opts["quick_batch_size"] = args.quick_batch_size
+    if base in {"rapq", "brecq"}:
         opts["iters"] = args.iters
     t = time.perf_counter()
-    q = ptq(net, method, data.calib, QuantConfig.uniform(w_bits, a_bits), data.example,
+    q = ptq(net, base, data.calib, QuantConfig.uniform(w_bits, a_bits), data.example,
             progress=False, **opts)
     ptq_seconds = time.perf_counter() - t
     t = time.perf_counter()
@@ -68,13 +73,15 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     return dict(
         model=model, method=method, w_bits=w_bits, a_bits=a_bits, top1=res.top1, top5=res.top5,
         agreement=res.agreement, sqnr_db=res.sqnr_db, iters=opts.get("iters"),
-        quick_iters=opts.get("quick_iters"), bn_guided=rinfo.get("bn_guided"),
+        quick_iters=opts.get("quick_iters"), quick_batch_size=opts.get("quick_batch_size"),
+        bn_guided=rinfo.get("bn_guided"),
         quick_naive_error=quick.get("naive_error"), quick_adjusted_error=quick.get("adjusted_error"),
         recon_error_before=recon.get("error_before"), recon_error_after=recon.get("error_after"),
         recon_kept=recon.get("kept"), eval_images=res.samples, calib_images=rinfo["calib_images"],
         seconds_calibrate=rinfo.get("seconds_calibrate"), seconds_quick=quick.get("seconds"),
         seconds_cache=rinfo.get("seconds_cache"),
-        seconds_reconstruct=rinfo.get("seconds_reconstruct"), ptq_seconds=ptq_seconds,
+        seconds_reconstruct=rinfo.get("seconds_reconstruct"),
+        seconds_bias_correction=rinfo.get("seconds_bias_correction"), ptq_seconds=ptq_seconds,
         eval_seconds=eval_seconds, wall_seconds=time.perf_counter() - t0,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         load_avg_start=load, threads=torch.get_num_threads(), protocol=data.protocol,
@@ -89,6 +96,8 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--iters", type=int, default=1000, help="reconstruction steps per block")
     ap.add_argument("--quick-iters", type=int, default=300)
+    ap.add_argument("--quick-batch-size", type=int, default=32,
+                    help="images per scale-adjustment step (fewer: faster on 224 px models)")
     ap.add_argument("--calib-size", type=int, default=1024)
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -106,6 +115,7 @@ def main() -> None:
     out = Path(args.out)
     rows = load_rows(out)
     common = ["--iters", str(args.iters), "--quick-iters", str(args.quick_iters),
+              "--quick-batch-size", str(args.quick_batch_size),
               "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
               "--threads", str(args.threads)]
     if args.eval_size:

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--bn-guided", choices=["auto", "on", "off"], default=None,
                     help="rapq/brecq: BatchNorm-statistics term (default auto: on when the "
                     "model's BNs carry statistics)")
+    pq.add_argument("--bias-correction", action="store_true",
+                    help="re-centre each quantized layer's output mean on the float model's "
+                    "(empirical bias correction, last step; any method)")
     pq.add_argument("--output", "-o", default=None, help="write results JSON here")
     pq.add_argument("--save", default=None, help="save the quantized model to this folder")
     from .qat.cli import add_parser as add_qat_parser
@@ -226,7 +229,8 @@ def _ptq_options(args) -> dict:
 
     bn = {"auto": None, "on": True, "off": False}
     given = {"iters": args.iters, "quick_iters": args.quick_iters,
-             "bn_guided": bn[args.bn_guided] if args.bn_guided else None}
+             "bn_guided": bn[args.bn_guided] if args.bn_guided else None,
+             "bias_correction": True if args.bias_correction else None}
     opts = {k: v for k, v in given.items() if v is not None or (k == "bn_guided" and args.bn_guided)}
     params = inspect.signature(PTQ_METHODS[args.method]).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distill import KnowledgeDistillation, kd_loss
+from .distill import KD_TEMPERATURE, KnowledgeDistillation, kd_loss
 from .ebr import EntropyBinRegularizer, bin_entropy, within_bin
 
 LossTerm = Callable[..., torch.Tensor]
@@ -44,7 +44,7 @@ def build_loss_terms(
     ebr_tau: float = 0.1,
     teacher: nn.Module | None = None,
     kd_weight: float = 1.0,
-    kd_temperature: float = 4.0,
+    kd_temperature: float = KD_TEMPERATURE,
 ) -> list[LossTerm]:
     """The EBR / KD loss terms every retraining path uses (``lowbit qat``, the SDQ recipe, the
     Pareto sweep), so they cannot drift apart.

@@ -9,9 +9,10 @@ from .registry import register_ptq
 @register_ptq("minmax", "percentile", "mse")
 def calibration_ptq(
     model, config, calib_data, example_inputs, *, method: str, num_batches=None,
-    progress: bool = True,
+    progress: bool = True, bias_correction: bool = False,
 ):
-    """The observer named by ``method`` sets every weight and activation range."""
+    """The observer named by ``method`` sets every weight and activation range;
+    ``bias_correction`` then re-centres each layer's output on the float model's."""
     update = {}
     if config.weight is not None:
         update["weight"] = config.weight.model_copy(update={"observer": method})
@@ -19,4 +20,11 @@ def calibration_ptq(
         update["act"] = config.act.model_copy(update={"observer": method})
     config = config.model_copy(update=update)
     qmodel = prepare(model, config, example_inputs)
-    return calibrate(qmodel, calib_data, num_batches=num_batches, progress=progress)
+    qmodel = calibrate(qmodel, calib_data, num_batches=num_batches, progress=progress)
+    if bias_correction:
+        from .bias_correction import correct_bias, float_output_means
+        from .rapq import gather_inputs
+
+        x = gather_inputs(calib_data, num_batches).to(next(qmodel.parameters()).device)
+        qmodel.lowbit_bias_correction = correct_bias(qmodel, x, float_output_means(qmodel, x))
+    return qmodel

@@ -34,6 +34,7 @@ from ..errors import CalibrationError, ConfigError
 from ..prepare import _inputs, calibrate, float_mode, prepare
 from ..quant.pot import PoTQuantizer
 from ..utils import model_device
+from .bias_correction import correct_bias, float_output_means
 from .blocks import run_chunked
 from .reconstruct import (
     ReconOptions,
@@ -249,6 +250,7 @@ def rapq_ptq(
     quick_lr: float = 0.01,
     quick_batch_size: int = 32,
     bn_guided: bool | None = None,
+    bias_correction: bool = False,
     num_batches: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -257,7 +259,8 @@ def rapq_ptq(
     """Quantize ``model`` with ``method`` (``pot``, ``rapq-quick``, ``rapq`` or ``brecq``).
 
     ``recon`` takes :class:`~lowbit.ptq.reconstruct.ReconOptions` fields (``iters``,
-    ``batch_size``, ``bn_weight``, ...). The returned model carries ``lowbit_rapq``: what ran,
+    ``batch_size``, ``bn_weight``, ...). ``bias_correction`` re-centres every layer's output
+    on the float model's as the last step (:mod:`lowbit.ptq.bias_correction`). The returned model carries ``lowbit_rapq``: what ran,
     errors before/after each step, and where the time went.
     """
     t_start = time.perf_counter()
@@ -278,6 +281,7 @@ def rapq_ptq(
     t = time.perf_counter()
     qmodel = _calibrated(model, config, x, example_inputs, chunk, progress)
     info["seconds_calibrate"] = time.perf_counter() - t
+    float_means = float_output_means(qmodel, x) if bias_correction else None
     if method in {"rapq-quick", "rapq"}:
         info["quick"] = adjust_scales(qmodel, x, iters=quick_iters, batch_size=quick_batch_size,
                                       lr=quick_lr, seed=seed, chunk=chunk, progress=progress)
@@ -297,6 +301,10 @@ def rapq_ptq(
         info["units"] = [u.__dict__ for u in rep.units]
         info["seconds_cache"] = rep.seconds_cache
         info["seconds_reconstruct"] = rep.seconds_optimise
+    if float_means is not None:
+        t = time.perf_counter()
+        info["bias_correction"] = correct_bias(qmodel, x, float_means)
+        info["seconds_bias_correction"] = time.perf_counter() - t
     info["seconds_total"] = time.perf_counter() - t_start
     qmodel.lowbit_rapq = info
     return qmodel

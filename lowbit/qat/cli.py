@@ -100,7 +100,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="distillation weight (1 with --kd-teacher); without --kd-teacher it "
                    "distils from the float model being quantized")
     r.add_argument("--kd-temperature", type=float, default=S, metavar="T",
-                   help="distillation softening temperature (4)")
+                   help="distillation softening temperature (1; 4 can break 3-bit training)")
     t.add_argument("--logger", choices=["csv", "tensorboard", "none"], default=S,
                    help="step logs: csv (default) or tensorboard")
     t.add_argument("--log-every", type=int, default=S, help="steps between log lines (50)")

@@ -17,13 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..config import EdgePolicy, QuantConfig, load_yaml_model
 from ..errors import ConfigError
 from ..evaluate import evaluate
-from ..losses import SAME_TEACHER
+from ..losses import KD_TEMPERATURE, SAME_TEACHER
 from . import ddp
 from .api import qat
 from .schedule import Stage
 from .trainer import TrainConfig
 
-KD_TEMPERATURE = 4.0
 EBR_ENTROPY_WEIGHT = 0.1
 EBR_TAU = 0.1
 

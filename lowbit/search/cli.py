@@ -84,7 +84,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--kd-teacher-weights", default=None, help="weights of --kd-teacher MODEL")
     r.add_argument("--kd-weight", type=float, default=None,
                    help="distillation weight (1); alone, distils from the float model")
-    r.add_argument("--kd-temperature", type=float, default=4.0, help="softening temperature (4)")
+    r.add_argument("--kd-temperature", type=float, default=1.0, help="softening temperature (1)")
     return p
 
 
