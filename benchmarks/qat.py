@@ -43,6 +43,9 @@ RUNS = {
     # the same 2/2 training as the direct run, started from the 3/3 stage instead of float
     "qil_w2a2_progressive_bntrain_equal2": ("qil", "4/4,3/3,2/2", 1, {"bn": "train",
                                                                       "last_stage_mult": 3}),
+    # the same, with the quantizers re-initialised by the observer at each new bitwidth
+    "qil_w2a2_progressive_bntrain_equal2_recal": ("qil", "4/4,3/3,2/2", 1, {
+        "bn": "train", "last_stage_mult": 3, "stage_init": "calibrate"}),
     "qil_w3a3_bntrain": ("qil", "3/3", 1, {"bn": "train"}),
     "qil_w4a4_kd": ("qil", "4/4", 1, {"kd_weight": 1.0, "kd_temperature": 4.0}),
     "qil_w3a3_kd_t4": ("qil", "3/3", 1, {"kd_weight": 1.0, "kd_temperature": 4.0}),

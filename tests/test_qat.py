@@ -267,3 +267,26 @@ def test_stage_can_unfreeze_weights():
               train=TrainConfig(**{**CFG, "epochs": 1}), model_name="toy")
     assert all(p.requires_grad for n, p in res.model.named_parameters() if n.endswith("weight")
                and "quant" not in n)
+
+
+def test_stage_init_calibrate_reinitialises_quantizers_at_new_bits():
+    """``stage_init: calibrate`` re-runs the range observer at the new bits on the trained
+    weights: same weights as ``keep``, other quantizer parameters, lower 2-bit weight error."""
+    ds = dataset()
+    stages = [Stage(w_bits=4, a_bits=4), Stage(w_bits=2, a_bits=2, epochs=0)]
+    models = {}
+    for init in ("keep", "calibrate"):
+        torch.manual_seed(0)
+        models[init] = qat(net(), "qil", loader(), calib_data=[ds.tensors[0][:32]],
+                           example_inputs=ds.tensors[0][:8], stages=stages,
+                           train=TrainConfig(**{**CFG, "epochs": 1, "stage_init": init})).model
+    keep, cal = models["keep"], models["calibrate"]
+    assert torch.equal(keep[3].weight, cal[3].weight)
+    assert keep[3].w_bits == cal[3].w_bits == 2
+    assert not torch.equal(quantizer_vector(keep), quantizer_vector(cal))
+
+    def werr(m):
+        with torch.no_grad():
+            return (m[3].quant_weight() - m[3].weight).pow(2).sum().item()
+
+    assert werr(cal) < werr(keep)

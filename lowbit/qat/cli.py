@@ -77,6 +77,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="BatchNorm: fold into weights (default), train, or freeze")
     t.add_argument("--quantizer-only", action="store_true", default=S, dest="freeze_weights",
                    help="freeze the weights, train only the quantizer parameters")
+    t.add_argument("--stage-init", choices=["keep", "calibrate"], default=S,
+                   help="progressive stages: keep the learned quantizer parameters (default) or "
+                   "re-initialise them with the range observer at the new bits")
     t.add_argument("--no-channels-last", action="store_false", default=S, dest="channels_last",
                    help="keep NCHW memory layout")
     t.add_argument("--augment", choices=["none", "flip", "crop-flip"], default=S,
@@ -110,7 +113,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 TRAIN_FLAGS = ["epochs", "max_steps_per_epoch", "optimizer", "lr", "quant_lr", "weight_decay",
                "quant_weight_decay", "momentum", "schedule", "warmup_steps", "bn",
-               "freeze_weights", "channels_last", "augment", "grad_clip", "label_smoothing", "logger",
+               "freeze_weights", "stage_init", "channels_last", "augment", "grad_clip", "label_smoothing", "logger",
                "log_every", "seed"]
 RECIPE_FLAGS = ["method", "model", "weights", "dataset", "batch_size", "calib_size", "eval_size",
                 "workers", "observer", "quant_config", "kd_teacher", "kd_teacher_weights",

@@ -68,6 +68,11 @@ class TrainConfig(BaseModel):
         "fold", description="fold BN into weights, train it, or freeze its statistics and affine"
     )
     freeze_weights: bool = Field(False, description="train the quantizers only")
+    stage_init: Literal["keep", "calibrate"] = Field(
+        "keep", description="progressive schedules: at each new stage keep the learned "
+        "quantizer parameters (the paper) or re-initialise them with the range observer at the "
+        "new bits on stage_calib_batches training batches")
+    stage_calib_batches: int = Field(8, ge=1)
     channels_last: bool = True
     augment: Augment = Field(
         "none", description="batch augmentation: none, flip, or crop-flip (CIFAR: pad 4, crop, flip)"
