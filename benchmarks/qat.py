@@ -43,7 +43,9 @@ RUNS = {
     # the same 2/2 training as the direct run, started from the 3/3 stage instead of float
     "qil_w2a2_progressive_bntrain_equal2": ("qil", "4/4,3/3,2/2", 1, {"bn": "train",
                                                                       "last_stage_mult": 3}),
-    # the same, with the quantizers re-initialised by the observer at each new bitwidth
+    # with the quantizers re-initialised by the observer at each new bitwidth
+    "qil_w2a2_progressive_bntrain_recal": ("qil", "4/4,3/3,2/2", 1, {
+        "bn": "train", "stage_init": "calibrate"}),
     "qil_w2a2_progressive_bntrain_equal2_recal": ("qil", "4/4,3/3,2/2", 1, {
         "bn": "train", "last_stage_mult": 3, "stage_init": "calibrate"}),
     "qil_w3a3_bntrain": ("qil", "3/3", 1, {"bn": "train"}),
@@ -182,7 +184,8 @@ def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: st
                 train_seconds=out["train_seconds"], wall_seconds=time.perf_counter() - t0,
                 quantizer_only=bool(extra.get("freeze_weights")),
                 kd_weight=recipe_extra.get("kd_weight"),
-                kd_temperature=recipe_extra.get("kd_temperature"), bn=recipe.train.bn)
+                kd_temperature=recipe_extra.get("kd_temperature"), bn=recipe.train.bn,
+                stage_init=recipe.train.stage_init)
 
 
 def runs(args) -> None:
