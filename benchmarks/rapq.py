@@ -25,8 +25,10 @@ from common import MODELS, RESULTS, data_root, load_rows, run_child, save_rows, 
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 BASE_METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
-# "+bc": the same method followed by empirical bias correction (lowbit.ptq.bias_correction)
-METHODS = BASE_METHODS + [m + "+bc" for m in BASE_METHODS]
+# "+bc": the same method followed by empirical bias correction (lowbit.ptq.bias_correction);
+# "+nobn": reconstruction without the BatchNorm-statistics term (the BN-guidance ablation)
+METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS]
+           + ["rapq+nobn", "brecq+nobn"])
 FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
           "float_top1", "iters", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
@@ -53,8 +55,10 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
                       batch_size=args.batch_size,
                       workers=2 if info["dataset"] != "cifar10" else 0)
     net = get_model(model, weights(model)).to(memory_format=torch.channels_last)
-    base = method.removesuffix("+bc")
-    opts = {"bias_correction": True} if base != method else {}
+    base, *flags = method.split("+")
+    opts = {"bias_correction": True} if "bc" in flags else {}
+    if "nobn" in flags:
+        opts["bn_guided"] = False
     if base in {"rapq", "rapq-quick"}:
         opts["quick_iters"] = args.quick_iters
         opts["quick_batch_size"] = args.quick_batch_size
