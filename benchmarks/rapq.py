@@ -117,7 +117,6 @@ def main() -> None:
         print("ROW " + json.dumps(one(m, meth, int(w), int(a), args)))
         return
     out = Path(args.out)
-    rows = load_rows(out)
     common = ["--iters", str(args.iters), "--quick-iters", str(args.quick_iters),
               "--quick-batch-size", str(args.quick_batch_size),
               "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
@@ -134,7 +133,7 @@ def main() -> None:
                     return
                 row["command"] = ("python benchmarks/rapq.py --models " + m + " --methods " + meth
                                   + " --settings " + s + " " + " ".join(common))
-                rows = [r for r in rows if (r["model"], r["method"], r["w_bits"], r["a_bits"])
+                rows = [r for r in load_rows(out) if (r["model"], r["method"], r["w_bits"], r["a_bits"])
                         != (m, meth, w, a)] + [row]
                 save_rows(out, rows, FIELDS)
                 print(f"{m:<20} {meth:<11} {s}  top-1 {row['top1']:.2f}  "
