@@ -12,72 +12,65 @@ corrections before it produce; the new bias is an ordinary float bias, exported 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
 from ..errors import CalibrationError
-from ..nn.layers import QuantLayerMixin
-from ..prepare import float_mode
+from ..prepare import float_mode, quant_layers
 
 BC_IMAGES = 128  # images in the single correcting pass; the means of N*H*W values are stable
 
 
-def _quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, QuantLayerMixin) and getattr(m, "weight_quant", None) is not None]
+def _weight_quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in quant_layers(model) if m.weight_quant is not None]
 
 
 def _channel_mean(mod: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """Mean per output channel: dim 1 for convolutions, the last dim for linear layers."""
     if isinstance(mod, nn.Linear):
         return out.reshape(-1, out.shape[-1]).float().mean(0)
-    dims = [0, *range(2, out.dim())]
-    return out.float().mean(dim=dims)
+    return out.float().mean(dim=[0, *range(2, out.dim())])
 
 
-def _view(mod: nn.Module, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _as_output(mod: nn.Module, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``delta`` shaped to broadcast over ``out``'s channel dimension."""
     if isinstance(mod, nn.Linear):
         return delta
     return delta.view(1, -1, *([1] * (out.dim() - 2)))
 
 
-@contextmanager
-def _hooks(layers, fn):
-    handles = [m.register_forward_hook(fn(name)) for name, m in layers]
+@torch.no_grad()
+def _run_with_hooks(qmodel: nn.Module, x: torch.Tensor, layers, hook) -> None:
+    """One eval-mode pass over the first BC_IMAGES of ``x`` with ``hook(name)`` on ``layers``."""
+    handles = [m.register_forward_hook(hook(name)) for name, m in layers]
+    was = qmodel.training
+    qmodel.eval()
     try:
-        yield
+        qmodel(x[:BC_IMAGES])
     finally:
+        qmodel.train(was)
         for h in handles:
             h.remove()
 
 
-@torch.no_grad()
 def float_output_means(qmodel: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-channel output means of every weight-quantized layer with quantizers off.
 
     Take them before anything writes quantized weights into the model (reconstruction does),
     while float mode still is the float model.
     """
-    layers = _quant_layers(qmodel)
     means: dict[str, torch.Tensor] = {}
-    mods = dict(layers)
 
-    def fn(name):
-        def hook(mod, inputs, out):
-            means[name] = _channel_mean(mods[name], out)
-        return hook
+    def hook(name):
+        def record(mod, inputs, out):
+            means[name] = _channel_mean(mod, out)
+        return record
 
-    was = qmodel.training
-    qmodel.eval()
-    with float_mode(qmodel), _hooks(layers, fn):
-        qmodel(x[:BC_IMAGES])
-    qmodel.train(was)
+    with float_mode(qmodel):
+        _run_with_hooks(qmodel, x, _weight_quant_layers(qmodel), hook)
     return means
 
 
-@torch.no_grad()
 def correct_bias(qmodel: nn.Module, x: torch.Tensor,
                  float_means: dict[str, torch.Tensor]) -> dict:
     """Shift each quantized layer's bias (in place) so its output mean matches ``float_means``.
@@ -85,35 +78,27 @@ def correct_bias(qmodel: nn.Module, x: torch.Tensor,
     Layers without a bias are left alone and listed. Returns the mean absolute shift per
     layer and the skipped layers.
     """
-    layers = [(n, m) for n, m in _quant_layers(qmodel) if n in float_means]
-    shifts: dict[str, float] = {}
+    layers = [(n, m) for n, m in _weight_quant_layers(qmodel) if n in float_means]
+    shifts: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
-    deltas: list[torch.Tensor] = []
 
-    def fn(name):
-        mod = dict(layers)[name]
-
-        def hook(m, inputs, out):
+    def hook(name):
+        def shift(mod, inputs, out):
             if mod.bias is None:
                 skipped.append(name)
                 return out
-            delta = (float_means[name].to(out.device) - _channel_mean(mod, out))
+            delta = float_means[name].to(out.device) - _channel_mean(mod, out)
             if not bool(torch.isfinite(delta).all()):
                 raise CalibrationError(
                     f"bias correction of layer {name!r} produced NaN/Inf: its quantized output "
                     "is not finite on the calibration images; check the bit widths and ranges"
                 )
             mod.bias.add_(delta.to(mod.bias.dtype))
-            deltas.append(delta.abs().mean())
-            shifts[name] = len(deltas) - 1
-            return out + _view(mod, delta, out).to(out.dtype)
-        return hook
+            shifts[name] = delta.abs().mean()
+            return out + _as_output(mod, delta, out).to(out.dtype)
+        return shift
 
-    was = qmodel.training
-    qmodel.eval()
-    with _hooks(layers, fn):
-        qmodel(x[:BC_IMAGES])
-    qmodel.train(was)
-    values = torch.stack(deltas).tolist() if deltas else []
+    _run_with_hooks(qmodel, x, layers, hook)
+    values = torch.stack(list(shifts.values())).tolist() if shifts else []
     return {"layers": len(shifts), "skipped_no_bias": skipped,
-            "mean_abs_shift": {n: values[i] for n, i in shifts.items()}}
+            "mean_abs_shift": dict(zip(shifts, values, strict=True))}

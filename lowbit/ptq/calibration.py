@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..prepare import calibrate, prepare
+from ..utils import model_device
 from .registry import register_ptq
 
 
@@ -25,6 +26,6 @@ def calibration_ptq(
         from .bias_correction import correct_bias, float_output_means
         from .rapq import gather_inputs
 
-        x = gather_inputs(calib_data, num_batches).to(next(qmodel.parameters()).device)
+        x = gather_inputs(calib_data, num_batches).to(model_device(qmodel))
         qmodel.lowbit_bias_correction = correct_bias(qmodel, x, float_output_means(qmodel, x))
     return qmodel

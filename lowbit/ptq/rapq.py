@@ -270,8 +270,9 @@ def rapq_ptq(
 
     ``recon`` takes :class:`~lowbit.ptq.reconstruct.ReconOptions` fields (``iters``,
     ``batch_size``, ``bn_weight``, ...). ``bias_correction`` re-centres every layer's output
-    on the float model's as the last step (:mod:`lowbit.ptq.bias_correction`). The returned model carries ``lowbit_rapq``: what ran,
-    errors before/after each step, and where the time went.
+    on the float model's as the last step (:mod:`lowbit.ptq.bias_correction`). The returned
+    model carries ``lowbit_rapq``: what ran, errors before/after each step, and where the time
+    went.
     """
     t_start = time.perf_counter()
     _check_bits(config)

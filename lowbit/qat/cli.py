@@ -113,8 +113,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 TRAIN_FLAGS = ["epochs", "max_steps_per_epoch", "optimizer", "lr", "quant_lr", "weight_decay",
                "quant_weight_decay", "momentum", "schedule", "warmup_steps", "bn",
-               "freeze_weights", "stage_init", "channels_last", "augment", "grad_clip", "label_smoothing", "logger",
-               "log_every", "seed"]
+               "freeze_weights", "stage_init", "channels_last", "augment", "grad_clip",
+               "label_smoothing", "logger", "log_every", "seed"]
 RECIPE_FLAGS = ["method", "model", "weights", "dataset", "batch_size", "calib_size", "eval_size",
                 "workers", "observer", "quant_config", "kd_teacher", "kd_teacher_weights",
                 "kd_weight", "kd_temperature", "ebr", "ebr_entropy_weight"]

@@ -15,6 +15,8 @@ from ..errors import LowbitError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..losses.distill import KD_TEMPERATURE
+
     p = subparsers.add_parser(
         "search", help="mixed-precision search (SDQ) toward a budget; several budgets: Pareto sweep",
         description="Learn per-layer weight bits with SDQ and write a lowbit config "
@@ -84,7 +86,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--kd-teacher-weights", default=None, help="weights of --kd-teacher MODEL")
     r.add_argument("--kd-weight", type=float, default=None,
                    help="distillation weight (1); alone, distils from the float model")
-    r.add_argument("--kd-temperature", type=float, default=1.0, help="softening temperature (1)")
+    r.add_argument("--kd-temperature", type=float, default=KD_TEMPERATURE,
+                   help=f"softening temperature ({KD_TEMPERATURE:g})")
     return p
 
 
