@@ -34,7 +34,7 @@ FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "s
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
           "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
           "seconds_reconstruct", "seconds_bias_correction", "ptq_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib",
-          "load_avg_start", "threads", "protocol", "command", "note"]
+          "load_avg_start", "threads", "device", "peak_gpu_mib", "protocol", "command", "note"]
 
 
 def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
@@ -53,8 +53,16 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     data = build_data(spec, info["dataset"], data_root(info["dataset"]),
                       calib_size=args.calib_size, eval_size=args.eval_size,
                       batch_size=args.batch_size,
-                      workers=2 if info["dataset"] != "cifar10" else 0)
-    net = get_model(model, weights(model)).to(memory_format=torch.channels_last)
+                      workers=args.workers if info["dataset"] != "cifar10" else 0)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # TF32 convolutions (torch's default on recent GPUs) are too coarse for layers whose
+        # outputs are small differences of large products (MobileNetV2's first depthwise conv)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    net = get_model(model, weights(model)).to(device, memory_format=torch.channels_last)
     base, *flags = method.split("+")
     opts = {"bias_correction": True} if "bc" in flags else {}
     if "nobn" in flags:
@@ -71,12 +79,15 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     t = time.perf_counter()
     res = evaluate(q, data.eval, reference=net, progress=False)
     eval_seconds = time.perf_counter() - t
+    float_top1 = (evaluate(net, data.eval, progress=False).top1
+                  if device.type == "cuda" else None)  # checks the GPU's float model
     rinfo = q.lowbit_rapq
     quick = rinfo.get("quick", {})
     recon = rinfo.get("reconstruction", {})
     return dict(
         model=model, method=method, w_bits=w_bits, a_bits=a_bits, top1=res.top1, top5=res.top5,
-        agreement=res.agreement, sqnr_db=res.sqnr_db, iters=opts.get("iters"),
+        agreement=res.agreement, sqnr_db=res.sqnr_db, float_top1=float_top1,
+        iters=opts.get("iters"),
         quick_iters=opts.get("quick_iters"), quick_batch_size=opts.get("quick_batch_size"),
         bn_guided=rinfo.get("bn_guided"),
         quick_naive_error=quick.get("naive_error"), quick_adjusted_error=quick.get("adjusted_error"),
@@ -89,6 +100,9 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
         eval_seconds=eval_seconds, wall_seconds=time.perf_counter() - t0,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         load_avg_start=load, threads=torch.get_num_threads(), protocol=data.protocol,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        peak_gpu_mib=(torch.cuda.max_memory_allocated(device) / 2**20
+                      if device.type == "cuda" else None),
         units=rinfo.get("units"),
     )
 
@@ -106,6 +120,10 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu",
+                    help="torch device for the model and the PTQ (cuda: the GPU; rows record it)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="image-decoding processes for the 224 px datasets")
     ap.add_argument("--out", default=str(RESULTS / "rapq"))
     ap.add_argument("--one", nargs=4, metavar=("MODEL", "METHOD", "W", "A"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -121,6 +139,8 @@ def main() -> None:
               "--quick-batch-size", str(args.quick_batch_size),
               "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
               "--threads", str(args.threads)]
+    if args.device != "cpu":
+        common += ["--device", args.device, "--workers", str(args.workers)]
     if args.eval_size:
         common += ["--eval-size", str(args.eval_size)]
     for m in args.models:

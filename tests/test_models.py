@@ -154,7 +154,7 @@ def test_mobilenet_v2_tf_variant_pads_and_keeps_keys() -> None:
     assert len(strided) == 5 and all(m.padding == (0, 0) for m in strided)
 
     bns = [m for m in tf.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert all(m.eps == 0.0 for m in bns)
+    assert all(m.eps > 0 and torch.tensor(1.0 + m.eps) == 1.0 for m in bns)
     assert all(m.eps == 1e-5 for m in plain.modules() if isinstance(m, nn.BatchNorm2d))
     assert sum(isinstance(m, nn.ReLU6) for m in tf.modules()) == 35
 
@@ -370,3 +370,14 @@ def test_digits_cnn_trains_quickly() -> None:
     with torch.no_grad():
         acc = (model(x[test]).argmax(1) == y[test]).float().mean().item()
     assert acc > 0.9
+
+
+def test_mobilenet_v2_tflite_bn_is_exact_identity_with_positive_eps() -> None:
+    """Converted BN layers (mean 0, var 1) must pass values through bit-exactly, and their eps
+    must be positive: some torch builds reject eps=0 in batch_norm."""
+    net = get_model("mobilenet_v2_tflite").eval()
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(bn.eps > 0 for bn in bns)
+    x = torch.randn(2, bns[0].num_features, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(bns[0](x), x)

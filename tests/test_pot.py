@@ -97,3 +97,37 @@ def test_state_dict_round_trip_keeps_integer_exponents():
     fresh.mode = QuantMode.QUANTIZE
     assert fresh.exponent.dtype == torch.int32 and torch.equal(fresh.exponent, q.exponent)
     assert torch.equal(fresh(x), q(x)) and is_pow2(fresh.scale_zero_point()[0])
+
+
+def _channel_errors(q, x):
+    """Squared quantization error per channel (all of ``x`` when per-tensor)."""
+    err = (q(x) - x).pow(2)
+    return err.flatten(1).mean(1) if q.per_channel else err.mean().reshape(1)
+
+
+@given(x=tensors, bits=st.integers(2, 8), symmetric=st.booleans(), per_channel=st.booleans())
+def test_mse_rounding_never_worse_than_nearest_floor_or_ceil(x, bits, symmetric, per_channel):
+    """Least-error exponents: per channel at most the error of any fixed rounding of the same
+    calibrated scale, still exact powers of two with integer zero-points."""
+    kw = dict(bits=bits, symmetric=symmetric, per_channel=per_channel, observer="mse")
+    best = calibrated(x, rounding="mse", **kw)
+    assert best.exponent.dtype == torch.int32 and is_pow2(best.scale_zero_point()[0])
+    mine = _channel_errors(best, x)
+    for rounding in ("nearest", "floor", "ceil"):
+        other = _channel_errors(calibrated(x, rounding=rounding, **kw), x)
+        assert (mine <= other * (1 + 1e-6) + 1e-12).all(), rounding
+
+
+def test_mse_rounding_keeps_the_largest_weight_unclipped_when_that_is_better():
+    """A scale 1.3 times a power of two: nearest rounds it down and clips the outlier by 23 %;
+    the least-error choice keeps it."""
+    x = torch.tensor([127 * 1.3 / 32, 0.01, -0.02, 0.03]).repeat(4)
+    near = calibrated(x, bits=8, observer="mse", rounding="nearest")
+    best = calibrated(x, bits=8, observer="mse", rounding="mse")
+    assert (near(x) - x).abs().max() > 0.5
+    assert (best(x) - x).abs().max() <= best.scale_zero_point()[0].max() / 2
+
+
+def test_mse_rounding_needs_an_observer_that_keeps_samples():
+    with pytest.raises(ConfigError, match="observer='mse'"):
+        calibrated(torch.randn(10), bits=4, observer="minmax", rounding="mse")

@@ -230,3 +230,18 @@ def test_quick_batch_is_automatic_by_image_size(setup):
     q = lowbit.ptq(model, "rapq-quick", batches(x), QuantConfig.uniform(4, 4), x[:2],
                    quick_iters=2, quick_batch_size=5, progress=False)
     assert q.lowbit_rapq["quick_batch_size"] == 5
+
+
+def test_rapq_starts_from_least_error_exponents_naive_pot_from_nearest(setup):
+    model, x = setup
+    cfg = QuantConfig.uniform(4, 4)
+    naive = lowbit.ptq(model, "pot", batches(x), cfg, x[:2], progress=False)
+    quick = lowbit.ptq(model, "rapq-quick", batches(x), cfg, x[:2], quick_iters=0,
+                       progress=False)
+    assert {m.rounding for m in naive.modules() if isinstance(m, PoTQuantizer)} == {"nearest"}
+    assert {m.rounding for m in quick.modules() if isinstance(m, PoTQuantizer)} == {"mse"}
+    for (name, a), (_, b) in zip(quant_layers(naive), quant_layers(quick), strict=True):
+        w = a.weight
+        err_naive = (a.weight_quant(w) - w).pow(2).flatten(1).mean(1)
+        err_quick = (b.weight_quant(w) - w).pow(2).flatten(1).mean(1)
+        assert (err_quick <= err_naive * (1 + 1e-6) + 1e-12).all(), name

@@ -184,10 +184,16 @@ def mobilenet_v2(
     return MobileNetV2(num_classes, tf_same_padding=tf_same_padding, bn_eps=bn_eps)
 
 
+# The converted BN layers are identities (mean 0, var 1): their eps must vanish next to 1 in
+# float32, but be positive, since some torch builds reject eps=0 in batch_norm.
+TFLITE_BN_EPS = 1e-12
+
+
 def mobilenet_v2_tflite(
-    num_classes: int = 1000, tf_same_padding: bool = True, bn_eps: float = 0.0
+    num_classes: int = 1000, tf_same_padding: bool = True, bn_eps: float = TFLITE_BN_EPS
 ) -> MobileNetV2:
-    """MobileNetV2 for weights converted from TFLite: TF SAME padding, BN already folded (eps 0)."""
+    """MobileNetV2 for weights converted from TFLite: TF SAME padding, BN already folded
+    (identity BN, eps below float32 resolution at variance 1)."""
     return MobileNetV2(num_classes, tf_same_padding=tf_same_padding, bn_eps=bn_eps)
 
 
@@ -214,6 +220,6 @@ register_model(
         std=(127.5, 127.5, 127.5),
         default_dataset="imagenet",
         resize=256,
-        description="MobileNetV2 1.0 for TFLite-converted weights (TF SAME padding, BN eps 0)",
+        description="MobileNetV2 1.0 for TFLite-converted weights (TF SAME padding, identity BN)",
     )
 )

@@ -87,17 +87,18 @@ def auto_quick_batch(x: torch.Tensor) -> int:
     return 32 if pixels < 64 * 64 else 8
 
 
-def with_kind(config: QuantConfig, kind: str, observer: str) -> QuantConfig:
-    """``config`` with every quantizer spec (defaults and rules) of ``kind`` and ``observer``."""
-    upd = {"kind": kind, "observer": observer}
+def with_kind(config: QuantConfig, kind: str, observer: str,
+              options: dict[str, Any] | None = None) -> QuantConfig:
+    """``config`` with every quantizer spec (defaults and rules) of ``kind`` and ``observer``
+    (and, when given, those quantizer ``options``)."""
+    upd: dict[str, Any] = {"kind": kind, "observer": observer}
+    if options is not None:
+        upd["options"] = dict(options)
     data = config.model_dump()
-    for side in ("weight", "act"):
-        if data[side] is not None:
-            data[side].update(upd)
-    for rule in data["layers"]:
-        for side in ("weight", "act"):
-            if rule[side] is not None:
-                rule[side].update(upd)
+    specs = [data["weight"], data["act"]] + [r[s] for r in data["layers"] for s in ("weight", "act")]
+    for spec in specs:
+        if spec is not None:
+            spec.update(upd)
     return QuantConfig.model_validate(data)
 
 
@@ -217,6 +218,15 @@ def _outputs(qmodel: nn.Module, x: torch.Tensor, chunk: int, use_float: bool) ->
     return run_chunked(qmodel, (x,), {}, x.shape[0], chunk)
 
 
+def _pot_options(method: str, observer: str) -> dict[str, Any] | None:
+    """RAPQ starts from the least-error exponent per channel (``rounding="mse"``), not the
+    nearest one, which can clip a layer's largest weights (MobileNetV2 collapses at W8A8 from
+    that alone). ``pot`` keeps nearest rounding: it is the naive baseline."""
+    if method in {"rapq-quick", "rapq"} and observer == "mse":
+        return {"rounding": "mse"}
+    return None
+
+
 def _bn_setup(model, example_inputs, config: QuantConfig, bn_guided: bool | None):
     targets, skipped = bn_targets(model, example_inputs, folded=config.fold_bn)
     if bn_guided and not targets:
@@ -282,7 +292,7 @@ def rapq_ptq(
         raise ConfigError(f"options {sorted(recon)} apply to 'rapq' and 'brecq' only")
     x = gather_inputs(calib_data, num_batches).to(model_device(model))
     kind = "uniform" if method == "brecq" else "pot"
-    config = with_kind(config, kind, observer)
+    config = with_kind(config, kind, observer, _pot_options(method, observer))
     chunk = opts.chunk if opts else 64
     info: dict[str, Any] = {"method": method, "calib_images": x.shape[0]}
     targets, note = ({}, "n/a")

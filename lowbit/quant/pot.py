@@ -22,7 +22,8 @@ from .registry import register_quantizer
 
 # Normal float32 numbers: exponents outside this range have no exact power-of-two float32.
 MIN_EXPONENT, MAX_EXPONENT = -126, 127
-ROUNDINGS = ("nearest", "floor", "ceil")
+ROUNDINGS = ("nearest", "floor", "ceil", "mse")
+MSE_CANDIDATES = (-1, 0, 1, 2)  # exponents tried around floor(log2(scale)) by rounding="mse"
 
 
 def pow2(exponent: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,14 @@ def zero_point_for(
 @register_quantizer("pot")
 class PoTQuantizer(Quantizer):
     """Uniform quantizer whose scale is ``2**exponent``; ``rounding`` picks the exponent from the
-    calibrated float scale (``nearest`` in the log domain is the usual naive PoT baseline)."""
+    calibrated float scale (``nearest`` in the log domain is the usual naive PoT baseline).
+
+    ``rounding="mse"`` instead tries the exponents around the calibrated scale and keeps, per
+    channel, the one with the least squared error on the observed values: rounding a scale
+    down in the log domain can clip a layer's largest weights by up to 30 % (at 8 bits this
+    alone takes MobileNetV2's first layer to 7 % weight error), rounding up never clips. It
+    needs an observer that keeps samples (``observer="mse"``).
+    """
 
     def __init__(self, *args, rounding: str = "nearest", **kwargs):
         super().__init__(*args, **kwargs)
@@ -66,12 +74,52 @@ class PoTQuantizer(Quantizer):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rounding={self.rounding}"
 
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        self._samples = None
+        if self.rounding == "mse":
+            samples = getattr(self.observer, "samples", None)
+            if not samples:
+                raise ConfigError(
+                    f"{self._where()}: pot rounding 'mse' needs the observed values; use "
+                    f"observer='mse' (got {self.observer.method!r}) or another rounding"
+                )
+            self._samples = torch.cat(samples, dim=1)
+        try:
+            super().finish_calibration()
+        finally:
+            self._samples = None
+
     def init_from_params(self, scale, zero_point, lo, hi) -> None:
         dev = self.exponent.device
         t = torch.log2(scale.reshape(-1).to(dev, torch.float32))
-        k = {"nearest": torch.round, "floor": torch.floor, "ceil": torch.ceil}[self.rounding](t)
         self.clip_lo = torch.minimum(lo.reshape(-1).to(dev, torch.float32), torch.zeros(1, device=dev))
+        samples = getattr(self, "_samples", None)
+        if self.rounding == "mse" and samples is not None:
+            k = self._least_error_exponent(torch.floor(t), samples.to(dev))
+        else:
+            pick = {"floor": torch.floor, "ceil": torch.ceil}.get(self.rounding, torch.round)
+            k = pick(t)
         self.set_exponent(k.clamp(MIN_EXPONENT, MAX_EXPONENT))
+
+    def _least_error_exponent(self, base: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+        """Per channel, the exponent in ``base + MSE_CANDIDATES`` with the least squared error
+        on ``data`` ([C, n] observed values), the zero-point recomputed for each candidate."""
+        qmin, qmax = self.qrange
+        lo = self.clip_lo.expand_as(base)
+        data = data.float()
+        best_k, best_err = base, torch.full_like(base, float("inf"))
+        for d in MSE_CANDIDATES:
+            k = (base + d).clamp(MIN_EXPONENT, MAX_EXPONENT)
+            scale = pow2(k)
+            zp = torch.zeros_like(k) if self.symmetric else zero_point_for(lo, scale, qmin, qmax)
+            s, z = scale[:, None], zp[:, None]
+            q = (torch.clamp(torch.round(data / s) + z, qmin, qmax) - z) * s
+            err = (q - data).pow(2).mean(dim=1)
+            better = err < best_err
+            best_k = torch.where(better, k, best_k)
+            best_err = torch.where(better, err, best_err)
+        return best_k
 
     @torch.no_grad()
     def set_exponent(self, exponent: torch.Tensor) -> None:
