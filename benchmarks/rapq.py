@@ -56,8 +56,8 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
                       workers=args.workers if info["dataset"] != "cifar10" else 0)
     device = torch.device(args.device)
     if device.type == "cuda":
-        # TF32 convolutions (torch's default on recent GPUs) are too coarse for layers whose
-        # outputs are small differences of large products (MobileNetV2's first depthwise conv)
+        # float32 arithmetic, as on the CPU (torch lets cuDNN use TF32 by default), so GPU
+        # rows compare with CPU rows
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.benchmark = False
