@@ -218,11 +218,7 @@ def test_saved_rapq_model_reloads_exactly(setup, tmp_path):
         assert torch.equal(again(x), q(x))
 
 
-def test_quick_batch_is_automatic_by_image_size(setup):
-    from lowbit.ptq.rapq import auto_quick_batch
-
-    assert auto_quick_batch(torch.zeros(2, 3, 32, 32)) == 32
-    assert auto_quick_batch(torch.zeros(2, 3, 224, 224)) == 8
+def test_quick_batch_default_and_override_are_recorded(setup):
     model, x = setup
     q = lowbit.ptq(model, "rapq-quick", batches(x), QuantConfig.uniform(4, 4), x[:2],
                    quick_iters=2, progress=False)
