@@ -264,7 +264,7 @@ def rapq_ptq(
     observer: str = "mse",
     quick_iters: int = 300,
     quick_lr: float = 0.01,
-    quick_batch_size: int = QUICK_BATCH,
+    quick_batch_size: int | None = None,
     bn_guided: bool | None = None,
     bias_correction: bool = False,
     num_batches: int | None = None,
@@ -300,6 +300,7 @@ def rapq_ptq(
     info["seconds_calibrate"] = time.perf_counter() - t
     float_means = float_output_means(qmodel, x) if bias_correction else None
     if method in {"rapq-quick", "rapq"}:
+        quick_batch_size = quick_batch_size or QUICK_BATCH
         info["quick_batch_size"] = quick_batch_size
         info["quick"] = adjust_scales(qmodel, x, iters=quick_iters, batch_size=quick_batch_size,
                                       lr=quick_lr, seed=seed, chunk=chunk, progress=progress)
