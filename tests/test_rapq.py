@@ -104,12 +104,18 @@ def test_rapq_exports_exact_pow2_and_integer_zero_points(setup):
     assert not [n for n, p in q.named_parameters() if "log2" in n], "no relaxed state is left"
 
 
-def test_quick_never_worse_than_naive_pot(setup):
-    model, x = setup
+def naive_and_quick(model, x, quick_iters):
+    """The same model quantized by naive PoT and by RAPQ quick mode at W4A4."""
     cfg = QuantConfig.uniform(4, 4)
     naive = lowbit.ptq(model, "pot", batches(x), cfg, x[:2], progress=False)
-    quick = lowbit.ptq(model, "rapq-quick", batches(x), cfg, x[:2], quick_iters=40,
+    quick = lowbit.ptq(model, "rapq-quick", batches(x), cfg, x[:2], quick_iters=quick_iters,
                        progress=False)
+    return naive, quick
+
+
+def test_quick_never_worse_than_naive_pot(setup):
+    model, x = setup
+    naive, quick = naive_and_quick(model, x, quick_iters=40)
     info = quick.lowbit_rapq["quick"]
     assert info["adjusted_error"] <= info["naive_error"]
     assert out_error(quick, model, x) <= out_error(naive, model, x) + 1e-9
@@ -230,10 +236,7 @@ def test_quick_batch_default_and_override_are_recorded(setup):
 
 def test_rapq_starts_from_least_error_exponents_naive_pot_from_nearest(setup):
     model, x = setup
-    cfg = QuantConfig.uniform(4, 4)
-    naive = lowbit.ptq(model, "pot", batches(x), cfg, x[:2], progress=False)
-    quick = lowbit.ptq(model, "rapq-quick", batches(x), cfg, x[:2], quick_iters=0,
-                       progress=False)
+    naive, quick = naive_and_quick(model, x, quick_iters=0)
     assert {m.rounding for m in naive.modules() if isinstance(m, PoTQuantizer)} == {"nearest"}
     assert {m.rounding for m in quick.modules() if isinstance(m, PoTQuantizer)} == {"mse"}
     for (name, a), (_, b) in zip(quant_layers(naive), quant_layers(quick), strict=True):

@@ -7,8 +7,9 @@ Four registered methods, all on the same prepared model and calibration tensor:
   relaxed to a continuous value and trained jointly so that the network's output matches the
   float output, which trades rounding error (small scales) against clipping error (large
   scales) across all layers at once; a short second phase trains through the rounded
-  exponents (straight-through) before they are fixed. If the result is worse than the naive
-  exponents on the calibration set, the naive ones are kept.
+  exponents (straight-through) before they are fixed. It starts from the least-error
+  exponent per channel; if the result is worse than that start on the calibration set, the
+  start is kept.
 * ``rapq``: quick, then BN-guided block reconstruction (AdaRound-style rounding, PoT scales
   learned with straight-through exponents, loss = block output error + the mismatch of
   pre-activation statistics against the float model's BatchNorm statistics).
@@ -77,9 +78,9 @@ def gather_inputs(calib_data: Iterable, num_batches: int | None = None) -> torch
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-# Images per scale-adjustment step, at every input size. 8 at 224 px is 2.5x faster, but
-# MobileNetV2 W4A8 RAPQ then reached 24.99 % against 71.87 % (CPU) and 71.11 % (GPU) with 32
-# (benchmarks/results/rapq*.json), so speed is not bought with it.
+# Images per scale-adjustment step, at every input size. 8 at 224 px is about 4x faster
+# (264 s vs 1,138 s on MobileNetV2), but MobileNetV2 W4A8 RAPQ then reached 24.99 % against
+# 71.87 % (CPU) and 71.11 % (GPU) with 32 (benchmarks/results/rapq*.json).
 QUICK_BATCH = 32
 
 
@@ -126,7 +127,8 @@ def adjust_scales(
 ) -> dict[str, Any]:
     """RAPQ's network-wide adjustment of all power-of-two exponents at once (in place).
 
-    Returns the calibration output error of the naive exponents and of the adjusted ones, and
+    Returns the calibration output error of the starting exponents (``naive_error``: as the
+    quantizers were calibrated, nearest or least-error) and of the adjusted ones, and
     whether the adjusted ones were kept (they are only when they do not do worse).
     """
     if iters < 0 or batch_size < 1:

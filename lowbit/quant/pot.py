@@ -57,9 +57,9 @@ class PoTQuantizer(Quantizer):
 
     ``rounding="mse"`` instead tries the exponents around the calibrated scale and keeps, per
     channel, the one with the least squared error on the observed values: rounding a scale
-    down in the log domain can clip a layer's largest weights by up to 29 % (at 8 bits this
-    alone takes MobileNetV2's first layer to 7 % weight error), rounding up never clips. It
-    needs an observer that keeps samples (``observer="mse"``).
+    down in the log domain can clip a layer's largest weights by up to 29 %, rounding up never
+    clips, and which costs less depends on the values. It needs an observer that keeps samples
+    (``observer="mse"``).
     """
 
     def __init__(self, *args, rounding: str = "nearest", **kwargs):
