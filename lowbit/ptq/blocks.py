@@ -79,24 +79,34 @@ def run_chunked(fn: Callable, args: tuple, kwargs: dict, n: int, chunk: int):
     """Apply ``fn`` to every batch-sized slice of the tensors of length ``n`` in ``args``.
 
     Values without the batch dimension (shapes, constants) pass unchanged; an output that
-    is not batched (``x.shape``) is computed once on the full arguments.
+    is not batched (``x.shape``) is computed once on the full arguments. Chunks are written
+    into one preallocated output (in the first chunk's memory format), so a large output
+    never exists twice, as it would while concatenating a list of chunks.
     """
 
     def sl(v, s):
         return v[s] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
 
-    outs = []
+    out = None
     with torch.no_grad():
         for start in range(0, n, chunk):
             s = slice(start, min(start + chunk, n))
             a = fx.node.map_aggregate(args, lambda v, s=s: sl(v, s))
             k = fx.node.map_aggregate(kwargs, lambda v, s=s: sl(v, s))
-            out = fn(*a, **k)
-            if not (isinstance(out, torch.Tensor) and out.dim() > 0
-                    and out.shape[0] == s.stop - s.start):
+            part = fn(*a, **k)
+            if not (isinstance(part, torch.Tensor) and part.dim() > 0
+                    and part.shape[0] == s.stop - s.start):
                 return fn(*args, **kwargs)
-            outs.append(out)
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+            if s.stop - s.start == n:
+                return part
+            if out is None:
+                fmt = (torch.channels_last if part.dim() == 4 and not part.is_contiguous()
+                       and part.is_contiguous(memory_format=torch.channels_last)
+                       else torch.contiguous_format)
+                out = torch.empty((n, *part.shape[1:]), dtype=part.dtype, device=part.device,
+                                  memory_format=fmt)
+            out[s] = part
+    return out
 
 
 def _node_fn(node: fx.Node, root: nn.Module) -> Callable:
@@ -122,14 +132,15 @@ def walk_units(
     fp_root: nn.Module,
     q_root: nn.Module,
     inputs: torch.Tensor,
-    on_unit: Callable[[str, tuple, tuple, torch.Tensor], None],
+    on_unit: Callable[[str, tuple, torch.Tensor], None],
     chunk: int = 64,
 ) -> None:
     """Propagate the calibration set through ``graph`` on the float and the quantized model.
 
-    At each unit, ``on_unit(name, fp_args, q_args, fp_out)`` may change the quantized unit
+    At each unit, ``on_unit(name, q_args, fp_out)`` may change the quantized unit
     (reconstruct it); its quantized output is computed afterwards, so later units see the
-    already-reconstructed earlier ones, as BRECQ does. Intermediates are freed at last use.
+    already-reconstructed earlier ones, as BRECQ does. Intermediates are freed at last use,
+    the float ones before ``on_unit`` runs: at 224 px the first blocks' inputs are gigabytes.
     """
     units = set(units)
     nodes = list(graph.nodes)
@@ -151,15 +162,22 @@ def walk_units(
         else:
             fp_args = fx.node.map_arg(node.args, lambda a: env_fp[a])
             fp_kwargs = fx.node.map_arg(node.kwargs, lambda a: env_fp[a])
+            fp_out = run_chunked(_node_fn(node, fp_root), fp_args, fp_kwargs, n, chunk)
+            del fp_args, fp_kwargs
+            _release(env_fp, node, i, last_use)
             q_args = fx.node.map_arg(node.args, lambda a: env_q[a])
             q_kwargs = fx.node.map_arg(node.kwargs, lambda a: env_q[a])
-            fp_out = run_chunked(_node_fn(node, fp_root), fp_args, fp_kwargs, n, chunk)
             if node.op == "call_module" and node.target in units:
-                on_unit(node.target, fp_args, q_args, fp_out)
+                on_unit(node.target, q_args, fp_out)
             env_fp[node] = fp_out
             env_q[node] = run_chunked(_node_fn(node, q_root), q_args, q_kwargs, n, chunk)
-        for inp in node.all_input_nodes:
-            if last_use.get(inp) == i:
-                env_fp.pop(inp, None)
-                env_q.pop(inp, None)
+            del q_args, q_kwargs, fp_out
+        _release(env_fp, node, i, last_use)
+        _release(env_q, node, i, last_use)
 
+
+def _release(env: dict, node: fx.Node, i: int, last_use: dict) -> None:
+    """Drop the values whose last consumer is ``node`` (the ``i``-th)."""
+    for inp in node.all_input_nodes:
+        if last_use.get(inp) == i:
+            env.pop(inp, None)

@@ -369,7 +369,7 @@ def reconstruct(
     report = ReconReport()
     t0 = time.perf_counter()
 
-    def on_unit(name, fp_args, q_args, fp_out):
+    def on_unit(name, q_args, fp_out):
         unit = qmodel.get_submodule(name)
         prefix = name + "."
         unit_bn = {}
