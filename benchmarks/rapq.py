@@ -8,6 +8,7 @@ jobs may share the cores. Results: benchmarks/results/rapq.{csv,json}.
     python benchmarks/rapq.py --models mobilenet_v2_tflite --methods pot rapq-quick rapq \\
         --iters 300 --settings W4A4
     python benchmarks/rapq.py --models mobilenet_v2_tflite --methods pot+bc --settings W4A8
+    python benchmarks/rapq.py --models mobilenet_v2_tflite --methods rapq+dw brecq+dw --settings W4A4
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from common import MODELS, RESULTS, data_root, load_rows, run_child, save_rows, 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 BASE_METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
 # "+bc": the same method followed by empirical bias correction (lowbit.ptq.bias_correction);
-# "+nobn": reconstruction without the BatchNorm-statistics term (the BN-guidance ablation)
-METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS]
-           + ["rapq+nobn", "brecq+nobn"])
+# "+nobn": reconstruction without the BatchNorm-statistics term (the BN-guidance ablation);
+# "+dw": one activation scale per channel at depthwise-conv inputs (dw_act_per_channel)
+METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS] + [m + "+dw" for m in BASE_METHODS]
+           + ["rapq+nobn", "brecq+nobn", "rapq+dw+bc", "brecq+dw+bc"])
 FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
           "float_top1", "iters", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
@@ -73,8 +75,8 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     if base in {"rapq", "brecq"}:
         opts["iters"] = args.iters
     t = time.perf_counter()
-    q = ptq(net, base, data.calib, QuantConfig.uniform(w_bits, a_bits), data.example,
-            progress=False, **opts)
+    config = QuantConfig.uniform(w_bits, a_bits, dw_act_per_channel="dw" in flags)
+    q = ptq(net, base, data.calib, config, data.example, progress=False, **opts)
     ptq_seconds = time.perf_counter() - t
     t = time.perf_counter()
     res = evaluate(q, data.eval, reference=net, progress=False)

@@ -59,8 +59,14 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
         help="first and last layer policy (default 8bit, as the papers do)",
     )
     p.add_argument(
+        "--dw-act-per-channel", action="store_true",
+        help="one activation scale per channel at depthwise-conv inputs (integer-runnable when "
+             "the producing conv requantizes per channel; helps MobileNet-style models at A4)",
+    )
+    p.add_argument(
         "--config", default=None,
-        help="a lowbit config (YAML/JSON); overrides --w-bits/--a-bits/--per-tensor/--first-last",
+        help="a lowbit config (YAML/JSON); overrides --w-bits/--a-bits/--per-tensor/--first-last/"
+             "--dw-act-per-channel",
     )
 
 
@@ -145,7 +151,8 @@ def _config_from_args(args):
     if args.config:
         return QuantConfig.load(args.config)
     return QuantConfig.uniform(
-        args.w_bits, args.a_bits, per_channel=not args.per_tensor, first_last=args.first_last
+        args.w_bits, args.a_bits, per_channel=not args.per_tensor, first_last=args.first_last,
+        dw_act_per_channel=args.dw_act_per_channel,
     )
 
 

@@ -100,11 +100,17 @@ class EdgePolicy(str, Enum):
     FLOAT = "float"
 
 
+# Type label of a Conv2d with one input channel per group. ``type:DepthwiseConv2d`` selects
+# these alone; ``type:Conv2d`` still selects every Conv2d, depthwise included.
+DEPTHWISE = "DepthwiseConv2d"
+
+
 class LayerRule(BaseModel):
     """Overrides for the layers that ``match`` selects.
 
     ``match`` is an exact module name (``layer1.0.conv1``), a glob (``layer3.*``), or a type
-    (``type:Linear``). ``weight``/``act`` hold partial :class:`QuantizerSpec` fields.
+    (``type:Linear``, ``type:DepthwiseConv2d``). ``weight``/``act`` hold partial
+    :class:`QuantizerSpec` fields.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -131,7 +137,8 @@ class LayerRule(BaseModel):
 
     def matches(self, name: str, type_name: str) -> bool:
         if self.match.startswith("type:"):
-            return self.match[5:] == type_name
+            want = self.match[5:]
+            return want == type_name or (want == "Conv2d" and type_name == DEPTHWISE)
         if self.specificity == 1:
             return fnmatch.fnmatchcase(name, self.match)
         return self.match == name
@@ -180,9 +187,18 @@ class QuantConfig(BaseModel):
         observer: str = "minmax",
         per_channel: bool = True,
         first_last: EdgePolicy | str = EdgePolicy.INT8,
+        dw_act_per_channel: bool = False,
         **kwargs: Any,
     ) -> QuantConfig:
-        """The common case: one bitwidth for weights, one for activations."""
+        """The common case: one bitwidth for weights, one for activations.
+
+        ``dw_act_per_channel`` gives the inputs of depthwise convs one scale per channel. Each
+        output channel of a depthwise conv reads one input channel, so the input scale folds
+        into that channel's weight scale and output requantization, as per-channel weight
+        scales do: integer hardware runs it when the producer of that input (a conv, as in
+        MobileNetV2 and EfficientNet) requantizes per channel. It rescues channels whose range is
+        a small fraction of the tensor's, which one low-bit scale rounds to zero.
+        """
         weight = _validate(
             QuantizerSpec,
             dict(kind=kind, bits=w_bits, signed=True, symmetric=True, per_channel=per_channel,
@@ -198,6 +214,9 @@ class QuantConfig(BaseModel):
                 "act",
             )
         policy = EdgePolicy(first_last)
+        if dw_act_per_channel and act is not None:
+            rule = {"match": f"type:{DEPTHWISE}", "act": {"per_channel": True, "ch_axis": 1}}
+            kwargs["layers"] = [rule, *kwargs.get("layers", [])]
         return _validate(
             cls, dict(weight=weight, act=act, first_layer=policy, last_layer=policy, **kwargs),
             "config",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import LayerPlan, QuantConfig
+from .config import DEPTHWISE, LayerPlan, QuantConfig
 from .errors import CalibrationError, ConfigError
 from .nn.layers import QUANT_LAYERS, QuantLayerMixin
 from .quant.base import Quantizer, QuantMode
@@ -158,6 +158,16 @@ def fold_batchnorm(model: nn.Module, example_inputs=None) -> list[tuple[str, str
     return pairs
 
 
+def type_label(mod: nn.Module, cls: type | None = None) -> str:
+    """The type name config rules match: the class name (of ``cls`` when given, e.g. the float
+    class of a quantized layer), or ``DepthwiseConv2d`` for a depthwise Conv2d."""
+    name = (cls or type(mod)).__name__
+    groups = getattr(mod, "groups", 1)
+    if name == "Conv2d" and groups > 1 and groups == getattr(mod, "in_channels", 0):
+        return DEPTHWISE
+    return name
+
+
 def _why_float(mod: nn.Module) -> str | None:
     """Reason a parameterised leaf stays float, or None if it has no parameters."""
     if not any(True for _ in mod.parameters(recurse=False)):
@@ -190,7 +200,7 @@ def prepare(
         report.folded = fold_batchnorm(model, example_inputs)
     order = execution_order(model, example_inputs)
     leaves = dict(_leaf_modules(model))
-    quantizable = [(n, type(leaves[n]).__name__) for n in order if type(leaves[n]) in QUANT_LAYERS]
+    quantizable = [(n, type_label(leaves[n])) for n in order if type(leaves[n]) in QUANT_LAYERS]
     plans: dict[str, LayerPlan] = config.resolve(quantizable)
     if quantizable:
         report.first_layer, report.last_layer = quantizable[0][0], quantizable[-1][0]

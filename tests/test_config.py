@@ -79,3 +79,23 @@ def test_uniform_helper_sets_both_edges():
     cfg = QuantConfig.uniform(2, 4, first_last="float")
     assert cfg.weight.bits == 2 and cfg.act.bits == 4
     assert cfg.first_layer is EdgePolicy.FLOAT and cfg.last_layer is EdgePolicy.FLOAT
+
+
+def test_depthwise_type_rule_selects_depthwise_convs_only():
+    model = tiny()
+    x = torch.randn(2, 3, 8, 8)
+    q = prepare(model, QuantConfig.uniform(4, 4, dw_act_per_channel=True), x)
+    assert q.dw.input_quant.per_channel and q.dw.input_quant.ch_axis == 1
+    assert not q.stem.input_quant.per_channel and not q.fc.input_quant.per_channel
+    # type:Conv2d still selects every Conv2d, the depthwise one included
+    cfg = QuantConfig.uniform(4, 4, first_last="same").model_copy(
+        update={"layers": [LayerRule(match="type:Conv2d", a_bits=6)]})
+    q = prepare(model, cfg, x)
+    assert q.dw.input_quant.bits == 6 and q.stem.input_quant.bits == 6
+    assert q.fc.input_quant.bits == 4
+
+
+def test_dw_act_per_channel_round_trips_and_is_off_without_activations(tmp_path):
+    cfg = QuantConfig.uniform(4, 4, dw_act_per_channel=True)
+    assert QuantConfig.load(cfg.save(tmp_path / "c.yaml")) == cfg
+    assert QuantConfig.uniform(4, None, dw_act_per_channel=True).layers == []

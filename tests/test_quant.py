@@ -240,3 +240,17 @@ def test_set_bits_changes_levels():
     assert q.bits == 3 and q.qrange == (-4, 3)
     with pytest.raises(ConfigError):
         q.set_bits(12)
+
+
+def test_mse_observer_bounds_per_channel_activation_samples_and_keeps_weights_whole():
+    from lowbit.quant.observers import MSEObserver
+
+    obs = MSEObserver(axis=1, max_samples=1 << 12, min_per_channel=256)
+    for _ in range(20):
+        obs.update(torch.rand(4, 32, 16, 16))
+    assert sum(s.shape[1] for s in obs.samples) <= 256
+    assert obs.samples[0].shape[0] == 32
+    w = torch.randn(64, 8, 3, 3)
+    wobs = MSEObserver(axis=0, max_samples=1 << 12, min_per_channel=256)
+    wobs.update(w)
+    assert torch.equal(torch.cat(wobs.samples, 1), w.reshape(64, -1))

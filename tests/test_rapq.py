@@ -244,3 +244,24 @@ def test_rapq_starts_from_least_error_exponents_naive_pot_from_nearest(setup):
         err_naive = (a.weight_quant(w) - w).pow(2).flatten(1).mean(1)
         err_quick = (b.weight_quant(w) - w).pow(2).flatten(1).mean(1)
         assert (err_quick <= err_naive * (1 + 1e-6) + 1e-12).all(), name
+
+
+def test_rapq_depthwise_inputs_per_channel_stay_integer_pow2():
+    """Per-channel activation exponents at a depthwise input survive quick mode and block
+    reconstruction as one integer exponent and zero-point per channel."""
+    from tests.helpers import tiny
+
+    torch.manual_seed(0)
+    model = tiny()
+    x = torch.rand(32, 3, 8, 8)
+    cfg = QuantConfig.uniform(4, 4, dw_act_per_channel=True)
+    q = lowbit.ptq(model, "rapq", batches(x), cfg, x[:2], **FAST)
+    aq = q.dw.input_quant
+    assert isinstance(aq, PoTQuantizer) and aq.per_channel and aq.ch_axis == 1
+    scale, zp = aq.scale_zero_point()
+    assert aq.exponent.dtype == torch.int32 and aq.exponent.shape == (8,)
+    assert torch.equal(scale, torch.exp2(aq.exponent.float()))
+    assert torch.equal(zp, torch.round(zp))
+    assert not q.stem.input_quant.per_channel
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all()

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import ConfigError
 from ..nn.layers import QUANT_LAYERS
-from ..prepare import calibrate, quant_layers
+from ..prepare import calibrate, quant_layers, type_label
 from ..quant.base import MAX_BITS, MIN_BITS, Quantizer
 from ..quant.lsq import LSQQuantizer
 from .checkpoint import load_checkpoint
@@ -84,7 +84,7 @@ def apply_bits(model: nn.Module, config: QuantConfig) -> dict[str, tuple[int, in
     rules as ``prepare``); returns the new ``{layer: (w_bits, a_bits)}``."""
     reverse = {v: k for k, v in QUANT_LAYERS.items()}
     layers = list(quant_layers(model))
-    plans = config.resolve([(n, reverse[type(m)].__name__) for n, m in layers])
+    plans = config.resolve([(n, type_label(m, reverse[type(m)])) for n, m in layers])
     out = {}
     for name, mod in layers:
         plan = plans[name]

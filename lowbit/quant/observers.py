@@ -120,12 +120,17 @@ class MSEObserver(Observer):
     """Clipping range minimising the mean squared quantization error on the observed data.
 
     Keeps a bounded, evenly strided sample of the values per channel and grid-searches a
-    shrink factor of the min-max range, vectorised over channels.
+    shrink factor of the min-max range, vectorised over channels. Per-channel activations
+    (hundreds of channels of 100k+ values each) keep ``max_samples / channels`` values per
+    channel, at least ``min_per_channel``: the full per-tensor budget for every channel would
+    cost gigabytes and minutes, for a 4-bit range that needs far fewer values.
     """
 
-    def __init__(self, axis: int | None = None, max_samples: int = 1 << 18, grid: int = 80):
+    def __init__(self, axis: int | None = None, max_samples: int = 1 << 18, grid: int = 80,
+                 min_per_channel: int = 1 << 14):
         super().__init__(axis)
         self.max_samples = max_samples
+        self.min_per_channel = min_per_channel
         self.grid = grid
         self.samples: list[torch.Tensor] = []
 
@@ -134,13 +139,20 @@ class MSEObserver(Observer):
         self.samples = []
 
     def _update(self, flat: torch.Tensor) -> None:
-        per_batch = max(1, self.max_samples // 16)
-        step = max(1, flat.shape[1] // per_batch)
+        channels, n = flat.shape
+        if channels == 1:
+            budget = self.max_samples
+            per_batch = budget // 16
+        else:
+            # a tensor that fits (a weight) is kept whole; activations: 1/16 of the budget
+            budget = max(self.min_per_channel, self.max_samples // channels)
+            per_batch = n if n <= budget else budget // 16
+        step = max(1, n // max(1, per_batch))
         self.samples.append(flat[:, ::step].clone())
         total = sum(s.shape[1] for s in self.samples)
-        if total > self.max_samples:
+        if total > budget:
             merged = torch.cat(self.samples, dim=1)
-            self.samples = [merged[:, :: max(2, merged.shape[1] // self.max_samples)]]
+            self.samples = [merged[:, :: max(2, merged.shape[1] // budget)]]
 
     @torch.no_grad()
     def compute_range(self, qrange):
