@@ -246,9 +246,11 @@ def test_rapq_starts_from_least_error_exponents_naive_pot_from_nearest(setup):
         assert (err_quick <= err_naive * (1 + 1e-6) + 1e-12).all(), name
 
 
-def test_rapq_depthwise_inputs_per_channel_stay_integer_pow2():
-    """Per-channel activation exponents at a depthwise input survive quick mode and block
-    reconstruction as one integer exponent and zero-point per channel."""
+def test_rapq_depthwise_inputs_per_channel_stay_integer_pow2(tmp_path):
+    """Per-channel activation exponents at a depthwise input survive quick mode, block
+    reconstruction and a save/load round trip as one integer exponent and zero-point per
+    channel."""
+    from lowbit.pipeline import load_quantized, save_quantized
     from tests.helpers import tiny
 
     torch.manual_seed(0)
@@ -263,5 +265,9 @@ def test_rapq_depthwise_inputs_per_channel_stay_integer_pow2():
     assert torch.equal(scale, torch.exp2(aq.exponent.float()))
     assert torch.equal(zp, torch.round(zp))
     assert not q.stem.input_quant.per_channel
+    save_quantized(q, tmp_path / "q")
+    again = load_quantized(model, tmp_path / "q", x[:2])
+    assert torch.equal(again.dw.input_quant.exponent, aq.exponent)
     with torch.no_grad():
         assert torch.isfinite(q(x)).all()
+        assert torch.equal(again(x), q(x))
