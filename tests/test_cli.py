@@ -90,3 +90,15 @@ def test_bad_calibration_size(capsys):
 def test_unknown_method(capsys):
     rc, _, err = run(capsys, "ptq", "-m", "digits_cnn", "--method", "magic")
     assert rc == 2 and "unknown --method 'magic'" in err
+
+
+def test_ptq_dw_act_per_channel_flag_reaches_the_saved_config(capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    rc, _, err = run(capsys, "ptq", "-m", "digits_cnn", "--method", "mse", "--a-bits", "4",
+                     "--dw-act-per-channel", "--calib-size", "32", "--eval-size", "32",
+                     "--no-progress", "-o", str(out_json))
+    assert rc == 0, err
+    rules = json.loads(out_json.read_text())["config"]["layers"]
+    assert rules == [{"match": "type:DepthwiseConv2d", "keep_float": False, "w_bits": None,
+                      "a_bits": None, "weight": None,
+                      "act": {"per_channel": True, "ch_axis": 1}}]
