@@ -57,12 +57,12 @@ def stats(model_name: str, images: int, bits: int) -> list[dict]:
     for name in dws:
         t_lo, t_hi = min(float(lo[name].min()), 0.0), float(hi[name].max())
         step = (t_hi - t_lo) / (2 ** bits - 1)
-        span = hi[name] - lo[name].clamp(max=0)
+        reach = torch.maximum(hi[name].abs(), lo[name].abs())  # farthest value from zero
         rows.append(dict(
             model=model_name, layer=name, channels=int(hi[name].numel()), images=seen, bits=bits,
-            tensor_max=t_hi, dead=int((hi[name] <= 0).sum()),
-            below_half_step=int(((span > 0) & (span < step / 2)).sum()),
-            below_two_steps=int(((span > 0) & (span < 2 * step)).sum()),
+            tensor_max=t_hi, dead=int((reach == 0).sum()),
+            below_half_step=int(((reach > 0) & (reach < step / 2)).sum()),
+            below_two_steps=int(((reach > 0) & (reach < 2 * step)).sum()),
         ))
     return rows
 

@@ -172,8 +172,7 @@ def walk_units(
             env_fp[node] = fp_out
             env_q[node] = run_chunked(_node_fn(node, q_root), q_args, q_kwargs, n, chunk)
             del q_args, q_kwargs, fp_out
-        _release(env_fp, node, i, last_use)
-        _release(env_q, node, i, last_use)
+            _release(env_q, node, i, last_use)
 
 
 def _release(env: dict, node: fx.Node, i: int, last_use: dict) -> None:
