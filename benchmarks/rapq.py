@@ -28,8 +28,12 @@ SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 BASE_METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
 # "+bc": the same method followed by empirical bias correction (lowbit.ptq.bias_correction);
 # "+nobn": reconstruction without the BatchNorm-statistics term (the BN-guidance ablation);
-# "+dw": one activation scale per channel at depthwise-conv inputs (dw_act_per_channel)
+# "+dw": one activation scale per channel at depthwise-conv inputs (dw_act_per_channel);
+# "+rs" / "+rsall": power-of-two-aware rescaling of the conv -> ReLU6 -> depthwise pairs /
+# of every conv -> ReLU6 -> conv pair first (pot_rescale "depthwise" / "all"; PoT methods)
+RESCALED = [m + f for m in BASE_METHODS if m != "brecq" for f in ("+dw+rs", "+dw+rsall", "+rs")]
 METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS] + [m + "+dw" for m in BASE_METHODS]
+           + RESCALED
            + ["rapq+nobn", "brecq+nobn", "rapq+dw+bc", "brecq+dw+bc"])
 FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
           "float_top1", "iters", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
@@ -69,6 +73,8 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     opts = {"bias_correction": True} if "bc" in flags else {}
     if "nobn" in flags:
         opts["bn_guided"] = False
+    if "rs" in flags or "rsall" in flags:
+        opts["pot_rescale"] = "depthwise" if "rs" in flags else "all"
     if base in {"rapq", "rapq-quick"}:
         opts["quick_iters"] = args.quick_iters
         opts["quick_batch_size"] = args.quick_batch_size
@@ -106,6 +112,7 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
         peak_gpu_mib=(torch.cuda.max_memory_allocated(device) / 2**20
                       if device.type == "cuda" else None),
         units=rinfo.get("units"),
+        pot_rescale=rinfo.get("pot_rescale"),
     )
 
 

@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--bias-correction", action="store_true",
                     help="re-centre each quantized layer's output mean on the float model's "
                     "(empirical bias correction, last step; any method)")
+    pq.add_argument("--pot-rescale", nargs="?", const="depthwise", default=None,
+                    choices=["depthwise", "all"],
+                    help="pot/rapq-quick/rapq: before the scale search, rescale each conv -> "
+                    "ReLU6 -> depthwise conv pair ('all': every conv -> ReLU6 -> conv pair) so "
+                    "their power-of-two grids fit better, the float model unchanged; best with "
+                    "--dw-act-per-channel")
     pq.add_argument("--output", "-o", default=None, help="write results JSON here")
     pq.add_argument("--save", default=None, help="save the quantized model to this folder")
     from .qat.cli import add_parser as add_qat_parser
@@ -237,7 +243,8 @@ def _ptq_options(args) -> dict:
     bn = {"auto": None, "on": True, "off": False}
     given = {"iters": args.iters, "quick_iters": args.quick_iters,
              "bn_guided": bn[args.bn_guided] if args.bn_guided else None,
-             "bias_correction": True if args.bias_correction else None}
+             "bias_correction": True if args.bias_correction else None,
+             "pot_rescale": args.pot_rescale}
     opts = {k: v for k, v in given.items() if v is not None or (k == "bn_guided" and args.bn_guided)}
     params = inspect.signature(PTQ_METHODS[args.method]).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())

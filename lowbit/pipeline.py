@@ -112,6 +112,9 @@ def load_quantized(model: nn.Module, directory: str | Path, example_inputs) -> n
         state = load_file(str(path))
     except Exception as exc:
         raise ModelError(f"could not read {path}: {exc}; the file is missing or corrupt") from None
+    from .ptq.pot_rescale import restore_clamps
+
+    restore_clamps(qmodel, state)  # ReLU6s that power-of-two rescaling made per-channel
     expected = set(qmodel.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)

@@ -1,5 +1,5 @@
 """Quantized layers."""
 
-from .layers import QUANT_LAYERS, QConv2d, QLinear, QuantLayerMixin
+from .layers import QUANT_LAYERS, ChannelClamp, QConv2d, QLinear, QuantLayerMixin
 
-__all__ = ["QUANT_LAYERS", "QConv2d", "QLinear", "QuantLayerMixin"]
+__all__ = ["QUANT_LAYERS", "ChannelClamp", "QConv2d", "QLinear", "QuantLayerMixin"]

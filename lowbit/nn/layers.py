@@ -90,3 +90,23 @@ class QLinear(QuantLayerMixin, nn.Linear):
 
 
 QUANT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
+
+
+class ChannelClamp(nn.Module):
+    """``clamp(x, 0, upper[c])`` with one upper bound per channel (axis 1).
+
+    What ReLU6 becomes when its input channels are divided by per-channel factors ``f_c``
+    (``relu6(x) / f = clamp(x / f, 0, 6 / f)``); see :mod:`lowbit.ptq.pot_rescale`. The bounds
+    are a buffer, so a saved model keeps them.
+    """
+
+    def __init__(self, upper: torch.Tensor):
+        super().__init__()
+        self.register_buffer("upper", upper.detach().clone().float().reshape(-1))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.upper.numel()}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        upper = self.upper.to(x.dtype).reshape([1, -1] + [1] * (x.dim() - 2))
+        return torch.minimum(x.clamp_min(0), upper)

@@ -37,6 +37,8 @@ from ..quant.pot import PoTQuantizer
 from ..utils import model_device
 from .bias_correction import correct_bias, float_output_means
 from .blocks import run_chunked
+from .pot_rescale import MODES as RESCALE_MODES
+from .pot_rescale import rescale_pairs
 from .reconstruct import (
     ReconOptions,
     bn_targets,
@@ -269,6 +271,7 @@ def rapq_ptq(
     quick_batch_size: int | None = None,
     bn_guided: bool | None = None,
     bias_correction: bool = False,
+    pot_rescale: bool | str = False,
     num_batches: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -277,13 +280,25 @@ def rapq_ptq(
     """Quantize ``model`` with ``method`` (``pot``, ``rapq-quick``, ``rapq`` or ``brecq``).
 
     ``recon`` takes :class:`~lowbit.ptq.reconstruct.ReconOptions` fields (``iters``,
-    ``batch_size``, ``bn_weight``, ...). ``bias_correction`` re-centres every layer's output
+    ``batch_size``, ``bn_weight``, ...). ``pot_rescale`` (``True``/``"depthwise"`` or
+    ``"all"``) first slides the power-of-two grids of each ``conv -> ReLU6 -> depthwise conv``
+    (or every ``conv -> ReLU6 -> conv``) pair against each other, the float model unchanged
+    (:mod:`lowbit.ptq.pot_rescale`). ``bias_correction`` re-centres every layer's output
     on the float model's as the last step (:mod:`lowbit.ptq.bias_correction`). The returned
     model carries ``lowbit_rapq``: what ran, errors before/after each step, and where the time
     went.
     """
     t_start = time.perf_counter()
     _check_bits(config)
+    rescale_mode = "depthwise" if pot_rescale is True else pot_rescale
+    if rescale_mode and rescale_mode not in RESCALE_MODES:
+        raise ConfigError(f"pot_rescale must be True, False or one of {RESCALE_MODES}, "
+                          f"got {pot_rescale!r}")
+    if rescale_mode and method == "brecq":
+        raise ConfigError(
+            "pot_rescale fits power-of-two grids; 'brecq' uses float scales, which rescaling "
+            "leaves as good as before: use it with 'pot', 'rapq-quick' or 'rapq'"
+        )
     reconstructs = method in {"rapq", "brecq"}
     opts = _recon_options(recon, progress, seed) if reconstructs else None
     if recon and not reconstructs:
@@ -300,6 +315,18 @@ def rapq_ptq(
     t = time.perf_counter()
     qmodel = _calibrated(model, config, x, example_inputs, chunk, progress)
     info["seconds_calibrate"] = time.perf_counter() - t
+    if rescale_mode:
+        t = time.perf_counter()
+        rep = rescale_pairs(qmodel, x, mode=rescale_mode, chunk=chunk, bn_targets=targets)
+        if not rep.rescaled:
+            raise ConfigError(
+                f"pot_rescale found nothing to rescale (it needs conv -> ReLU/ReLU6 -> conv "
+                f"pairs): {rep.summary()}")
+        log.info("rapq: %s", rep.summary())
+        qmodel = calibrate(qmodel, [x[i:i + chunk] for i in range(0, x.shape[0], chunk)],
+                           progress=progress)
+        info["pot_rescale"] = {"mode": rescale_mode, "rescaled": rep.rescaled,
+                               "skipped": rep.skipped, "seconds": time.perf_counter() - t}
     float_means = float_output_means(qmodel, x) if bias_correction else None
     if method in {"rapq-quick", "rapq"}:
         quick_batch_size = quick_batch_size or QUICK_BATCH

@@ -1,0 +1,365 @@
+"""Power-of-two-aware rescaling between layers, before RAPQ's scale search.
+
+A power-of-two scale can sit up to a factor sqrt(2) from the best float scale, and at 4 bits
+that wastes or clips much of a tensor's range; a depthwise conv, with nine weights per channel,
+suffers most (on MobileNetV2 it is most of the PoT-vs-float error of the first inverted
+residual).
+
+The pattern ``conv -> [BN, folded] -> ReLU/ReLU6 -> [zero pad] -> conv`` is positively
+homogeneous: dividing the producer's output channel ``c`` (weights and bias) by ``f_c > 0`` and
+multiplying the consumer's input channel ``c`` by ``f_c`` leaves the float network unchanged,
+ReLU6's clip becoming ``6 / f_c`` (:class:`~lowbit.nn.ChannelClamp`). In the original units
+this slides the power-of-two grids continuously: the producer's weights and the activation
+between by ``f_c``, the consumer's weights by ``1 / f_c``. The factor is chosen over one octave
+to minimise the sum of the relative squared quantization errors of those three tensors, each
+at its best exponent:
+
+* one factor per channel where the consumer is depthwise and its input has one scale per
+  channel (``dw_act_per_channel``);
+* one factor for the whole pair otherwise (a per-tensor activation scale must see every
+  channel scaled alike).
+
+The factors are folded into weights and a clamp bound, never applied at run time, so the
+integer model stays shift-only. Pairs are rescaled from the output backwards, so a conv that
+is consumer of one pair and producer of the next is fitted last by the pair before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import DEPTHWISE
+from ..errors import ConfigError
+from ..nn.layers import ChannelClamp, QuantLayerMixin
+from ..prepare import float_mode, type_label
+
+PASS_THROUGH = (nn.Identity, nn.ZeroPad2d, nn.ConstantPad2d)
+MODES = ("depthwise", "all")
+EXPONENT_TRIES = 5  # exponents tried below the one that covers the largest value, inclusive
+CHANNEL_CHUNK = 64  # rows evaluated at once (bounds the [rows, factors, samples] tensor)
+
+
+@dataclass
+class Chain:
+    """One ``producer -> act -> consumer`` pattern found in a prepared model."""
+
+    producer: str
+    act: str
+    consumer: str
+    depthwise: bool
+
+
+@dataclass
+class RescaleReport:
+    """What :func:`rescale_pairs` did, per consumer layer."""
+
+    rescaled: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"rescaled {len(self.rescaled)} layer pairs, skipped {len(self.skipped)}"]
+        lines += [f"  skipped {n}: {why}" for n, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _units(model: nn.Module) -> dict[str, nn.Module]:
+    """Leaf modules, with a quantized layer counted as one (its quantizers are inside it)."""
+    units: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if not name or any(name.startswith(q + ".") for q in units
+                           if isinstance(units[q], QuantLayerMixin)):
+            continue
+        if isinstance(mod, QuantLayerMixin) or not any(True for _ in mod.children()):
+            units[name] = mod
+    return units
+
+
+def _homogeneous_act(mod: nn.Module) -> bool:
+    """ReLU, ReLU6 (or a Hardtanh clipping at 0 from below): act(x / f) = act'(x) / f."""
+    if isinstance(mod, (nn.ReLU, ChannelClamp)):
+        return True
+    return isinstance(mod, nn.Hardtanh) and mod.min_val == 0.0 and mod.max_val > 0.0
+
+
+def _in_channels(mod: nn.Module) -> int | None:
+    if isinstance(mod, nn.Conv2d):
+        return mod.in_channels
+    return mod.in_features if isinstance(mod, nn.Linear) else None
+
+
+@torch.no_grad()
+def find_chains(qmodel: nn.Module, example: torch.Tensor,
+                mode: str = "depthwise") -> tuple[list[Chain], dict[str, str]]:
+    """Follow tensors through one float forward pass (hooks on every leaf) and return the
+    ``producer -> act -> consumer`` chains (into depthwise convs only, unless ``mode="all"``) in
+    execution order, and why other quantized layers do not qualify."""
+    if mode not in MODES:
+        raise ConfigError(f"rescale mode must be one of {MODES}, got {mode!r}")
+    leaves = _units(qmodel)
+    made_by: dict[int, str] = {}
+    fed_from: dict[str, int] = {}
+    uses: dict[int, int] = {}
+    order: list[str] = []
+    keep: list[torch.Tensor] = []  # holds every tensor so that no id() is reused in the pass
+
+    def hook(mod, inputs, out, name):
+        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+        if len(tensors) == 1 and out is tensors[0]:
+            return  # an identity (e.g. a folded BatchNorm) hands on the same tensor
+        order.append(name)
+        for t in tensors:
+            uses[id(t)] = uses.get(id(t), 0) + 1
+        if len(tensors) == 1:
+            fed_from[name] = id(tensors[0])
+        if isinstance(out, torch.Tensor):
+            made_by[id(out)] = name
+            keep.append(out)
+        keep.extend(tensors)
+
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
+               for n, m in leaves.items()]
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        with float_mode(qmodel):
+            qmodel(example)
+    finally:
+        for h in handles:
+            h.remove()
+        qmodel.train(was_training)
+
+    def upstream(name: str) -> tuple[str | None, bool]:
+        """The module feeding ``name`` and whether that tensor has no other module consumer."""
+        tid = fed_from.get(name)
+        if tid is None:
+            return None, False
+        return made_by.get(tid), uses.get(tid, 0) == 1
+
+    chains, skipped = [], {}
+    for name in dict.fromkeys(order):
+        mod = leaves[name]
+        if not isinstance(mod, QuantLayerMixin):
+            continue
+        depthwise = type_label(mod, nn.Conv2d) == DEPTHWISE
+        if mode == "depthwise" and not depthwise:
+            continue
+        if getattr(mod, "groups", 1) != 1 and not depthwise:
+            skipped[name] = "grouped (not depthwise) convs are not rescaled"
+            continue
+        src, single = upstream(name)
+        while src is not None and single and isinstance(leaves[src], PASS_THROUGH):
+            src, single = upstream(src)
+        if src is None or not _homogeneous_act(leaves[src]):
+            skipped[name] = "its input is not a ReLU/ReLU6 output"
+            continue
+        if not single:
+            skipped[name] = f"the output of {src} is used by more than this layer"
+            continue
+        act = src
+        src, single = upstream(act)
+        while src is not None and single and isinstance(leaves[src], nn.Identity):
+            src, single = upstream(src)
+        prod = leaves.get(src) if src is not None else None
+        if not (single and isinstance(prod, nn.Conv2d) and prod.out_channels == _in_channels(mod)):
+            skipped[name] = ("no conv (with its BatchNorm folded) produces its input alone; "
+                             "rescaling needs fold_bn and a conv -> ReLU/ReLU6 -> layer chain")
+            continue
+        chains.append(Chain(src, act, name, depthwise))
+    return chains, skipped
+
+
+def relative_pot_error(values: torch.Tensor, factors: torch.Tensor, qmin: int,
+                       qmax: int) -> torch.Tensor:
+    """Relative squared error, per row and factor ([R, F]), of quantizing ``values * f``
+    ([R, n]) on a power-of-two grid, at the best of the exponents at and below the one that
+    covers the row's largest magnitude. Zero-points are 0 (symmetric weights, ReLU outputs).
+    Relative error is scale-free, so it compares factors directly."""
+    out = []
+    for v in values.float().split(CHANNEL_CHUNK):
+        energy = v.pow(2).mean(dim=1, keepdim=True)
+        vf = v[:, None, :] * factors[None, :, None]
+        reach = vf.abs().amax(dim=2).clamp_min(1e-30)
+        top = torch.ceil(torch.log2(reach / max(abs(qmin), qmax, 1)))
+        best = torch.full(reach.shape, float("inf"), device=v.device)
+        for d in range(EXPONENT_TRIES):
+            s = torch.exp2(top - d)[:, :, None]
+            q = torch.clamp(torch.round(vf / s), qmin, qmax) * s
+            best = torch.minimum(best, (q - vf).pow(2).mean(dim=2))
+        rel = best / (energy * factors[None, :].pow(2)).clamp_min(1e-30)
+        out.append(torch.where(energy > 0, rel, torch.zeros_like(rel)))
+    return torch.cat(out)
+
+
+def _weight_term(layer: nn.Module, factors: torch.Tensor, rows: bool) -> torch.Tensor | None:
+    """Relative error of ``layer``'s weights scaled by each factor: per output channel
+    ([C, F], ``rows``) or averaged over them ([1, F])."""
+    q = getattr(layer, "weight_quant", None)
+    if q is None:
+        return None
+    w = layer.weight.detach()
+    w = w.reshape(w.shape[0], -1) if q.per_channel else w.reshape(1, -1)
+    err = relative_pot_error(w, factors, *q.qrange)
+    return err if rows else err.mean(dim=0, keepdim=True)
+
+
+@torch.no_grad()
+def _act_samples(qmodel: nn.Module, x: torch.Tensor, names: list[str], per_channel: int,
+                 chunk: int) -> dict[str, torch.Tensor]:
+    """Evenly strided float-model input values of the layers ``names``, [C, per_channel]."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    per_chunk = max(1, per_channel * chunk // max(1, x.shape[0]))
+
+    def grab(inputs, name):
+        flat = inputs[0].detach().transpose(0, 1).reshape(inputs[0].shape[1], -1)
+        got[name].append(flat[:, :: max(1, flat.shape[1] // per_chunk)].float())
+
+    handles = [qmodel.get_submodule(n).register_forward_pre_hook(
+        lambda m, i, n=n: grab(i, n)) for n in names]
+    qmodel.eval()
+    try:
+        with float_mode(qmodel):
+            for i in range(0, x.shape[0], chunk):
+                qmodel(x[i:i + chunk])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v, dim=1) for n, v in got.items()}
+
+
+def _set(qmodel: nn.Module, name: str, mod: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(qmodel.get_submodule(parent) if parent else qmodel, child, mod)
+
+
+@torch.no_grad()
+def _apply(qmodel: nn.Module, chain: Chain, f: torch.Tensor) -> None:
+    """Divide the producer's output channels by ``f`` ([C]) and multiply the consumer's input
+    channels by it; the activation between gets its clip divided."""
+    prod, cons = qmodel.get_submodule(chain.producer), qmodel.get_submodule(chain.consumer)
+    prod.weight.div_(f.reshape([-1] + [1] * (prod.weight.dim() - 1)))
+    if prod.bias is not None:
+        prod.bias.div_(f)
+    if chain.depthwise:
+        cons.weight.mul_(f.reshape([-1] + [1] * (cons.weight.dim() - 1)))
+    else:
+        cons.weight.mul_(f.reshape([1, -1] + [1] * (cons.weight.dim() - 2)))
+    act = qmodel.get_submodule(chain.act)
+    if isinstance(act, ChannelClamp):
+        act.upper.div_(f)
+    elif isinstance(act, nn.Hardtanh):
+        _set(qmodel, chain.act, ChannelClamp(torch.full_like(f, float(act.max_val)) / f))
+
+
+def _choose(qmodel: nn.Module, c: Chain, acts: torch.Tensor,
+            factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Summed relative error of the three tensors per candidate ([R, F]), and whether the
+    factors are per channel (R = C) or one for the pair (R = 1)."""
+    prod, cons = qmodel.get_submodule(c.producer), qmodel.get_submodule(c.consumer)
+    aq = cons.input_quant
+    pq = getattr(prod, "weight_quant", None)
+    per_channel = (c.depthwise and (aq is None or aq.per_channel)
+                   and (pq is None or pq.per_channel))
+    inv = 1.0 / factors
+    terms = [relative_pot_error(acts if per_channel else acts.reshape(1, -1), inv, *aq.qrange)
+             if aq is not None else None,
+             _weight_term(cons, factors, rows=per_channel),
+             _weight_term(prod, inv, rows=per_channel)]
+    return sum(t for t in terms if t is not None), per_channel
+
+
+@torch.no_grad()
+def rescale_pairs(
+    qmodel: nn.Module,
+    x: torch.Tensor,
+    *,
+    mode: str = "depthwise",
+    grid: int = 32,
+    samples_per_channel: int = 1024,
+    sample_images: int = 128,
+    chunk: int = 64,
+    bn_targets: dict | None = None,
+) -> RescaleReport:
+    """Rescale every qualifying layer pair of a prepared power-of-two model in place.
+
+    ``x`` is the calibration tensor (the first ``sample_images`` give the activation samples).
+    ``mode="depthwise"`` (the default) takes the pairs whose consumer is a depthwise conv,
+    ``"all"`` every pair; on MobileNetV2 W4A4 ``"all"`` started RAPQ from a larger network
+    error than ``"depthwise"`` (``benchmarks/results/pot_rescale.json``). The float
+    model's output is checked to be unchanged after each pair, and a pair that changes it (a
+    tensor of it is used by something hooks cannot see) is undone and reported. ``bn_targets``
+    (from :func:`lowbit.ptq.reconstruct.bn_targets`) are rescaled to match. Re-calibrate the
+    quantizers afterwards: their ranges were observed before.
+    """
+    if grid < 1:
+        raise ConfigError(f"rescale grid must be >= 1, got {grid}")
+    report = RescaleReport()
+    chains, report.skipped = find_chains(qmodel, x[:2], mode)
+    if not chains:
+        return report
+    acts = _act_samples(qmodel, x[:sample_images], [c.consumer for c in chains],
+                        samples_per_channel, chunk)
+    factors = torch.exp2(torch.arange(grid, device=x.device, dtype=torch.float32) / grid)
+    qmodel.eval()
+    with float_mode(qmodel):
+        ref = qmodel(x[:2])
+    scale = float(ref.abs().max()) or 1.0
+    for c in reversed(chains):
+        prod, cons = qmodel.get_submodule(c.producer), qmodel.get_submodule(c.consumer)
+        total, per_channel = _choose(qmodel, c, acts.pop(c.consumer), factors)
+        best = total.argmin(dim=1)
+        f = factors[best].expand(prod.out_channels).contiguous()
+        act = qmodel.get_submodule(c.act)
+        saved = [t.clone() for t in (prod.weight, cons.weight)]
+        bias = prod.bias.clone() if prod.bias is not None else None
+        upper = act.upper.clone() if isinstance(act, ChannelClamp) else None
+        _apply(qmodel, c, f)
+        with float_mode(qmodel):
+            out = qmodel(x[:2])
+        if not torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * scale):
+            prod.weight.copy_(saved[0])
+            cons.weight.copy_(saved[1])
+            if bias is not None:
+                prod.bias.copy_(bias)
+            if upper is not None:
+                act.upper.copy_(upper)
+            _set(qmodel, c.act, act)
+            report.skipped[c.consumer] = ("rescaling changed the float model's output (a tensor "
+                                          "of the pair is used outside modules); left as it was")
+            continue
+        if bn_targets and c.producer in bn_targets:
+            t = bn_targets[c.producer]
+            t.mean.div_(f.to(t.mean.device))
+            t.std.div_(f.to(t.std.device))
+        report.rescaled[c.consumer] = {
+            "producer": c.producer, "act": c.act,
+            "factors": "per-channel" if per_channel else "one",
+            "error_before": float(total[:, 0].mean()),
+            "error_after": float(total.gather(1, best[:, None]).mean()),
+            "factor_min": float(f.min()), "factor_max": float(f.max()),
+        }
+    return report
+
+
+def restore_clamps(qmodel: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Swap in a :class:`~lowbit.nn.ChannelClamp` wherever ``state`` (a saved rescaled model)
+    has one where ``qmodel`` (freshly prepared) has a ReLU6, so the state loads."""
+    swapped = []
+    for key, value in state.items():
+        if not key.endswith(".upper"):
+            continue
+        name = key[: -len(".upper")]
+        try:
+            mod = qmodel.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.Hardtanh):
+            _set(qmodel, name, ChannelClamp(value))
+            swapped.append(name)
+    return swapped
+
+
+__all__ = ["MODES", "Chain", "RescaleReport", "find_chains", "relative_pot_error",
+           "rescale_pairs", "restore_clamps"]
