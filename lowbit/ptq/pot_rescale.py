@@ -281,6 +281,7 @@ def rescale_pairs(
     sample_images: int = 128,
     chunk: int = 64,
     bn_targets: dict | None = None,
+    progress: bool = False,
 ) -> RescaleReport:
     """Rescale every qualifying layer pair of a prepared power-of-two model in place.
 
@@ -306,7 +307,10 @@ def rescale_pairs(
     with float_mode(qmodel):
         ref = qmodel(x[:2])
     scale = float(ref.abs().max()) or 1.0
-    for c in reversed(chains):
+    from tqdm.auto import tqdm
+
+    for c in tqdm(list(reversed(chains)), desc="rescale pairs", disable=not progress,
+                  leave=False):
         prod, cons = qmodel.get_submodule(c.producer), qmodel.get_submodule(c.consumer)
         total, per_channel = _choose(qmodel, c, acts.pop(c.consumer), factors)
         best = total.argmin(dim=1)

@@ -317,7 +317,8 @@ def rapq_ptq(
     info["seconds_calibrate"] = time.perf_counter() - t
     if rescale_mode:
         t = time.perf_counter()
-        rep = rescale_pairs(qmodel, x, mode=rescale_mode, chunk=chunk, bn_targets=targets)
+        rep = rescale_pairs(qmodel, x, mode=rescale_mode, chunk=chunk, bn_targets=targets,
+                            progress=progress)
         if not rep.rescaled:
             raise ConfigError(
                 f"pot_rescale found nothing to rescale (it needs conv -> ReLU/ReLU6 -> conv "
