@@ -68,11 +68,14 @@ class RescaleReport:
 def _units(model: nn.Module) -> dict[str, nn.Module]:
     """Leaf modules, with a quantized layer counted as one (its quantizers are inside it)."""
     units: dict[str, nn.Module] = {}
-    for name, mod in model.named_modules():
-        if not name or any(name.startswith(q + ".") for q in units
-                           if isinstance(units[q], QuantLayerMixin)):
+    inside = None  # prefix of the quantized layer whose submodules are being listed
+    for name, mod in model.named_modules():  # pre-order: a layer's submodules follow it
+        if not name or (inside is not None and name.startswith(inside)):
             continue
-        if isinstance(mod, QuantLayerMixin) or not any(True for _ in mod.children()):
+        if isinstance(mod, QuantLayerMixin):
+            inside = name + "."
+            units[name] = mod
+        elif not any(True for _ in mod.children()):
             units[name] = mod
     return units
 
@@ -213,8 +216,9 @@ def _act_samples(qmodel: nn.Module, x: torch.Tensor, names: list[str], per_chann
     per_chunk = max(1, per_channel * chunk // max(1, x.shape[0]))
 
     def grab(inputs, name):
-        flat = inputs[0].detach().transpose(0, 1).reshape(inputs[0].shape[1], -1)
-        got[name].append(flat[:, :: max(1, flat.shape[1] // per_chunk)].float())
+        # [N*H*W, C]: a view for channels_last inputs, so only the sampled rows are copied
+        rows = inputs[0].detach().movedim(1, -1).reshape(-1, inputs[0].shape[1])
+        got[name].append(rows[:: max(1, rows.shape[0] // per_chunk)].T.float())
 
     handles = [qmodel.get_submodule(n).register_forward_pre_hook(
         lambda m, i, n=n: grab(i, n)) for n in names]
@@ -259,9 +263,9 @@ def _choose(qmodel: nn.Module, c: Chain, acts: torch.Tensor,
     factors are per channel (R = C) or one for the pair (R = 1)."""
     prod, cons = qmodel.get_submodule(c.producer), qmodel.get_submodule(c.consumer)
     aq = cons.input_quant
-    pq = getattr(prod, "weight_quant", None)
-    per_channel = (c.depthwise and (aq is None or aq.per_channel)
-                   and (pq is None or pq.per_channel))
+    per_channel = c.depthwise and all(
+        q is None or q.per_channel
+        for q in (aq, getattr(prod, "weight_quant", None), cons.weight_quant))
     inv = 1.0 / factors
     terms = [relative_pot_error(acts if per_channel else acts.reshape(1, -1), inv, *aq.qrange)
              if aq is not None else None,

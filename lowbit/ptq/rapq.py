@@ -111,8 +111,11 @@ def _check_bits(config: QuantConfig) -> None:
 def _calibrated(model, config, x, example_inputs, chunk, progress) -> nn.Module:
     qmodel = prepare(model, config, example_inputs if example_inputs is not None else x[:2])
     qmodel.to(x.device)
-    return calibrate(qmodel, [x[i:i + chunk] for i in range(0, x.shape[0], chunk)],
-                     progress=progress)
+    return calibrate(qmodel, _chunks(x, chunk), progress=progress)
+
+
+def _chunks(x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    return [x[i:i + chunk] for i in range(0, x.shape[0], chunk)]
 
 
 def adjust_scales(
@@ -324,8 +327,7 @@ def rapq_ptq(
                 f"pot_rescale found nothing to rescale (it needs conv -> ReLU/ReLU6 -> conv "
                 f"pairs): {rep.summary()}")
         log.info("rapq: %s", rep.summary())
-        qmodel = calibrate(qmodel, [x[i:i + chunk] for i in range(0, x.shape[0], chunk)],
-                           progress=progress)
+        qmodel = calibrate(qmodel, _chunks(x, chunk), progress=progress)  # ranges moved
         info["pot_rescale"] = {"mode": rescale_mode, "rescaled": rep.rescaled,
                                "skipped": rep.skipped, "seconds": time.perf_counter() - t}
     float_means = float_output_means(qmodel, x) if bias_correction else None
