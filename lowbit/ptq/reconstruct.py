@@ -26,6 +26,7 @@ from ..quant.autograd import floor_ste, round_ste
 from ..quant.base import Quantizer
 from ..quant.pot import PoTQuantizer, zero_point_for
 from .blocks import find_units, run_chunked, trace_units, walk_units
+from .exponent_search import search_unit_exponents
 
 log = logging.getLogger("lowbit")
 
@@ -202,7 +203,14 @@ def bn_targets(model: nn.Module, example_inputs, folded: bool = True):
 
 @dataclass
 class ReconOptions:
-    """Knobs of block reconstruction (defaults follow BRECQ/AdaRound, scaled to CPU budgets)."""
+    """Knobs of block reconstruction (defaults follow BRECQ/AdaRound, scaled to CPU budgets).
+
+    ``learn_a_scale``: learn activation scales by gradient; ``None`` does for float scales and
+    not for power-of-two ones, whose straight-through exponent jumps by a factor of two only
+    after the gradient has pointed one way for many steps. ``exponent_search``: with
+    power-of-two scales, first pick every exponent of the unit among its neighbours by the
+    layers' output errors (:mod:`lowbit.ptq.exponent_search`); no effect on float scales.
+    """
 
     iters: int = 1000
     batch_size: int = 32
@@ -213,7 +221,8 @@ class ReconOptions:
     beta: tuple[float, float] = (20.0, 2.0)
     bn_weight: float = 0.05
     learn_w_scale: bool = False
-    learn_a_scale: bool = True
+    learn_a_scale: bool | None = None
+    exponent_search: bool = True
     chunk: int = 64
     block_types: tuple[type[nn.Module], ...] | None = None
     seed: int = 0
@@ -235,6 +244,7 @@ class UnitReport:
     bn_layers: int
     seconds: float
     reverted: bool = False
+    exponents_changed: int = 0  # by the exponent search (power of two)
 
 
 @dataclass
@@ -277,8 +287,12 @@ def reconstruct_unit(
     bn = bn or {}
     backup = copy.deepcopy(unit.state_dict())
     err_before = _eval_error(unit, q_args, target, n_eval, opts.chunk)
+    moved = 0
+    if pot and opts.exponent_search:
+        moved = sum(search_unit_exponents(unit, q_args, chunk=opts.chunk).values())
+    learn_a = opts.learn_a_scale if opts.learn_a_scale is not None else not pot
     swaps = wrap_quantizers(unit, pot=pot, learn_w_scale=opts.learn_w_scale,
-                            learn_a_scale=opts.learn_a_scale, adaround=True)
+                            learn_a_scale=learn_a, adaround=True)
     frozen = [p for p in unit.parameters() if p.requires_grad and not _owned(p, swaps)]
     for p in frozen:
         p.requires_grad_(False)
@@ -338,7 +352,7 @@ def reconstruct_unit(
         unit.load_state_dict(backup)
         err_after = err_before
     return UnitReport(name, err_before, err_after, len(bn), time.perf_counter() - t_start,
-                      reverted)
+                      reverted, exponents_changed=0 if reverted else moved)
 
 
 def _owned(p: nn.Parameter, swaps) -> bool:

@@ -1,0 +1,110 @@
+"""Discrete search of the power-of-two exponents of one reconstruction unit.
+
+A log2 scale learned through a straight-through round changes the exponent only once the
+continuous value has crossed a half: after the gradient has pointed the same way for many
+steps, and then by a factor of two that no gradient asked for. The neighbouring exponents
+are few, so they are simply tried. Each layer's output error is separable by channel for its
+weights (an output channel reads only its own filter) and, for a depthwise conv, for its
+input channels too, so every channel gets the exponent with the least error on the data the
+unit is actually fed, in one pass per candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.layers import QConv2d, QLinear, QuantLayerMixin
+from ..quant.pot import MAX_EXPONENT, MIN_EXPONENT, PoTQuantizer
+from .blocks import run_chunked
+
+DELTAS = (-1, 1)
+
+
+def _linear_part(layer: QuantLayerMixin, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, QConv2d):
+        return layer._conv_forward(x, w, None)
+    return F.linear(x, w)
+
+
+def _channel_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Squared error per output channel (axis 1)."""
+    return (out - ref).pow(2).sum([i for i in range(out.dim()) if i != 1])
+
+
+def _is_depthwise(layer: QuantLayerMixin) -> bool:
+    return isinstance(layer, QConv2d) and layer.groups == layer.in_channels == layer.out_channels
+
+
+def _best(q: PoTQuantizer, error_of) -> int:
+    """Try ``q``'s exponents shifted by ``DELTAS``; keep per channel (or per tensor, when
+    ``error_of`` returns one value) whichever has the least error. Returns channels changed."""
+    k0 = q.exponent.clone()
+
+    def ev() -> torch.Tensor:
+        err = error_of()
+        return err if err.numel() == k0.numel() else err.sum()  # one choice for all channels
+
+    best_k, best_err = k0, ev()
+    for d in DELTAS:
+        k = (k0 + d).clamp(MIN_EXPONENT, MAX_EXPONENT)
+        q.set_exponent(k)
+        err = ev()
+        better = err < best_err
+        best_k = torch.where(better, k, best_k)
+        best_err = torch.where(better, err, best_err)
+    q.set_exponent(best_k)
+    return int((best_k != k0).sum())
+
+
+@torch.no_grad()
+def search_unit_exponents(
+    unit: nn.Module, q_args: Sequence, *, images: int = 64, chunk: int = 64
+) -> dict[str, int]:
+    """Choose, layer by layer in execution order, each power-of-two exponent of ``unit`` among
+    its neighbours by the layer's output error on the first ``images`` of ``q_args``.
+
+    Inputs first: ``conv(x_q, W)`` against ``conv(x, W)``, per channel for a depthwise conv
+    with per-channel input scales, per tensor otherwise; then weights, per output channel:
+    ``conv(x_q, W_q)`` against ``conv(x_q, W)``. Returns the channels changed per quantizer.
+    """
+    layers = [(n, m) for n, m in unit.named_modules() if isinstance(m, (QConv2d, QLinear))]
+    n = next(a.shape[0] for a in q_args if isinstance(a, torch.Tensor))
+    m = min(n, images)
+    args = tuple(a[:m] if isinstance(a, torch.Tensor) and a.shape[:1] == (n,) else a
+                 for a in q_args)
+    changed: dict[str, int] = {}
+    for lname, layer in layers:
+        captured: list[torch.Tensor] = []
+
+        def grab(mod, inputs):
+            captured.append(inputs[0])
+
+        handle = layer.register_forward_pre_hook(grab)
+        try:
+            run_chunked(unit, args, {}, m, chunk)
+        finally:
+            handle.remove()
+        if not captured:
+            continue
+        x = torch.cat(captured)
+        captured.clear()
+        wq, iq = layer.weight_quant, layer.input_quant
+        if isinstance(iq, PoTQuantizer):
+            ref = _linear_part(layer, x, layer.weight)
+            per_channel = iq.per_channel and iq.exponent.numel() > 1 and _is_depthwise(layer)
+
+            def act_error():
+                err = _channel_error(_linear_part(layer, iq(x), layer.weight), ref)
+                return err if per_channel else err.sum()
+
+            changed[f"{lname}.input_quant".lstrip(".")] = _best(iq, act_error)
+        if isinstance(wq, PoTQuantizer):
+            xq = layer.quant_input(x)
+            ref = _linear_part(layer, xq, layer.weight)
+            changed[f"{lname}.weight_quant".lstrip(".")] = _best(
+                wq, lambda: _channel_error(_linear_part(layer, xq, wq(layer.weight)), ref))
+    return changed

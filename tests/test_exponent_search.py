@@ -1,0 +1,119 @@
+"""Discrete search of power-of-two exponents inside a reconstruction unit."""
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lowbit
+from lowbit import QuantConfig
+from lowbit.ptq.exponent_search import search_unit_exponents
+from lowbit.ptq.reconstruct import ReconOptions, reconstruct_unit
+from lowbit.quant import PoTQuantizer
+
+
+class DwPair(nn.Module):
+    """1x1 conv -> ReLU -> depthwise 3x3: one unit with a per-channel depthwise input."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.pw = nn.Conv2d(3, c, 1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+
+    def forward(self, x):
+        return self.dw(torch.relu(self.pw(x)))
+
+
+def prepared(seed: int, per_channel_dw: bool = True):
+    torch.manual_seed(seed)
+    model = DwPair().eval()
+    with torch.no_grad():  # channels of very different ranges, as real depthwise convs have
+        model.dw.weight.mul_(torch.logspace(-1, 1, 6)[:, None, None, None])
+        model.pw.weight.mul_(torch.logspace(0.5, -0.5, 6)[:, None, None, None])
+    x = torch.randn(24, 3, 6, 6)
+    cfg = QuantConfig.uniform(4, 4, dw_act_per_channel=per_channel_dw, first_last="same")
+    q = lowbit.ptq(model, "pot", [(x, torch.zeros(24))], cfg, x[:2], progress=False)
+    return model, q, x
+
+
+def dw_errors(q, x):
+    """Per channel of the depthwise conv, fed ``x`` directly: the error its input quantizer adds
+    (float weights) and the error its weight quantizer adds (quantized input)."""
+    dw = q.dw
+    with torch.no_grad():
+        xq = dw.input_quant(x)
+        a_err = (F.conv2d(xq, dw.weight, padding=1, groups=6)
+                 - F.conv2d(x, dw.weight, padding=1, groups=6)).pow(2).sum((0, 2, 3))
+        w_err = (F.conv2d(xq, dw.weight_quant(dw.weight), padding=1, groups=6)
+                 - F.conv2d(xq, dw.weight, padding=1, groups=6)).pow(2).sum((0, 2, 3))
+    return a_err, w_err
+
+
+def pot_exponents(q):
+    return {n: m.exponent.clone() for n, m in q.named_modules() if isinstance(m, PoTQuantizer)}
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 10_000))
+def test_each_depthwise_channel_ends_no_worse(seed):
+    _, q, _ = prepared(seed)
+    a = torch.relu(torch.randn(24, 6, 6, 6) * torch.logspace(-1, 1, 6)[:, None, None])
+    a0, _ = dw_errors(q, a)
+    changed = search_unit_exponents(q.dw, (a,), images=24)
+    a1, w1 = dw_errors(q, a)
+    assert (a1 <= a0 * (1 + 1e-5) + 1e-9).all()
+    k = q.dw.weight_quant.exponent.clone()
+    for d in (-1, 1):  # the weights' neighbours, given the chosen input exponents
+        q.dw.weight_quant.set_exponent(k + d)
+        assert (w1 <= dw_errors(q, a)[1] * (1 + 1e-5) + 1e-9).all()
+    q.dw.weight_quant.set_exponent(k)
+    assert set(changed) == {"input_quant", "weight_quant"}
+
+
+@settings(max_examples=5, deadline=None)
+@given(st.integers(0, 10_000))
+def test_exponents_stay_integer_and_move_at_most_one(seed):
+    _, q, x = prepared(seed)
+    before = pot_exponents(q)
+    changed = search_unit_exponents(q, (x,), images=24)
+    after = pot_exponents(q)
+    for n, m in q.named_modules():
+        if isinstance(m, PoTQuantizer):
+            assert m.exponent.dtype == torch.int32
+            assert ((after[n] - before[n]).abs() <= 1).all()
+            _, zp = m.scale_zero_point()
+            assert torch.equal(zp, torch.round(zp))
+    assert sum(changed.values()) == sum(int((after[n] != before[n]).sum()) for n in after)
+
+
+def test_search_recovers_from_exponents_one_octave_off():
+    _, q, _ = prepared(1)
+    a = torch.relu(torch.randn(24, 6, 6, 6))
+    k = q.dw.weight_quant.exponent.clone()
+    q.dw.weight_quant.set_exponent(k + 1)  # every depthwise channel one octave too coarse
+    search_unit_exponents(q.dw, (a,), images=24)
+    found = q.dw.weight_quant.exponent.clone()
+    _, w_found = dw_errors(q, a)
+    q.dw.weight_quant.set_exponent(k)
+    _, w_start = dw_errors(q, a)
+    assert (w_found <= w_start * (1 + 1e-5) + 1e-9).all()
+    assert (found <= k + 1).all() and (found >= k).all()
+
+
+def test_per_tensor_depthwise_input_gets_one_exponent():
+    _, q, x = prepared(2, per_channel_dw=False)
+    search_unit_exponents(q, (x,), images=24)
+    assert q.dw.input_quant.exponent.numel() == 1
+
+
+def test_reconstruction_with_search_never_worse_than_its_start():
+    model, q, x = prepared(3)
+    with torch.no_grad():
+        target = model(x)
+    opts = ReconOptions(iters=40, progress=False, bn_weight=0.0, exponent_search=True)
+    rep = reconstruct_unit(q, (x,), target, opts, pot=True)
+    assert rep.error_after <= rep.error_before
+    with torch.no_grad():
+        assert ((q(x) - target).pow(2).sum(1).mean().item()
+                <= rep.error_before * (1 + 1e-5))
