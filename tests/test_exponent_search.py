@@ -117,3 +117,19 @@ def test_reconstruction_with_search_never_worse_than_its_start():
     with torch.no_grad():
         assert ((q(x) - target).pow(2).sum(1).mean().item()
                 <= rep.error_before * (1 + 1e-5))
+
+
+def test_activation_scales_learned_for_float_scales_only_by_default():
+    model, q, x = prepared(4)
+    with torch.no_grad():
+        target = model(x)
+    k = q.dw.input_quant.exponent.clone()
+    opts = ReconOptions(iters=30, progress=False, bn_weight=0.0, exponent_search=False)
+    reconstruct_unit(q, (x,), target, opts, pot=True)
+    assert torch.equal(q.dw.input_quant.exponent, k)
+
+    cfg = QuantConfig.uniform(4, 4, first_last="same")
+    fq = lowbit.ptq(model, "mse", [(x, torch.zeros(24))], cfg, x[:2], progress=False)
+    s0 = fq.dw.input_quant.scale.clone()
+    reconstruct_unit(fq, (x,), target, opts, pot=False)
+    assert not torch.equal(fq.dw.input_quant.scale, s0)
