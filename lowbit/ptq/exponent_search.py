@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import DEPTHWISE
 from ..nn.layers import QConv2d, QLinear, QuantLayerMixin
+from ..prepare import type_label
 from ..quant.pot import MAX_EXPONENT, MIN_EXPONENT, PoTQuantizer
 from .blocks import run_chunked
 
@@ -35,8 +37,10 @@ def _channel_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (out - ref).pow(2).sum([i for i in range(out.dim()) if i != 1])
 
 
-def _is_depthwise(layer: QuantLayerMixin) -> bool:
-    return isinstance(layer, QConv2d) and layer.groups == layer.in_channels == layer.out_channels
+def _reads_own_channel(layer: QuantLayerMixin) -> bool:
+    """A depthwise conv without channel multiplier: output channel c reads input channel c."""
+    return (type_label(layer, nn.Conv2d) == DEPTHWISE
+            and layer.out_channels == layer.in_channels)
 
 
 def _best(q: PoTQuantizer, error_of) -> int:
@@ -95,7 +99,8 @@ def search_unit_exponents(
         wq, iq = layer.weight_quant, layer.input_quant
         if isinstance(iq, PoTQuantizer):
             ref = _linear_part(layer, x, layer.weight)
-            per_channel = iq.per_channel and iq.exponent.numel() > 1 and _is_depthwise(layer)
+            per_channel = (iq.per_channel and iq.exponent.numel() > 1
+                           and iq.ch_axis % x.dim() == 1 and _reads_own_channel(layer))
 
             def act_error():
                 err = _channel_error(_linear_part(layer, iq(x), layer.weight), ref)
