@@ -1,5 +1,7 @@
 """Discrete search of power-of-two exponents inside a reconstruction unit."""
 
+from unittest import mock
+
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -8,7 +10,7 @@ from torch import nn
 
 import lowbit
 from lowbit import QuantConfig
-from lowbit.ptq.exponent_search import search_unit_exponents
+from lowbit.ptq.exponent_search import ZP_DELTAS, _signed_asymmetric, search_unit_exponents
 from lowbit.ptq.reconstruct import ReconOptions, reconstruct_unit
 from lowbit.quant import PoTQuantizer
 
@@ -54,6 +56,10 @@ def pot_exponents(q):
     return {n: m.exponent.clone() for n, m in q.named_modules() if isinstance(m, PoTQuantizer)}
 
 
+def pot_zero_points(q):
+    return {n: m.zero_point.clone() for n, m in q.named_modules() if isinstance(m, PoTQuantizer)}
+
+
 @settings(max_examples=8, deadline=None)
 @given(st.integers(0, 10_000))
 def test_each_depthwise_channel_ends_no_worse(seed):
@@ -75,16 +81,19 @@ def test_each_depthwise_channel_ends_no_worse(seed):
 @given(st.integers(0, 10_000))
 def test_exponents_stay_integer_and_move_at_most_one(seed):
     _, q, x = prepared(seed)
-    before = pot_exponents(q)
+    before, zp_before = pot_exponents(q), pot_zero_points(q)
     changed = search_unit_exponents(q, (x,), images=24)
-    after = pot_exponents(q)
+    after, zp_after = pot_exponents(q), pot_zero_points(q)
     for n, m in q.named_modules():
         if isinstance(m, PoTQuantizer):
-            assert m.exponent.dtype == torch.int32
+            assert m.exponent.dtype == torch.int32 and m.zero_point.dtype == torch.int32
             assert ((after[n] - before[n]).abs() <= 1).all()
             _, zp = m.scale_zero_point()
             assert torch.equal(zp, torch.round(zp))
-    assert sum(changed.values()) == sum(int((after[n] != before[n]).sum()) for n in after)
+            qmin, qmax = m.qrange
+            assert ((zp >= qmin) & (zp <= qmax)).all()
+    assert sum(changed.values()) == sum(
+        int(((after[n] != before[n]) | (zp_after[n] != zp_before[n])).sum()) for n in after)
 
 
 def test_search_recovers_from_exponents_one_octave_off():
@@ -133,3 +142,47 @@ def test_activation_scales_learned_for_float_scales_only_by_default():
     s0 = fq.dw.input_quant.scale.clone()
     reconstruct_unit(fq, (x,), target, opts, pot=False)
     assert not torch.equal(fq.dw.input_quant.scale, s0)
+
+
+class Linear1x1(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def input_error(q, x):
+    conv = q.conv
+    with torch.no_grad():
+        return (conv._conv_forward(conv.input_quant(x), conv.weight, None)
+                - conv._conv_forward(x, conv.weight, None)).pow(2).sum()
+
+
+def searched(seed: int, skew: float, zero_points: bool):
+    """A 1x1 conv fed a signed input (a residual stream) on an asymmetric 4-bit grid, after the
+    search with or without its zero-point part; returns the model and its input error."""
+    torch.manual_seed(seed)
+    x = torch.randn(32, 4, 5, 5) + skew * torch.randn(32, 4, 5, 5).abs()
+    cfg = QuantConfig.uniform(4, 4, first_last="same")
+    q = lowbit.ptq(Linear1x1().eval(), "pot", [(x, torch.zeros(32))], cfg, x[:2], progress=False)
+    assert _signed_asymmetric(q.conv.input_quant)
+    with mock.patch("lowbit.ptq.exponent_search.ZP_DELTAS", ZP_DELTAS if zero_points else ()):
+        search_unit_exponents(q, (x,), images=32)
+    return q, input_error(q, x)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 10_000), st.floats(-1.0, 1.0))
+def test_zero_point_search_never_worse_than_exponents_alone(seed, skew):
+    q, err = searched(seed, skew, zero_points=True)
+    _, err_exponents_only = searched(seed, skew, zero_points=False)
+    assert q.conv.input_quant.zero_point.dtype == torch.int32
+    assert err <= err_exponents_only * (1 + 1e-5) + 1e-9
+
+
+def test_zero_point_search_finds_a_better_grid_position():
+    q, err = searched(4, -0.8, zero_points=True)
+    _, err_exponents_only = searched(4, -0.8, zero_points=False)
+    assert err < 0.95 * err_exponents_only  # 41.2 -> 35.1 when written

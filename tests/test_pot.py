@@ -74,6 +74,29 @@ def test_zero_point_stays_integer_when_exponent_changes(x, shift):
     assert torch.equal(q(q(x)), q(x))
 
 
+@given(x=tensors, shift=st.integers(-3, 3), move=st.integers(-3, 3))
+def test_set_zero_point_keeps_its_bound_when_the_exponent_moves(x, shift, move):
+    q = calibrated(x - x.mean(), bits=4, symmetric=False, signed=True)
+    qmin, qmax = q.qrange
+    z = (q.zero_point + move).clamp(qmin, qmax)
+    q.set_zero_point(z)
+    assert torch.equal(q.zero_point, z) and q.zero_point.dtype == torch.int32
+    lo = (qmin - z) * q.scale()  # the float value on the lowest code
+    assert torch.equal(q.clip_lo, lo) and (q.clip_lo <= 0).all()
+    k = q.exponent.clone()
+    q.set_exponent(k + shift)
+    q.set_exponent(k)
+    assert torch.equal(q.zero_point, z), "a round trip of the exponent must keep the zero-point"
+
+
+def test_set_zero_point_rejects_fractions_and_symmetric_grids():
+    q = calibrated(torch.randn(10), bits=4, symmetric=False, signed=True)
+    with pytest.raises(ConfigError, match="zero-points must be integers"):
+        q.set_zero_point(torch.tensor([0.5]))
+    with pytest.raises(ConfigError, match="symmetric"):
+        calibrated(torch.randn(10), bits=4, symmetric=True).set_zero_point(torch.tensor([1]))
+
+
 def test_nearest_rounding_is_in_the_log_domain():
     q = PoTQuantizer(bits=8, signed=True)
     q.init_from_params(torch.tensor([0.7, 0.75, 3.0]), torch.zeros(3), -torch.ones(3),

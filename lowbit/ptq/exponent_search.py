@@ -7,6 +7,12 @@ are few, so they are simply tried. Each layer's output error is separable by cha
 weights (an output channel reads only its own filter) and, for a depthwise conv, for its
 input channels too, so every channel gets the exponent with the least error on the data the
 unit is actually fed, in one pass per candidate.
+
+An asymmetric input grid that reaches below zero (MobileNet's residual stream) also tries its
+zero-point shifted by up to three codes for each exponent: with the step fixed to a power of
+two, the grid seldom fits the data's range, and where its spare codes go (below the data or
+above it) is the choice left. The zero-point moves the lower clipping bound with it, so it
+stays an integer through every later step.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from ..quant.pot import MAX_EXPONENT, MIN_EXPONENT, PoTQuantizer
 from .blocks import run_chunked
 
 DELTAS = (-1, 1)
+ZP_DELTAS = (-3, -2, -1, 1, 2, 3)
 
 
 def _linear_part(layer: QuantLayerMixin, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -43,25 +50,41 @@ def _reads_own_channel(layer: QuantLayerMixin) -> bool:
             and layer.out_channels == layer.in_channels)
 
 
-def _best(q: PoTQuantizer, error_of) -> int:
-    """Try ``q``'s exponents shifted by ``DELTAS``; keep per channel (or per tensor, when
-    ``error_of`` returns one value) whichever has the least error. Returns channels changed."""
-    k0 = q.exponent.clone()
+def _best(q: PoTQuantizer, error_of, zero_points: bool = False) -> int:
+    """Try ``q``'s exponents shifted by ``DELTAS`` (and, with ``zero_points``, each exponent's
+    zero-point shifted by ``ZP_DELTAS``); keep per channel (or per tensor, when ``error_of``
+    returns one value) whichever has the least error. Returns the channels changed."""
+    k0, z0 = q.exponent.clone(), q.zero_point.clone()
+    qmin, qmax = q.qrange
 
     def ev() -> torch.Tensor:
         err = error_of()
         return err if err.numel() == k0.numel() else err.sum()  # one choice for all channels
 
-    best_k, best_err = k0, ev()
-    for d in DELTAS:
-        k = (k0 + d).clamp(MIN_EXPONENT, MAX_EXPONENT)
-        q.set_exponent(k)
-        err = ev()
-        better = err < best_err
-        best_k = torch.where(better, k, best_k)
-        best_err = torch.where(better, err, best_err)
+    best_k, best_z, best_err = k0, z0, ev()
+    for d in (0, *DELTAS):
+        q.set_exponent((k0 + d).clamp(MIN_EXPONENT, MAX_EXPONENT))
+        k, zk = q.exponent, q.zero_point
+        for j in (0, *ZP_DELTAS) if zero_points else (0,):
+            if d == 0 and j == 0:
+                continue
+            z = (zk + j).clamp(qmin, qmax)
+            q.zero_point = z
+            err = ev()
+            better = err < best_err
+            best_k = torch.where(better, k, best_k)
+            best_z = torch.where(better, z, best_z)
+            best_err = torch.where(better, err, best_err)
     q.set_exponent(best_k)
-    return int((best_k != k0).sum())
+    if not torch.equal(q.zero_point, best_z):
+        q.set_zero_point(best_z)
+    return int(((best_k != k0) | (best_z != z0)).sum())
+
+
+def _signed_asymmetric(q: PoTQuantizer) -> bool:
+    """An asymmetric grid that reaches below zero: where it sits is a choice the zero-point
+    makes, one code at a time, whatever the exponent."""
+    return not q.symmetric and bool((q.zero_point > q.qrange[0]).any())
 
 
 @torch.no_grad()
@@ -72,7 +95,8 @@ def search_unit_exponents(
     its neighbours by the layer's output error on the first ``images`` of ``q_args``.
 
     Inputs first: ``conv(x_q, W)`` against ``conv(x, W)``, per channel for a depthwise conv
-    with per-channel input scales, per tensor otherwise; then weights, per output channel:
+    with per-channel input scales, per tensor otherwise, with the zero-point of a signed
+    asymmetric input searched jointly; then weights, per output channel:
     ``conv(x_q, W_q)`` against ``conv(x_q, W)``. Returns the channels changed per quantizer.
     """
     layers = [(n, m) for n, m in unit.named_modules() if isinstance(m, (QConv2d, QLinear))]
@@ -106,7 +130,8 @@ def search_unit_exponents(
                 err = _channel_error(_linear_part(layer, iq(x), layer.weight), ref)
                 return err if per_channel else err.sum()
 
-            changed[f"{lname}.input_quant".lstrip(".")] = _best(iq, act_error)
+            changed[f"{lname}.input_quant".lstrip(".")] = _best(
+                iq, act_error, zero_points=_signed_asymmetric(iq))
         if isinstance(wq, PoTQuantizer):
             xq = layer.quant_input(x)
             ref = _linear_part(layer, xq, layer.weight)

@@ -79,6 +79,11 @@ class PoTQuantizer(Quantizer):
         self._samples = None
         if self.rounding == "mse":
             samples = getattr(self.observer, "samples", None)
+            if not samples and self.observer.method == "mse":
+                raise ConfigError(
+                    f"{self._where()}: observed no values during calibration; is the layer "
+                    "reached by the model's forward pass?"
+                )
             if not samples:
                 raise ConfigError(
                     f"{self._where()}: pot rounding 'mse' needs the observed values; use "
@@ -142,6 +147,20 @@ class PoTQuantizer(Quantizer):
             zp = zero_point_for(lo, scale, qmin, qmax).to(torch.int32)
         self.exponent = k
         self.zero_point = zp.contiguous()
+
+    @torch.no_grad()
+    def set_zero_point(self, zero_point: torch.Tensor) -> None:
+        """Store integer zero-points (asymmetric quantizers only) and move the lower clipping
+        bound onto them, so that a later :meth:`set_exponent` keeps the same bound."""
+        if self.symmetric:
+            raise ConfigError(f"{self._where()}: a symmetric quantizer's zero-point is 0")
+        z = torch.as_tensor(zero_point, device=self.exponent.device).reshape(-1)
+        if z.is_floating_point() and not bool((z == torch.round(z)).all()):
+            raise ConfigError(f"{self._where()}: zero-points must be integers, got {z.tolist()}")
+        qmin, qmax = self.qrange
+        z = z.to(torch.int32).expand_as(self.exponent).clamp(qmin, qmax).contiguous()
+        self.zero_point = z
+        self.clip_lo = (qmin - z).float() * self.scale()
 
     def scale(self) -> torch.Tensor:
         """Exact ``2**exponent`` (float32), shaped [C] or [1]."""
