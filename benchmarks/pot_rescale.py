@@ -1,6 +1,7 @@
 """Power-of-two rescaling (``pot_rescale``): the network output error RAPQ starts from.
 
-For each model and rescaling mode (none, ``depthwise``, ``all``), the model is prepared with
+For each model and rescaling mode (none, ``depthwise``, ``all``, ``streams``,
+``depthwise+streams``), the model is prepared with
 power-of-two quantizers at the least-error exponents (RAPQ's start, no scale adjustment:
 ``rapq-quick`` with 0 steps) and its output error against the float model is measured on the
 calibration images; the same for float (non-PoT) MSE scales, the error a float-scale method
@@ -21,10 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODELS, RESULTS, data_root, weights  # noqa: E402
 
-MODES = ("none", "depthwise", "all")
+MODES = ("none", "depthwise", "all", "streams", "depthwise+streams")
 
 
-def measure(model_name: str, images: int, w_bits: int, a_bits: int, dw: bool) -> list[dict]:
+def measure(model_name: str, images: int, w_bits: int, a_bits: int, dw: bool,
+            modes=MODES) -> list[dict]:
     import torch
 
     from lowbit.config import QuantConfig
@@ -42,7 +44,7 @@ def measure(model_name: str, images: int, w_bits: int, a_bits: int, dw: bool) ->
     rows = []
     base = dict(model=model_name, w_bits=w_bits, a_bits=a_bits, dw_act_per_channel=dw,
                 images=images)
-    for mode in MODES:
+    for mode in modes:
         t = time.perf_counter()
         q = ptq(net, "rapq-quick", data.calib, config, data.example, quick_iters=0,
                 pot_rescale=False if mode == "none" else mode, progress=False)
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--setting", default="W4A4", choices=["W4A4", "W4A8", "W2A4", "W8A4"])
     ap.add_argument("--per-tensor-dw", action="store_true",
                     help="one activation scale per tensor at depthwise inputs (default: per channel)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "pot_rescale"))
     args = ap.parse_args()
@@ -79,17 +82,21 @@ def main() -> None:
     out = Path(args.out).with_suffix(".json")
     command = ("python benchmarks/pot_rescale.py --models " + " ".join(args.models)
                + f" --images {args.images} --setting {args.setting} --threads {args.threads}"
-               + (" --per-tensor-dw" if args.per_tensor_dw else ""))
+               + (" --per-tensor-dw" if args.per_tensor_dw else "")
+               + ("" if args.modes == list(MODES) else " --modes " + " ".join(args.modes)))
     old = json.loads(out.read_text())["rows"] if out.is_file() else []
     for m in args.models:
-        rows = measure(m, args.images, w, a, not args.per_tensor_dw)
+        rows = measure(m, args.images, w, a, not args.per_tensor_dw, args.modes)
         for r in rows:
             r["command"] = command
             print(f"{m:<20} {args.setting} {r['scales']:<5} rescale {r['rescale']:<9} "
-                  f"start error {r['start_error']:.1f}  ({r['pairs']} pairs)", flush=True)
-        key = {(r["model"], r["w_bits"], r["a_bits"], r["dw_act_per_channel"]) for r in rows}
-        old = [r for r in old
-               if (r["model"], r["w_bits"], r["a_bits"], r["dw_act_per_channel"]) not in key]
+                  f"start error {r['start_error']:.1f}  ({r['pairs']} rescaled)", flush=True)
+        def key(r):
+            return r["model"], r["w_bits"], r["a_bits"], r["dw_act_per_channel"], r["scales"], \
+                r["rescale"]
+
+        new = {key(r) for r in rows}
+        old = [r for r in old if key(r) not in new]
         old += rows
         write_json(out, {"rows": old})
 

@@ -30,8 +30,10 @@ BASE_METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
 # "+nobn": reconstruction without the BatchNorm-statistics term (the BN-guidance ablation);
 # "+dw": one activation scale per channel at depthwise-conv inputs (dw_act_per_channel);
 # "+rs" / "+rsall": power-of-two-aware rescaling of the conv -> ReLU6 -> depthwise pairs /
-# of every conv -> ReLU6 -> conv pair first (pot_rescale "depthwise" / "all"; PoT methods)
-RESCALED = [m + f for m in BASE_METHODS if m != "brecq" for f in ("+dw+rs", "+dw+rsall", "+rs")]
+# of every conv -> ReLU6 -> conv pair first (pot_rescale "depthwise" / "all"; PoT methods);
+# "+st": each linear residual stream scaled by one factor first (pot_rescale "streams")
+RESCALED = [m + f for m in BASE_METHODS if m != "brecq"
+            for f in ("+dw+rs", "+dw+rsall", "+rs", "+st", "+dw+rs+st")]
 METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS] + [m + "+dw" for m in BASE_METHODS]
            + RESCALED
            + ["rapq+nobn", "brecq+nobn", "rapq+dw+bc", "brecq+dw+bc"])
@@ -73,8 +75,10 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     opts = {"bias_correction": True} if "bc" in flags else {}
     if "nobn" in flags:
         opts["bn_guided"] = False
-    if "rs" in flags or "rsall" in flags:
-        opts["pot_rescale"] = "depthwise" if "rs" in flags else "all"
+    parts = ([{"rs": "depthwise", "rsall": "all"}[f] for f in flags if f in {"rs", "rsall"}]
+             + (["streams"] if "st" in flags else []))
+    if parts:
+        opts["pot_rescale"] = "+".join(parts)
     if base in {"rapq", "rapq-quick"}:
         opts["quick_iters"] = args.quick_iters
         opts["quick_batch_size"] = args.quick_batch_size

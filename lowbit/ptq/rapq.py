@@ -37,8 +37,9 @@ from ..quant.pot import PoTQuantizer
 from ..utils import model_device
 from .bias_correction import correct_bias, float_output_means
 from .blocks import run_chunked
-from .pot_rescale import MODES as RESCALE_MODES
-from .pot_rescale import rescale_pairs
+from .pot_rescale import MODES as PAIR_MODES
+from .pot_rescale import RescaleReport, rescale_pairs
+from .stream_rescale import rescale_streams
 from .reconstruct import (
     ReconOptions,
     bn_targets,
@@ -230,6 +231,23 @@ def _pot_options(method: str, observer: str) -> dict[str, Any] | None:
     return None
 
 
+def _rescale_parts(pot_rescale: bool | str) -> tuple[str | None, bool]:
+    """``pot_rescale`` as (layer-pair mode or None, whether linear streams are rescaled):
+    ``True`` is ``"depthwise"``; a string joins a pair mode and/or ``"streams"`` with ``+``."""
+    if pot_rescale is True:
+        return "depthwise", False
+    if not pot_rescale:
+        return None, False
+    known = (*PAIR_MODES, "streams")
+    parts = str(pot_rescale).split("+")
+    pairs = [p for p in parts if p in PAIR_MODES]
+    if any(p not in known for p in parts) or len(pairs) > 1 or len(set(parts)) != len(parts):
+        raise ConfigError(
+            f"pot_rescale must be True, False, or {' / '.join(map(repr, known))} joined by '+' "
+            f"(one pair mode at most, e.g. 'depthwise+streams'), got {pot_rescale!r}")
+    return (pairs[0] if pairs else None), "streams" in parts
+
+
 def _bn_setup(model, example_inputs, config: QuantConfig, bn_guided: bool | None):
     targets, skipped = bn_targets(model, example_inputs, folded=config.fold_bn)
     if bn_guided and not targets:
@@ -286,17 +304,16 @@ def rapq_ptq(
     ``batch_size``, ``bn_weight``, ...). ``pot_rescale`` (``True``/``"depthwise"`` or
     ``"all"``) first slides the power-of-two grids of each ``conv -> ReLU6 -> depthwise conv``
     (or every ``conv -> ReLU6 -> conv``) pair against each other, the float model unchanged
-    (:mod:`lowbit.ptq.pot_rescale`). ``bias_correction`` re-centres every layer's output
+    (:mod:`lowbit.ptq.pot_rescale`); ``"streams"`` (alone or joined, ``"depthwise+streams"``)
+    scales each linear residual stream by one factor (:mod:`lowbit.ptq.stream_rescale`). ``bias_correction`` re-centres every layer's output
     on the float model's as the last step (:mod:`lowbit.ptq.bias_correction`). The returned
     model carries ``lowbit_rapq``: what ran, errors before/after each step, and where the time
     went.
     """
     t_start = time.perf_counter()
     _check_bits(config)
-    rescale_mode = "depthwise" if pot_rescale is True else pot_rescale
-    if rescale_mode and rescale_mode not in RESCALE_MODES:
-        raise ConfigError(f"pot_rescale must be True, False or one of {RESCALE_MODES}, "
-                          f"got {pot_rescale!r}")
+    pair_mode, streams = _rescale_parts(pot_rescale)
+    rescale_mode = pair_mode or streams
     if rescale_mode and method == "brecq":
         raise ConfigError(
             "pot_rescale fits power-of-two grids; 'brecq' uses float scales, which rescaling "
@@ -320,15 +337,22 @@ def rapq_ptq(
     info["seconds_calibrate"] = time.perf_counter() - t
     if rescale_mode:
         t = time.perf_counter()
-        rep = rescale_pairs(qmodel, x, mode=rescale_mode, chunk=chunk, bn_targets=targets,
-                            progress=progress)
+        rep = RescaleReport()
+        if streams:
+            rep = rescale_streams(qmodel, x, chunk=chunk, bn_targets=targets, report=rep)
+        if pair_mode:
+            pairs = rescale_pairs(qmodel, x, mode=pair_mode, chunk=chunk, bn_targets=targets,
+                                  progress=progress)
+            rep.rescaled.update(pairs.rescaled)
+            rep.skipped.update(pairs.skipped)
         if not rep.rescaled:
             raise ConfigError(
                 f"pot_rescale found nothing to rescale (it needs conv -> ReLU/ReLU6 -> conv "
-                f"pairs): {rep.summary()}")
+                f"pairs, or linear streams read by convs): {rep.summary()}")
         log.info("rapq: %s", rep.summary())
         qmodel = calibrate(qmodel, _chunks(x, chunk), progress=progress)  # ranges moved
-        info["pot_rescale"] = {"mode": rescale_mode, "rescaled": rep.rescaled,
+        mode = "+".join(([pair_mode] if pair_mode else []) + (["streams"] if streams else []))
+        info["pot_rescale"] = {"mode": mode, "rescaled": rep.rescaled,
                                "skipped": rep.skipped, "seconds": time.perf_counter() - t}
     float_means = float_output_means(qmodel, x) if bias_correction else None
     if method in {"rapq-quick", "rapq"}:
