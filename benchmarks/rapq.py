@@ -80,7 +80,10 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     if parts:
         opts["pot_rescale"] = "+".join(parts)
     if base in {"rapq", "rapq-quick"}:
-        opts["quick_iters"] = args.quick_iters
+        from lowbit.ptq.rapq import QUICK_ITERS
+
+        opts["quick_iters"] = (args.quick_iters if args.quick_iters is not None
+                               else QUICK_ITERS if base == "rapq-quick" else 0)
         opts["quick_batch_size"] = args.quick_batch_size
     if base in {"rapq", "brecq"}:
         opts["iters"] = args.iters
@@ -126,7 +129,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--iters", type=int, default=1000, help="reconstruction steps per block")
-    ap.add_argument("--quick-iters", type=int, default=300)
+    ap.add_argument("--quick-iters", type=int, default=None,
+                    help="scale-adjustment steps (default: the library's, 300 for rapq-quick "
+                    "and 0 for rapq)")
     ap.add_argument("--quick-batch-size", type=int, default=32,
                     help="images per scale-adjustment step (fewer: faster on 224 px models)")
     ap.add_argument("--calib-size", type=int, default=1024)
@@ -148,7 +153,8 @@ def main() -> None:
         print("ROW " + json.dumps(one(m, meth, int(w), int(a), args)))
         return
     out = Path(args.out)
-    common = ["--iters", str(args.iters), "--quick-iters", str(args.quick_iters),
+    common = ["--iters", str(args.iters),
+              *(["--quick-iters", str(args.quick_iters)] if args.quick_iters is not None else []),
               "--quick-batch-size", str(args.quick_batch_size),
               "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
               "--threads", str(args.threads)]

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recon-iters", type=int, default=200,
                       help="RAPQ/BRECQ reconstruction steps per block (default 200)")
     demo.add_argument("--quick-iters", type=int, default=100,
-                      help="RAPQ network-wide scale adjustment steps (default 100)")
+                      help="rapq-quick's network-wide scale adjustment steps (default 100)")
     demo.add_argument("--sdq-steps", type=int, default=300, help="SDQ search steps (default 300)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--iters", type=int, default=None,
                     help="rapq/brecq: reconstruction steps per block (default 1000)")
     pq.add_argument("--quick-iters", type=int, default=None,
-                    help="rapq/rapq-quick: network-wide scale adjustment steps (default 300)")
+                    help="rapq-quick/rapq: network-wide scale adjustment steps (default 300 for "
+                    "rapq-quick; 0 for rapq, whose reconstruction searches the exponents itself)")
     pq.add_argument("--bn-guided", choices=["auto", "on", "off"], default=None,
                     help="rapq/brecq: BatchNorm-statistics term (default auto: on when the "
                     "model's BNs carry statistics)")

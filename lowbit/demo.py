@@ -77,7 +77,7 @@ def run_demo(
     for w, a in POT_SETTINGS:
         for method in POT_METHODS:
             opts = {"pot": {}, "rapq-quick": {"quick_iters": quick_iters},
-                    "rapq": {"quick_iters": quick_iters, "iters": recon_iters},
+                    "rapq": {"iters": recon_iters},
                     "brecq": {"iters": recon_iters}}[method]
             t = time.perf_counter()
             add(f"ptq-{method}", f"{w}/{a}", t, ptq(model, method, data.calib,

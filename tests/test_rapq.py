@@ -271,3 +271,22 @@ def test_rapq_depthwise_inputs_per_channel_stay_integer_pow2(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(q(x)).all()
         assert torch.equal(again(x), q(x))
+
+
+def test_full_mode_skips_the_network_adjustment_unless_asked(setup, monkeypatch):
+    """rapq-quick adjusts for QUICK_ITERS steps by default; full rapq (whose reconstruction
+    searches the exponents) for none unless quick_iters is given."""
+    import importlib
+
+    rapq_mod = importlib.import_module("lowbit.ptq.rapq")  # lowbit.ptq.rapq is also a function
+    model, x = setup
+    monkeypatch.setattr(rapq_mod, "QUICK_ITERS", 3)  # keep the default run short
+    cfg = QuantConfig.uniform(4, 4)
+    quick = lowbit.ptq(model, "rapq-quick", batches(x), cfg, x[:2], progress=False)
+    assert quick.lowbit_rapq["quick"]["iters"] == 3
+    full = lowbit.ptq(model, "rapq", batches(x), cfg, x[:2], iters=5, progress=False)
+    assert full.lowbit_rapq["quick"]["iters"] == 0
+    assert full.lowbit_rapq["quick"]["adjusted_error"] == full.lowbit_rapq["quick"]["naive_error"]
+    asked = lowbit.ptq(model, "rapq", batches(x), cfg, x[:2], iters=5, quick_iters=2,
+                       progress=False)
+    assert asked.lowbit_rapq["quick"]["iters"] == 2
