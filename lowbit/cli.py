@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["depthwise", "all", "streams", "depthwise+streams", "all+streams"],
                     help="pot/rapq-quick/rapq: before the scale search, rescale each conv -> "
                     "ReLU6 -> depthwise conv pair ('all': every conv -> ReLU6 -> conv pair; "
-                    "'streams': each linear residual stream by one factor; '+' joins them) so "
+                    "'streams', experimental, measured worse: each linear residual stream by one "
+                    "factor; '+' joins them) so "
                     "their power-of-two grids fit better, the float model unchanged; pairs are "
                     "best with --dw-act-per-channel")
     pq.add_argument("--output", "-o", default=None, help="write results JSON here")

@@ -6,9 +6,7 @@ stream is linear in its producers, so multiplying every producer (weights and bi
 factor ``a > 0`` and dividing every conv that reads the stream by ``a`` leaves the float
 network unchanged, while it slides all the stream's power-of-two activation grids at once.
 The stream's tensors are where the signed, per-tensor, 4-bit activation quantizers of these
-networks sit, and a power-of-two step can be up to a factor sqrt(2) from the best float step:
-on MobileNetV2 one factor per stream brought the stream tensors' squared error from up to
-1.6x to within about 1.05x of the best float scale's (on samples of 16 images).
+networks sit, and a power-of-two step can be up to a factor sqrt(2) from the best float step.
 
 Streams are found on a ``torch.fx`` trace of the prepared model (quantized layers as leaves),
 since the additions are functional and module hooks do not see them. A stream is accepted only
@@ -17,6 +15,9 @@ reader is a quantized layer; anything else (an activation, pooling, the model ou
 stream alone, with the reason reported. The factor (one octave, ``grid`` values) minimises the
 summed relative quantization error of the readers' inputs (asymmetric: at the best exponent and
 zero-point, which the reconstruction's exponent search then looks for).
+
+Opt-in and not recommended yet: on MobileNetV2 W4A4 full RAPQ it started from a lower network
+error but ended worse (39.81 % against 59.67 %, docs/rapq.md); kept for experiments.
 """
 
 from __future__ import annotations
