@@ -39,7 +39,6 @@ from .bias_correction import correct_bias, float_output_means
 from .blocks import run_chunked
 from .pot_rescale import MODES as PAIR_MODES
 from .pot_rescale import RescaleReport, rescale_pairs
-from .stream_rescale import rescale_streams
 from .reconstruct import (
     ReconOptions,
     bn_targets,
@@ -49,6 +48,7 @@ from .reconstruct import (
     wrap_quantizers,
 )
 from .registry import register_ptq
+from .stream_rescale import rescale_streams
 
 log = logging.getLogger("lowbit")
 
@@ -88,8 +88,8 @@ QUICK_BATCH = 32
 # Scale-adjustment steps of rapq-quick. Full rapq skips the adjustment by default: its exponent
 # search fits each unit's exponents on the quantized inputs the unit really gets, and with it
 # the network error after reconstruction came out the same within 2 % with or without the
-# adjustment (MobileNetV2 1,067 vs 1,069, EfficientNet-Lite0 510 vs 519), which at 224 px costs
-# 13-26 minutes on two CPU cores (benchmarks/results/rapq.json, rapq_noquick.json).
+# adjustment (MobileNetV2 1,067 vs 1,069, EfficientNet-Lite0 510 vs 519), which at 224 px took
+# 1,563-1,710 s at one thread, a third of the run (benchmarks/results/rapq*.json).
 QUICK_ITERS = 300
 
 
@@ -313,8 +313,9 @@ def rapq_ptq(
     ``"all"``) first slides the power-of-two grids of each ``conv -> ReLU6 -> depthwise conv``
     (or every ``conv -> ReLU6 -> conv``) pair against each other, the float model unchanged
     (:mod:`lowbit.ptq.pot_rescale`); ``"streams"`` (alone or joined, ``"depthwise+streams"``)
-    scales each linear residual stream by one factor (:mod:`lowbit.ptq.stream_rescale`). ``bias_correction`` re-centres every layer's output
-    on the float model's as the last step (:mod:`lowbit.ptq.bias_correction`). The returned
+    scales each linear residual stream by one factor (:mod:`lowbit.ptq.stream_rescale`).
+    ``bias_correction`` re-centres every layer's output on the float model's as the last step
+    (:mod:`lowbit.ptq.bias_correction`). The returned
     model carries ``lowbit_rapq``: what ran, errors before/after each step, and where the time
     went.
     """
@@ -347,14 +348,14 @@ def rapq_ptq(
     info["seconds_calibrate"] = time.perf_counter() - t
     if rescale_mode:
         t = time.perf_counter()
+        parts = ([rescale_streams(qmodel, x, chunk=chunk, bn_targets=targets)] if streams
+                 else []) + ([rescale_pairs(qmodel, x, mode=pair_mode, chunk=chunk,
+                                            bn_targets=targets, progress=progress)]
+                             if pair_mode else [])
         rep = RescaleReport()
-        if streams:
-            rep = rescale_streams(qmodel, x, chunk=chunk, bn_targets=targets, report=rep)
-        if pair_mode:
-            pairs = rescale_pairs(qmodel, x, mode=pair_mode, chunk=chunk, bn_targets=targets,
-                                  progress=progress)
-            rep.rescaled.update(pairs.rescaled)
-            rep.skipped.update(pairs.skipped)
+        for part in parts:
+            rep.rescaled.update(part.rescaled)
+            rep.skipped.update(part.skipped)
         if not rep.rescaled:
             raise ConfigError(
                 f"pot_rescale found nothing to rescale (it needs conv -> ReLU/ReLU6 -> conv "

@@ -199,7 +199,6 @@ def rescale_streams(
     sample_images: int = 32,
     chunk: int = 64,
     bn_targets: dict | None = None,
-    report: RescaleReport | None = None,
 ) -> RescaleReport:
     """Rescale every linear stream of a prepared power-of-two model in place (entries keyed
     ``stream:<first producer>`` in the report); the readers' inputs are sampled at ``rows``
@@ -208,7 +207,7 @@ def rescale_streams(
     Re-calibrate the quantizers afterwards: their ranges were observed before."""
     if grid < 1:
         raise ConfigError(f"rescale grid must be >= 1, got {grid}")
-    report = report or RescaleReport()
+    report = RescaleReport()
     streams, skipped = find_streams(qmodel)
     report.skipped.update({f"stream:{k}": v for k, v in skipped.items()})
     if not streams:
