@@ -31,12 +31,14 @@ BASE_METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
 # "+dw": one activation scale per channel at depthwise-conv inputs (dw_act_per_channel);
 # "+rs" / "+rsall": power-of-two-aware rescaling of the conv -> ReLU6 -> depthwise pairs /
 # of every conv -> ReLU6 -> conv pair first (pot_rescale "depthwise" / "all"; PoT methods);
-# "+st": each linear residual stream scaled by one factor first (pot_rescale "streams")
+# "+st": each linear residual stream scaled by one factor first (pot_rescale "streams");
+# "+fr" (after any of these): weights on all 2^b codes (narrow_weights=False; four levels at 2 bits)
 RESCALED = [m + f for m in BASE_METHODS if m != "brecq"
             for f in ("+dw+rs", "+dw+rsall", "+rs", "+st", "+dw+rs+st")]
 METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS] + [m + "+dw" for m in BASE_METHODS]
            + RESCALED
            + ["rapq+nobn", "brecq+nobn", "rapq+dw+bc", "brecq+dw+bc"])
+METHODS += [m + "+fr" for m in METHODS]
 FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
           "float_top1", "iters", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
@@ -88,7 +90,8 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     if base in {"rapq", "brecq"}:
         opts["iters"] = args.iters
     t = time.perf_counter()
-    config = QuantConfig.uniform(w_bits, a_bits, dw_act_per_channel="dw" in flags)
+    config = QuantConfig.uniform(w_bits, a_bits, dw_act_per_channel="dw" in flags,
+                                 narrow_weights="fr" not in flags)
     q = ptq(net, base, data.calib, config, data.example, progress=False, **opts)
     ptq_seconds = time.perf_counter() - t
     t = time.perf_counter()
@@ -126,7 +129,9 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20"], choices=list(MODELS))
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD",
+                    help="a base method (" + ", ".join(BASE_METHODS) + ") with flags joined by "
+                    "'+' (see the comment at METHODS), e.g. rapq+dw+rs+fr; default: all")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--iters", type=int, default=1000, help="reconstruction steps per block")
     ap.add_argument("--quick-iters", type=int, default=None,

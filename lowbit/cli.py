@@ -64,9 +64,14 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
              "the producing conv requantizes per channel; helps MobileNet-style models at A4)",
     )
     p.add_argument(
+        "--full-range-weights", action="store_true",
+        help="use all 2^b weight codes, [-2^(b-1), 2^(b-1)-1] (default: symmetric narrow range; "
+             "at 2 bits that is ternary {-1,0,1}, full range gives four levels)",
+    )
+    p.add_argument(
         "--config", default=None,
         help="a lowbit config (YAML/JSON); overrides --w-bits/--a-bits/--per-tensor/--first-last/"
-             "--dw-act-per-channel",
+             "--dw-act-per-channel/--full-range-weights",
     )
 
 
@@ -161,7 +166,7 @@ def _config_from_args(args):
         return QuantConfig.load(args.config)
     return QuantConfig.uniform(
         args.w_bits, args.a_bits, per_channel=not args.per_tensor, first_last=args.first_last,
-        dw_act_per_channel=args.dw_act_per_channel,
+        dw_act_per_channel=args.dw_act_per_channel, narrow_weights=not args.full_range_weights,
     )
 
 

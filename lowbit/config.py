@@ -188,6 +188,7 @@ class QuantConfig(BaseModel):
         per_channel: bool = True,
         first_last: EdgePolicy | str = EdgePolicy.INT8,
         dw_act_per_channel: bool = False,
+        narrow_weights: bool = True,
         **kwargs: Any,
     ) -> QuantConfig:
         """The common case: one bitwidth for weights, one for activations.
@@ -198,11 +199,16 @@ class QuantConfig(BaseModel):
         scales do: integer hardware runs it when the producer of that input (a conv, as in
         MobileNetV2 and EfficientNet) requantizes per channel. It rescues channels whose range is
         a small fraction of the tensor's, which one low-bit scale rounds to zero.
+
+        ``narrow_weights`` (default) keeps weight codes symmetric, ``[-(2^(b-1)-1), 2^(b-1)-1]``,
+        as int8 kernels expect; ``False`` uses all ``2^b`` codes, ``[-2^(b-1), 2^(b-1)-1]``. At
+        2 bits that is the difference between ternary weights ``{-1, 0, 1}`` and four levels
+        ``{-2, -1, 0, 1}`` (LSQ's and BRECQ's 2-bit grids have four).
         """
         weight = _validate(
             QuantizerSpec,
             dict(kind=kind, bits=w_bits, signed=True, symmetric=True, per_channel=per_channel,
-                 narrow_range=True, observer=observer),
+                 narrow_range=narrow_weights, observer=observer),
             "weight",
         )
         act = None

@@ -102,3 +102,13 @@ def test_ptq_dw_act_per_channel_flag_reaches_the_saved_config(capsys, tmp_path):
     assert rules == [{"match": "type:DepthwiseConv2d", "keep_float": False, "w_bits": None,
                       "a_bits": None, "weight": None,
                       "act": {"per_channel": True, "ch_axis": 1}}]
+
+
+def test_ptq_full_range_weights_flag_reaches_the_saved_config(capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    rc, _, err = run(capsys, "ptq", "-m", "digits_cnn", "--method", "mse", "--w-bits", "2",
+                     "--full-range-weights", "--calib-size", "32", "--eval-size", "32",
+                     "--no-progress", "-o", str(out_json))
+    assert rc == 0, err
+    weight = json.loads(out_json.read_text())["config"]["weight"]
+    assert weight["bits"] == 2 and weight["narrow_range"] is False

@@ -5,7 +5,7 @@ import torch
 
 from lowbit.config import EdgePolicy, LayerRule, QuantConfig, QuantizerSpec
 from lowbit.errors import ConfigError
-from lowbit.prepare import prepare
+from lowbit.prepare import calibrate, prepare
 from tests.helpers import tiny
 
 
@@ -99,3 +99,22 @@ def test_dw_act_per_channel_round_trips_and_is_off_without_activations(tmp_path)
     cfg = QuantConfig.uniform(4, 4, dw_act_per_channel=True)
     assert QuantConfig.load(cfg.save(tmp_path / "c.yaml")) == cfg
     assert QuantConfig.uniform(4, None, dw_act_per_channel=True).layers == []
+
+
+@pytest.mark.parametrize("kind", ["uniform", "pot"])
+def test_full_range_weights_give_four_levels_at_two_bits(kind):
+    model = tiny()
+    x = torch.randn(4, 3, 8, 8)
+    # the least-error (mse) scale clips, which reaches the extra negative code; a min-max
+    # scale, amax / qmax, never does
+    cfg = dict(kind=kind, observer="mse", first_last="same")
+    narrow = prepare(model, QuantConfig.uniform(2, 4, **cfg), x)
+    full = prepare(model, QuantConfig.uniform(2, 4, narrow_weights=False, **cfg), x)
+    assert narrow.dw.weight_quant.qrange == (-1, 1)
+    assert full.dw.weight_quant.qrange == (-2, 1)
+    for q in (narrow, full):
+        calibrate(q, [x], progress=False)
+    codes_full = full.stem.weight_quant.integer_form(full.stem.weight).codes.unique()
+    codes_narrow = narrow.stem.weight_quant.integer_form(narrow.stem.weight).codes.unique()
+    assert set(codes_narrow.tolist()) <= {-1, 0, 1}
+    assert set(codes_full.tolist()) == {-2, -1, 0, 1}

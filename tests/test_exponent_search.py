@@ -128,6 +128,23 @@ def test_reconstruction_with_search_never_worse_than_its_start():
                 <= rep.error_before * (1 + 1e-5))
 
 
+def test_unit_keeps_the_search_when_reconstruction_ends_above_it():
+    model, q, x = prepared(5)
+    with torch.no_grad():
+        target = model(x)
+    k = q.dw.weight_quant.exponent.clone()
+    q.dw.weight_quant.set_exponent(k + 1)  # one octave too coarse: the search has work to do
+    # a reconstruction made to fail: huge rounding steps flip every offset at random
+    opts = ReconOptions(iters=5, lr_round=50.0, warmup=0.0, progress=False, bn_weight=0.0)
+    rep = reconstruct_unit(q, (x,), target, opts, pot=True)
+    assert rep.kept == "search" and rep.reverted
+    assert rep.error_after < rep.error_before and rep.exponents_changed > 0
+    with torch.no_grad():  # the unit holds what the report says: searched exponents, nearest
+        err = (q(x) - target).pow(2).sum(1).mean().item()
+    assert abs(err - rep.error_after) <= 1e-5 * max(1.0, err)
+    assert not torch.equal(q.dw.weight_quant.exponent, k + 1)
+
+
 def test_activation_scales_learned_for_float_scales_only_by_default():
     model, q, x = prepared(4)
     with torch.no_grad():

@@ -243,8 +243,9 @@ class UnitReport:
     error_after: float
     bn_layers: int
     seconds: float
-    reverted: bool = False
+    reverted: bool = False  # the reconstruction was discarded (see ``kept``)
     exponents_changed: int = 0  # by the exponent search (power of two)
+    kept: str = "reconstruction"  # or "search" (searched exponents, nearest rounding) or "start"
 
 
 @dataclass
@@ -285,11 +286,18 @@ def reconstruct_unit(
     t_start = time.perf_counter()
     n = target.shape[0]
     bn = bn or {}
-    backup = copy.deepcopy(unit.state_dict())
+    # Candidates the unit may end in, best first by error: where it started, the searched
+    # exponents (nearest rounding), the reconstruction. A short reconstruction at 2 bits can
+    # end above a search that helped; the unit then keeps the search alone.
+    kept: dict[str, tuple[float, dict]] = {}
     err_before = _eval_error(unit, q_args, target, n_eval, opts.chunk)
+    kept["start"] = (err_before, copy.deepcopy(unit.state_dict()))
     moved = 0
     if pot and opts.exponent_search:
         moved = sum(search_unit_exponents(unit, q_args, chunk=opts.chunk).values())
+        if moved:
+            kept["search"] = (_eval_error(unit, q_args, target, n_eval, opts.chunk),
+                              copy.deepcopy(unit.state_dict()))
     learn_a = opts.learn_a_scale if opts.learn_a_scale is not None else not pot
     swaps = wrap_quantizers(unit, pot=pot, learn_w_scale=opts.learn_w_scale,
                             learn_a_scale=learn_a, adaround=True)
@@ -346,13 +354,16 @@ def reconstruct_unit(
             p.requires_grad_(True)
         bar.close()
     unwrap_quantizers(swaps, commit=True)
-    err_after = _eval_error(unit, q_args, target, n_eval, opts.chunk)
-    reverted = not err_after <= err_before
-    if reverted:
-        unit.load_state_dict(backup)
-        err_after = err_before
+    err_recon = _eval_error(unit, q_args, target, n_eval, opts.chunk)
+    best = min(kept, key=lambda k: kept[k][0])
+    if err_recon <= kept[best][0]:
+        best, err_after = "reconstruction", err_recon
+    else:
+        err_after, state = kept[best]
+        unit.load_state_dict(state)
     return UnitReport(name, err_before, err_after, len(bn), time.perf_counter() - t_start,
-                      reverted, exponents_changed=0 if reverted else moved)
+                      best != "reconstruction", exponents_changed=0 if best == "start" else moved,
+                      kept=best)
 
 
 def _owned(p: nn.Parameter, swaps) -> bool:
