@@ -286,9 +286,9 @@ def reconstruct_unit(
     t_start = time.perf_counter()
     n = target.shape[0]
     bn = bn or {}
-    # Candidates the unit may end in, best first by error: where it started, the searched
-    # exponents (nearest rounding), the reconstruction. A short reconstruction at 2 bits can
-    # end above a search that helped; the unit then keeps the search alone.
+    # The unit ends in whichever has the least error: its start, the searched exponents
+    # (nearest rounding) or the reconstruction. A short reconstruction can end above a search
+    # that helped; the unit then keeps the search alone.
     kept: dict[str, tuple[float, dict]] = {}
     err_before = _eval_error(unit, q_args, target, n_eval, opts.chunk)
     kept["start"] = (err_before, copy.deepcopy(unit.state_dict()))
