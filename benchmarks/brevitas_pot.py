@@ -41,7 +41,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, data_root, load_rows, run_child, save_rows, weights  # noqa: E402
+from common import MODELS, RESULTS, data_root, load_rows, provenance, run_child, save_rows, weights  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 INSTALL = ("python -m venv /tmp/brevenv --system-site-packages && /tmp/brevenv/bin/pip install "
@@ -74,7 +74,7 @@ FIELDS = ["model", "setting", "w_bits", "a_bits", "top1", "top5", "agreement", "
           "preprocess_max_diff", "seconds_quantize", "seconds_calibrate",
           "seconds_bias_correction", "ptq_seconds", "eval_seconds", "wall_seconds",
           "peak_rss_mib", "load_avg_start", "threads", "brevitas_version", "torch_version",
-          "brevitas_options", "protocol", "command"]
+          "brevitas_options", "protocol", "commit", "command"]
 
 
 def brevitas_version() -> str | None:
@@ -323,6 +323,7 @@ def one(model: str, w_bits: int, a_bits: int, args) -> dict:
         load_avg_start=load, threads=torch.get_num_threads(),
         brevitas_version=brevitas.__version__, torch_version=torch.__version__,
         brevitas_options=json.dumps(BREVITAS_OPTIONS), protocol=data.protocol,
+        commit=provenance()["commit"],
     )
 
 

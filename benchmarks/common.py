@@ -57,6 +57,21 @@ def weights(model: str):
     return str(w)
 
 
+def provenance() -> dict:
+    """The torch build and the lowbit commit a row ran on ("+dirty": with uncommitted changes
+    to lowbit/ or the benchmark scripts), so rows from different sessions stay comparable."""
+    import torch
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,
+                              text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or None
+    if commit and git("status", "--porcelain", "--", "lowbit", "benchmarks/*.py"):
+        commit += "+dirty"
+    return {"torch": torch.__version__, "commit": commit}
+
+
 def load_rows(out: Path) -> list[dict]:
     """Rows already in ``out.json`` (so a benchmark can add to or skip what was run)."""
     path = out.with_suffix(".json")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, data_root, load_rows, run_child, save_rows, weights  # noqa: E402
+from common import MODELS, RESULTS, data_root, load_rows, provenance, run_child, save_rows, weights  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 BASE_METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
@@ -44,7 +44,7 @@ FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "s
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
           "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
           "seconds_reconstruct", "seconds_bias_correction", "ptq_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib",
-          "load_avg_start", "threads", "device", "peak_gpu_mib", "protocol", "command", "note"]
+          "load_avg_start", "threads", "device", "peak_gpu_mib", "protocol", "torch", "commit", "command", "note"]
 
 
 def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
@@ -123,6 +123,7 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
                       if device.type == "cuda" else None),
         units=rinfo.get("units"),
         pot_rescale=rinfo.get("pot_rescale"),
+        **provenance(),
     )
 
 
