@@ -106,35 +106,42 @@ def search_unit_exponents(
                  for a in q_args)
     changed: dict[str, int] = {}
     for lname, layer in layers:
-        captured: list[torch.Tensor] = []
+        x = _layer_input(unit, layer, args, m, chunk)
+        if x is not None:
+            changed.update(_search_layer(lname, layer, x))
+    return changed
 
-        def grab(mod, inputs):
-            captured.append(inputs[0])
 
-        handle = layer.register_forward_pre_hook(grab)
-        try:
-            run_chunked(unit, args, {}, m, chunk)
-        finally:
-            handle.remove()
-        if not captured:
-            continue
-        x = torch.cat(captured)
-        captured.clear()
-        wq, iq = layer.weight_quant, layer.input_quant
-        if isinstance(iq, PoTQuantizer):
-            ref = _linear_part(layer, x, layer.weight)
-            per_channel = (iq.per_channel and iq.exponent.numel() > 1
-                           and iq.ch_axis % x.dim() == 1 and _reads_own_channel(layer))
+def _layer_input(unit: nn.Module, layer: nn.Module, args: tuple, n: int,
+                 chunk: int) -> torch.Tensor | None:
+    """What ``layer`` reads when ``unit`` runs on ``args`` (None if the unit never calls it)."""
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda mod, inputs: captured.append(inputs[0]))
+    try:
+        run_chunked(unit, args, {}, n, chunk)
+    finally:
+        handle.remove()
+    return torch.cat(captured) if captured else None
 
-            def act_error():
-                err = _channel_error(_linear_part(layer, iq(x), layer.weight), ref)
-                return err if per_channel else err.sum()
 
-            changed[f"{lname}.input_quant".lstrip(".")] = _best(
-                iq, act_error, zero_points=_signed_asymmetric(iq))
-        if isinstance(wq, PoTQuantizer):
-            xq = layer.quant_input(x)
-            ref = _linear_part(layer, xq, layer.weight)
-            changed[f"{lname}.weight_quant".lstrip(".")] = _best(
-                wq, lambda: _channel_error(_linear_part(layer, xq, wq(layer.weight)), ref))
+def _search_layer(lname: str, layer: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """The input exponents of one layer, then its weight exponents given the quantized input."""
+    changed = {}
+    wq, iq = layer.weight_quant, layer.input_quant
+    if isinstance(iq, PoTQuantizer):
+        ref = _linear_part(layer, x, layer.weight)
+        per_channel = (iq.per_channel and iq.exponent.numel() > 1
+                       and iq.ch_axis % x.dim() == 1 and _reads_own_channel(layer))
+
+        def act_error():
+            err = _channel_error(_linear_part(layer, iq(x), layer.weight), ref)
+            return err if per_channel else err.sum()
+
+        changed[f"{lname}.input_quant".lstrip(".")] = _best(
+            iq, act_error, zero_points=_signed_asymmetric(iq))
+    if isinstance(wq, PoTQuantizer):
+        xq = layer.quant_input(x)
+        ref_q = _linear_part(layer, xq, layer.weight)
+        changed[f"{lname}.weight_quant".lstrip(".")] = _best(
+            wq, lambda: _channel_error(_linear_part(layer, xq, wq(layer.weight)), ref_q))
     return changed

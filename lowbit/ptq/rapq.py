@@ -366,9 +366,11 @@ def rapq_ptq(
         info["pot_rescale"] = {"mode": mode, "rescaled": rep.rescaled,
                                "skipped": rep.skipped, "seconds": time.perf_counter() - t}
     float_means = float_output_means(qmodel, x) if bias_correction else None
+    skip_quick = method == "rapq" and quick_iters == 0
     if method in {"rapq-quick", "rapq"}:
         quick_batch_size = quick_batch_size or QUICK_BATCH
         info["quick_batch_size"] = quick_batch_size
+    if method in {"rapq-quick", "rapq"} and not skip_quick:
         info["quick"] = adjust_scales(qmodel, x, iters=quick_iters, batch_size=quick_batch_size,
                                       lr=quick_lr, seed=seed, chunk=chunk, progress=progress)
     if reconstructs:
@@ -377,6 +379,9 @@ def rapq_ptq(
         x_eval = x[:N_EVAL]
         ref = _outputs(qmodel, x_eval, chunk, use_float=True)
         before = output_error(_outputs(qmodel, x_eval, chunk, use_float=False), ref).item()
+        if skip_quick:  # the starting error is the one reconstruction starts from
+            info["quick"] = {"naive_error": before, "adjusted_error": before, "kept": True,
+                             "seconds": 0.0, "iters": 0}
         backup = copy.deepcopy(qmodel.state_dict())
         rep = reconstruct(qmodel, x, opts, pot=kind == "pot", bn=targets)
         after = output_error(_outputs(qmodel, x_eval, chunk, use_float=False), ref).item()
