@@ -1,0 +1,71 @@
+"""One table for the RAPQ targets: per model and setting, the top-1 of each method.
+
+    python benchmarks/rapq_summary.py            # markdown, as in BENCHMARKS.md
+
+Reads the committed rows (rapq.json, then rapq_gpu.json where the CPU has no row of that
+method, brevitas_pot.json, and the float top-1 of ptq_baseline.json). Where several rows of a
+method exist (flags such as +dw+rs), the best is shown with its flags, so every cell names the
+row it comes from; markers say which rows ran on the GPU or before the exponent search.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lowbit.report import format_table  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ["resnet20", "resnet56", "mobilenet_v2_tflite", "efficientnet_lite0"]
+SETTINGS = [(8, 8), (4, 8), (4, 4), (2, 4)]
+COLUMNS = {"pot": "naive PoT", "rapq-quick": "RAPQ quick", "rapq": "RAPQ full",
+           "brecq": "float-scale recon."}
+OLD = "before c3a1f22"  # the note of rows measured before the exponent search
+
+
+def rows(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def cell(candidates: list[dict]) -> str:
+    if not candidates:
+        return ""
+    best = max(candidates, key=lambda r: r["top1"])
+    flags = best["method"].partition("+")[2]
+    marks = ("ᴳ" if best.get("device", "cpu") != "cpu" else "") + ("*" if OLD in (best.get("note") or "") else "")
+    return f"{best['top1']:.2f}{marks}" + (f" (+{flags})" if flags else "")
+
+
+def select(src: list[dict], model: str, w: int, a: int, base: str) -> list[dict]:
+    """The rows of one method (any flags but bias correction) at one model and setting."""
+    return [r for r in src if r["model"] == model and (r["w_bits"], r["a_bits"]) == (w, a)
+            and r["method"].split("+")[0] == base and "bc" not in r["method"].split("+")]
+
+
+def table() -> list[dict]:
+    cpu, gpu = rows("rapq"), rows("rapq_gpu")
+    brev = [dict(r, method="brevitas") for r in rows("brevitas_pot")]
+    floats = {r["model"]: r["top1"] for r in rows("ptq_baseline") if r["method"] == "float"}
+    out = []
+    for m in MODELS:
+        for w, a in SETTINGS:
+            line = {"model": m, "W/A": f"W{w}A{a}", "float": floats.get(m)}
+            for base, title in COLUMNS.items():
+                line[title] = cell(select(cpu, m, w, a, base) or select(gpu, m, w, a, base))
+            line["Brevitas PoT"] = cell(select(brev, m, w, a, "brevitas"))
+            out.append(line)
+    return out
+
+
+def main() -> None:
+    print(format_table(table(), ["model", "W/A", "float", *COLUMNS.values(), "Brevitas PoT"],
+                       markdown=True))
+    print("\nᴳ: GPU row (rapq_gpu.json); *: measured before the exponent search (c3a1f22); "
+          "flags in brackets: benchmarks/rapq.py METHODS; bias-corrected (+bc) rows left out.")
+
+
+if __name__ == "__main__":
+    main()
