@@ -138,6 +138,8 @@ def test_unit_keeps_the_search_when_reconstruction_ends_above_it():
     opts = ReconOptions(iters=5, lr_round=50.0, warmup=0.0, progress=False, bn_weight=0.0)
     rep = reconstruct_unit(q, (x,), target, opts, pot=True)
     assert rep.kept == "search" and rep.reverted
+    assert set(rep.candidates) == {"start", "search", "reconstruction"}
+    assert rep.candidates["reconstruction"] > rep.candidates["search"] == rep.error_after
     assert rep.error_after < rep.error_before and rep.exponents_changed > 0
     with torch.no_grad():  # the unit holds what the report says: searched exponents, nearest
         err = (q(x) - target).pow(2).sum(1).mean().item()

@@ -246,6 +246,7 @@ class UnitReport:
     reverted: bool = False  # the reconstruction was discarded (see ``kept``)
     exponents_changed: int = 0  # by the exponent search (power of two)
     kept: str = "reconstruction"  # or "search" (searched exponents, nearest rounding) or "start"
+    candidates: dict[str, float] = field(default_factory=dict)  # the error of each of the three
 
 
 @dataclass
@@ -361,9 +362,10 @@ def reconstruct_unit(
     else:
         err_after, state = kept[best]
         unit.load_state_dict(state)
+    candidates = {k: v[0] for k, v in kept.items()} | {"reconstruction": err_recon}
     return UnitReport(name, err_before, err_after, len(bn), time.perf_counter() - t_start,
                       best != "reconstruction", exponents_changed=0 if best == "start" else moved,
-                      kept=best)
+                      kept=best, candidates=candidates)
 
 
 def _owned(p: nn.Parameter, swaps) -> bool:
