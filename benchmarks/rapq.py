@@ -40,7 +40,7 @@ METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS] + [m + "+dw" for m i
            + ["rapq+nobn", "brecq+nobn", "rapq+dw+bc", "brecq+dw+bc"])
 METHODS += [m + "+fr" for m in METHODS]
 FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
-          "float_top1", "iters", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
+          "float_top1", "iters", "round_weight", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
           "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
           "seconds_reconstruct", "seconds_bias_correction", "ptq_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib",
@@ -89,6 +89,8 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
         opts["quick_batch_size"] = args.quick_batch_size
     if base in {"rapq", "brecq"}:
         opts["iters"] = args.iters
+        if args.round_weight is not None:
+            opts["round_weight"] = args.round_weight
     t = time.perf_counter()
     config = QuantConfig.uniform(w_bits, a_bits, dw_act_per_channel="dw" in flags,
                                  narrow_weights="fr" not in flags)
@@ -105,7 +107,7 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     return dict(
         model=model, method=method, w_bits=w_bits, a_bits=a_bits, top1=res.top1, top5=res.top5,
         agreement=res.agreement, sqnr_db=res.sqnr_db, float_top1=float_top1,
-        iters=opts.get("iters"),
+        iters=opts.get("iters"), round_weight=opts.get("round_weight"),
         quick_iters=opts.get("quick_iters"), quick_batch_size=opts.get("quick_batch_size"),
         bn_guided=rinfo.get("bn_guided"),
         quick_naive_error=quick.get("naive_error"), quick_adjusted_error=quick.get("adjusted_error"),
@@ -135,6 +137,9 @@ def main() -> None:
                     "'+' (see the comment at METHODS), e.g. rapq+dw+rs+fr; default: all")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--iters", type=int, default=1000, help="reconstruction steps per block")
+    ap.add_argument("--round-weight", type=float, default=None,
+                    help="weight of AdaRound's rounding penalty (default: the library's, "
+                    "ReconOptions.round_weight)")
     ap.add_argument("--quick-iters", type=int, default=None,
                     help="scale-adjustment steps (default: the library's, 300 for rapq-quick "
                     "and 0 for rapq)")
@@ -161,6 +166,7 @@ def main() -> None:
     out = Path(args.out)
     common = ["--iters", str(args.iters),
               *(["--quick-iters", str(args.quick_iters)] if args.quick_iters is not None else []),
+              *(["--round-weight", str(args.round_weight)] if args.round_weight is not None else []),
               "--quick-batch-size", str(args.quick_batch_size),
               "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
               "--threads", str(args.threads)]
