@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
     pq.add_argument("--iters", type=int, default=None,
                     help="rapq/brecq: reconstruction steps per block (default 1000)")
+    pq.add_argument("--round-weight", type=float, default=None,
+                    help="rapq/brecq: weight of AdaRound's rounding penalty (default 0.01; "
+                    "larger hardens the rounding sooner, which helps short runs: docs/rapq.md)")
     pq.add_argument("--quick-iters", type=int, default=None,
                     help="rapq-quick/rapq: network-wide scale adjustment steps (default 300 for "
                     "rapq-quick; 0 for rapq, whose reconstruction searches the exponents itself)")
@@ -249,7 +252,8 @@ def _ptq_options(args) -> dict:
     from .ptq import PTQ_METHODS
 
     bn = {"auto": None, "on": True, "off": False}
-    given = {"iters": args.iters, "quick_iters": args.quick_iters,
+    given = {"iters": args.iters, "round_weight": args.round_weight,
+             "quick_iters": args.quick_iters,
              "bn_guided": bn[args.bn_guided] if args.bn_guided else None,
              "bias_correction": True if args.bias_correction else None,
              "pot_rescale": args.pot_rescale}
@@ -306,7 +310,8 @@ def cmd_ptq(args) -> int:
     if args.output:
         write_json(args.output, {
             "model": args.model, "weights": args.weights, "method": args.method,
-            "config": config.to_dict(), "protocol": data.protocol, "ptq_seconds": ptq_seconds,
+            "options": opts, "config": config.to_dict(), "protocol": data.protocol,
+            "ptq_seconds": ptq_seconds,
             "float": float_res.to_dict(), "quantized": q_res.to_dict(),
             "cost": qcost.totals(), "float_cost": fcost.totals(),
         })

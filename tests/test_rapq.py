@@ -202,11 +202,13 @@ def test_bad_inputs_give_clear_errors(setup):
 def test_cli_ptq_rapq(capsys, tmp_path):
     out = tmp_path / "r.json"
     rc = main(["ptq", "-m", "digits_cnn", "--method", "rapq", "--w-bits", "4", "--a-bits", "4",
-               "--calib-size", "64", "--iters", "20", "--quick-iters", "10", "--no-progress",
-               "-o", str(out)])
+               "--calib-size", "64", "--iters", "20", "--quick-iters", "10", "--round-weight",
+               "0.5", "--no-progress", "-o", str(out)])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert json.loads(out.read_text())["method"] == "rapq"
+    res = json.loads(out.read_text())
+    assert res["method"] == "rapq"
+    assert res["options"] == {"iters": 20, "round_weight": 0.5, "quick_iters": 10}
     rc = main(["ptq", "-m", "digits_cnn", "--method", "mse", "--iters", "5", "--no-progress"])
     assert rc == 2 and "--iters does not apply" in capsys.readouterr().err
 
