@@ -1,0 +1,99 @@
+"""Weight of AdaRound's rounding penalty against the number of reconstruction steps (full RAPQ).
+
+    python benchmarks/round_weight.py --model resnet20 --setting W2A4 --iters 300 1000 \
+        --round-weights 0.01 0.1 1 10
+
+Each configuration runs in its own process, as benchmarks/rapq.py runs its rows (same data,
+split, seed and options), and records, per unit, the error of each of the three candidates a
+unit can end in (start, searched exponents, reconstruction). Results:
+benchmarks/results/round_weight.{csv,json}; a configuration already there is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, RESULTS, data_root, load_rows, provenance, run_child, save_rows, weights  # noqa: E402
+
+SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
+FIELDS = ["model", "setting", "iters", "round_weight", "top1", "agreement", "error_before",
+          "error_after", "units_kept_reconstruction", "ptq_seconds", "threads",
+          "load_avg_start", "torch", "commit", "command"]
+
+
+def one(model: str, setting: str, iters: int, round_weight: float, threads: int) -> dict:
+    import torch
+
+    from lowbit import QuantConfig, evaluate, ptq
+    from lowbit.models import get_model, get_spec
+    from lowbit.pipeline import build_data
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    load = os.getloadavg()[0]
+    info = MODELS[model]
+    data = build_data(get_spec(model), info["dataset"], data_root(info["dataset"]),
+                      calib_size=1024, batch_size=64,
+                      workers=0 if info["dataset"] == "cifar10" else 2)
+    net = get_model(model, weights(model)).to(memory_format=torch.channels_last)
+    w, a = SETTINGS[setting]
+    t = time.perf_counter()
+    q = ptq(net, "rapq", data.calib, QuantConfig.uniform(w, a), data.example, progress=False,
+            iters=iters, round_weight=round_weight)
+    seconds = time.perf_counter() - t
+    res = evaluate(q, data.eval, reference=net, progress=False)
+    rinfo = q.lowbit_rapq
+    units = [{"name": u["name"], "kept": u["kept"], **u["candidates"]} for u in rinfo["units"]]
+    return dict(model=model, setting=setting, iters=iters, round_weight=round_weight,
+                top1=res.top1, agreement=res.agreement,
+                error_before=rinfo["reconstruction"]["error_before"],
+                error_after=rinfo["reconstruction"]["error_after"],
+                units_kept_reconstruction=sum(u["kept"] == "reconstruction" for u in units),
+                units=units, ptq_seconds=seconds, threads=threads, load_avg_start=load,
+                **provenance())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20", choices=list(MODELS))
+    ap.add_argument("--setting", default="W2A4", choices=list(SETTINGS))
+    ap.add_argument("--iters", nargs="+", type=int, default=[300, 1000],
+                    help="reconstruction steps per unit")
+    ap.add_argument("--round-weights", nargs="+", type=float, default=[0.01, 0.1, 1.0],
+                    help="weights of the rounding penalty")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS / "round_weight"))
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("ROW " + json.dumps(one(args.model, args.setting, args.iters[0],
+                                      args.round_weights[0], args.threads)))
+        return
+    out = Path(args.out)
+    for iters in args.iters:
+        for rw in args.round_weights:
+            opts = ["--model", args.model, "--setting", args.setting, "--iters", str(iters),
+                    "--round-weights", str(rw), "--threads", str(args.threads)]
+            row = run_child([sys.executable, __file__, "--one", *opts],
+                            f"{args.model} {args.setting} iters {iters} round weight {rw}")
+            if row is None:
+                return
+            row["command"] = "python benchmarks/round_weight.py " + " ".join(opts)
+            key = (row["model"], row["setting"], iters, rw)
+            rows = [r for r in load_rows(out)
+                    if (r["model"], r["setting"], r["iters"], r["round_weight"]) != key]
+            save_rows(out, rows + [row], FIELDS)
+            print(f"{args.model} {args.setting} iters {iters:>5} round weight {rw:<6} "
+                  f"top-1 {row['top1']:.2f}  error {row['error_after']:.1f}  "
+                  f"({row['ptq_seconds']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
