@@ -4,8 +4,8 @@
 
 Reads the committed rows (rapq.json, then rapq_gpu.json where the CPU has no row of that
 method, brevitas_pot.json, and the float top-1 of ptq_baseline.json). Where several rows of a
-method exist (flags such as +dw+rs), the best is shown with its flags, so every cell names the
-row it comes from; markers say which rows ran on the GPU or before the exponent search.
+method exist, the plain method's row is shown; where it has none, the best row with flags
+(such as +dw+rs), flags named, so every cell names the row it comes from; markers say which rows ran on the GPU or before the exponent search.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def rows(name: str) -> list[dict]:
 def cell(candidates: list[dict]) -> str:
     if not candidates:
         return ""
-    best = max(candidates, key=lambda r: r["top1"])
+    plain = [r for r in candidates if "+" not in r["method"]]
+    best = max(plain or candidates, key=lambda r: r["top1"])
     flags = best["method"].partition("+")[2]
     marks = ("ᴳ" if best.get("device", "cpu") != "cpu" else "") + ("*" if OLD in (best.get("note") or "") else "")
     return f"{best['top1']:.2f}{marks}" + (f" (+{flags})" if flags else "")
@@ -64,7 +65,8 @@ def main() -> None:
     print(format_table(table(), ["model", "W/A", "float", *COLUMNS.values(), "Brevitas PoT"],
                        markdown=True))
     print("\nᴳ: GPU row (rapq_gpu.json); *: measured before the exponent search (c3a1f22); "
-          "flags in brackets: benchmarks/rapq.py METHODS; bias-corrected (+bc) rows left out.")
+          "flags in brackets (only where the plain method has no row): benchmarks/rapq.py "
+          "METHODS; bias-corrected (+bc) rows left out.")
 
 
 if __name__ == "__main__":
