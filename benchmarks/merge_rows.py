@@ -38,15 +38,15 @@ def merge(src: Path, into: Path, note: str | None) -> list[tuple]:
     new = load_rows(src.with_suffix(""))
     if not new:
         raise SystemExit(f"{src}: no rows to merge")
-    keys = [key(r) for r in new]
-    if len(set(keys)) != len(keys):
+    keys = {key(r) for r in new}
+    if len(keys) != len(new):
         raise SystemExit(f"{src}: two rows for one setting; merge one of them")
     if note:
         for r in new:
             r["note"] = note
     old = load_rows(into)
-    replaced = [r for r in old if key(r) in set(keys)]
-    kept = [r for r in old if key(r) not in set(keys)]
+    replaced = [r for r in old if key(r) in keys]
+    kept = [r for r in old if key(r) not in keys]
     save_rows(into, kept + new, fields_of(into, new))
     if replaced:
         sup = into.with_name(into.name + "_superseded")

@@ -5,7 +5,8 @@
 Reads the committed rows (rapq.json, then rapq_gpu.json where the CPU has no row of that
 method, brevitas_pot.json, and the float top-1 of ptq_baseline.json). Where several rows of a
 method exist, the plain method's row is shown; where it has none, the best row with flags
-(such as +dw+rs), flags named, so every cell names the row it comes from; markers say which rows ran on the GPU or before the exponent search.
+(such as +dw+rs), flags named, so every cell names the row it comes from; markers say which
+rows ran on the GPU or before the exponent search.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODELS, RESULTS  # noqa: E402
+from rapq import SETTINGS  # noqa: E402
+
 from lowbit.report import format_table  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = ["resnet20", "resnet56", "mobilenet_v2_tflite", "efficientnet_lite0"]
-SETTINGS = [(8, 8), (4, 8), (4, 4), (2, 4)]
 COLUMNS = {"pot": "naive PoT", "rapq-quick": "RAPQ quick", "rapq": "RAPQ full",
            "brecq": "float-scale recon."}
 OLD = "before c3a1f22"  # the note of rows measured before the exponent search
@@ -36,7 +38,8 @@ def cell(candidates: list[dict]) -> str:
     plain = [r for r in candidates if "+" not in r["method"]]
     best = max(plain or candidates, key=lambda r: r["top1"])
     flags = best["method"].partition("+")[2]
-    marks = ("ᴳ" if best.get("device", "cpu") != "cpu" else "") + ("*" if OLD in (best.get("note") or "") else "")
+    marks = (("ᴳ" if best.get("device", "cpu") != "cpu" else "")
+             + ("*" if OLD in (best.get("note") or "") else ""))
     return f"{best['top1']:.2f}{marks}" + (f" (+{flags})" if flags else "")
 
 
@@ -52,7 +55,7 @@ def table() -> list[dict]:
     floats = {r["model"]: r["top1"] for r in rows("ptq_baseline") if r["method"] == "float"}
     out = []
     for m in MODELS:
-        for w, a in SETTINGS:
+        for w, a in SETTINGS.values():
             line = {"model": m, "W/A": f"W{w}A{a}", "float": floats.get(m)}
             for base, title in COLUMNS.items():
                 line[title] = cell(select(cpu, m, w, a, base) or select(gpu, m, w, a, base))

@@ -15,49 +15,37 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, data_root, load_rows, provenance, run_child, save_rows, weights  # noqa: E402
+import rapq  # noqa: E402
+from common import MODELS, RESULTS, load_rows, run_child, save_rows  # noqa: E402
+from rapq import SETTINGS  # noqa: E402
 
-SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 FIELDS = ["model", "setting", "iters", "round_weight", "top1", "agreement", "error_before",
           "error_after", "units_kept_reconstruction", "ptq_seconds", "threads",
           "load_avg_start", "torch", "commit", "command"]
 
 
 def one(model: str, setting: str, iters: int, round_weight: float, threads: int) -> dict:
+    """One row of benchmarks/rapq.py (method ``rapq``, its defaults), reduced to the sweep's
+    columns."""
     import torch
 
-    from lowbit import QuantConfig, evaluate, ptq
-    from lowbit.models import get_model, get_spec
-    from lowbit.pipeline import build_data
-
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    load = os.getloadavg()[0]
-    info = MODELS[model]
-    data = build_data(get_spec(model), info["dataset"], data_root(info["dataset"]),
-                      calib_size=1024, batch_size=64,
-                      workers=0 if info["dataset"] == "cifar10" else 2)
-    net = get_model(model, weights(model)).to(memory_format=torch.channels_last)
     w, a = SETTINGS[setting]
-    t = time.perf_counter()
-    q = ptq(net, "rapq", data.calib, QuantConfig.uniform(w, a), data.example, progress=False,
-            iters=iters, round_weight=round_weight)
-    seconds = time.perf_counter() - t
-    res = evaluate(q, data.eval, reference=net, progress=False)
-    rinfo = q.lowbit_rapq
-    units = [{"name": u["name"], "kept": u["kept"], **u["candidates"]} for u in rinfo["units"]]
+    args = argparse.Namespace(iters=iters, round_weight=round_weight, quick_iters=None,
+                              quick_batch_size=32, calib_size=1024, eval_size=None,
+                              batch_size=64, workers=2, device="cpu")
+    row = rapq.one(model, "rapq", w, a, args)
+    units = [{"name": u["name"], "kept": u["kept"], **u["candidates"]} for u in row["units"]]
     return dict(model=model, setting=setting, iters=iters, round_weight=round_weight,
-                top1=res.top1, agreement=res.agreement,
-                error_before=rinfo["reconstruction"]["error_before"],
-                error_after=rinfo["reconstruction"]["error_after"],
+                top1=row["top1"], agreement=row["agreement"],
+                error_before=row["recon_error_before"], error_after=row["recon_error_after"],
                 units_kept_reconstruction=sum(u["kept"] == "reconstruction" for u in units),
-                units=units, ptq_seconds=seconds, threads=threads, load_avg_start=load,
-                **provenance())
+                units=units, ptq_seconds=row["ptq_seconds"], threads=threads,
+                load_avg_start=row["load_avg_start"], torch=row["torch"], commit=row["commit"])
 
 
 def main() -> None:

@@ -370,9 +370,10 @@ def rapq_ptq(
     if method in {"rapq-quick", "rapq"}:
         quick_batch_size = quick_batch_size or QUICK_BATCH
         info["quick_batch_size"] = quick_batch_size
-    if method in {"rapq-quick", "rapq"} and not skip_quick:
-        info["quick"] = adjust_scales(qmodel, x, iters=quick_iters, batch_size=quick_batch_size,
-                                      lr=quick_lr, seed=seed, chunk=chunk, progress=progress)
+        if not skip_quick:
+            info["quick"] = adjust_scales(qmodel, x, iters=quick_iters,
+                                          batch_size=quick_batch_size, lr=quick_lr, seed=seed,
+                                          chunk=chunk, progress=progress)
     if reconstructs:
         # Reconstruction writes rounded weights into the model, so its float mode is no longer
         # the float model: the reference is taken first.
