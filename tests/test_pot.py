@@ -6,7 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lowbit.errors import ConfigError
+from lowbit.ptq.reconstruct import TrainableQuant
 from lowbit.quant import PoTQuantizer, QuantMode
+from lowbit.quant.autograd import fake_quant, round_ste
 from lowbit.quant.pot import MAX_EXPONENT, MIN_EXPONENT, is_pow2, pow2
 from tests.helpers import calibrated as calibrated_quantizer
 
@@ -154,3 +156,34 @@ def test_mse_rounding_keeps_the_largest_weight_unclipped_when_that_is_better():
 def test_mse_rounding_needs_an_observer_that_keeps_samples():
     with pytest.raises(ConfigError, match="observer='mse'"):
         calibrated(torch.randn(10), bits=4, observer="minmax", rounding="mse")
+
+
+def _reference(tq, x):
+    """The straight-through formula the fused kernels must match (LSQ scale gradient)."""
+    t = tq.log2_scale.detach().clone().requires_grad_()
+    s = torch.exp2(round_ste(t))
+    zp = tq.zero_point(s.detach())
+    b = tq.inner._broadcast
+    return fake_quant(x, b(s, x), b(zp, x), tq.qmin, tq.qmax), t
+
+
+@given(tensors, pkwargs)
+def test_reconstruction_fake_quant_matches_the_straight_through_formula(x, kw):
+    """Fixed scales run torch's plain kernels, learned ones the learnable kernels (routed around
+    the per-tensor one's negative zero-point bug); values and gradients must be the formula's."""
+    q = calibrated(x, **kw)
+    g = torch.randn_like(x)
+    xs = x * 1.5  # beyond the calibrated range: clipped values too
+    for learn in (False, True):
+        tq = TrainableQuant(q, pot=True, learn_scale=learn)
+        xi = xs.clone().requires_grad_()
+        y = tq(xi)
+        xr = xs.clone().requires_grad_()
+        yr, t = _reference(tq, xr)
+        assert torch.equal(y, yr)
+        (gx,) = torch.autograd.grad(y, xi, g)
+        gxr, gt = torch.autograd.grad(yr, (xr, t), g)
+        assert torch.equal(gx, gxr), f"input gradient differs (learn_scale={learn})"
+        if learn:
+            (gs,) = torch.autograd.grad(tq(xs), tq.log2_scale, g)
+            assert torch.allclose(gs, gt, rtol=1e-4, atol=1e-3), (gs, gt)

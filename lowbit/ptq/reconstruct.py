@@ -110,9 +110,28 @@ class TrainableQuant(nn.Module):
             # torch's fused kernels give the same values and straight-through gradients (LSQ's
             # for the scale) as the AdaRound formula below with round in place of floor + h,
             # but save only their inputs for backward: a fraction of the memory on large maps.
-            if s.numel() == 1:
+            if not self.log2_scale.requires_grad:
+                # A fixed scale (power-of-two activations in reconstruction): the plain kernels
+                # give the same values and input gradient without the learnable ones' scale
+                # and zero-point reductions, 30 % of an activation's fake-quant time on a CPU.
+                zpi = torch.round(zp).to(torch.int32)
+                if s.numel() == 1:
+                    return torch.fake_quantize_per_tensor_affine(
+                        x, s.reshape(1), zpi.reshape(1), self.qmin, self.qmax)
+                return torch.fake_quantize_per_channel_affine(
+                    x, s, zpi, self.inner.ch_axis % x.dim(), self.qmin, self.qmax)
+            if s.numel() == 1 and (self.qmin >= 0 or not self.asymmetric):
                 return torch._fake_quantize_learnable_per_tensor_affine(
                     x, s.reshape(1), zp.reshape(1), self.qmin, self.qmax, 1.0)
+            if s.numel() == 1:
+                # The per-tensor kernel's backward truncates a negative zero-point towards zero
+                # (torch 2.13: input and scale gradients one code off on signed asymmetric
+                # inputs); the per-channel kernel along the batch axis, one scale repeated,
+                # computes the same values with the right gradients.
+                n = x.shape[0]
+                return torch._fake_quantize_learnable_per_channel_affine(
+                    x, s.reshape(1).expand(n).contiguous(), zp.reshape(1).expand(n).contiguous(),
+                    0, self.qmin, self.qmax, 1.0)
             return torch._fake_quantize_learnable_per_channel_affine(
                 x, s, zp, self.inner.ch_axis % x.dim(), self.qmin, self.qmax, 1.0)
         sb, zpb = self._b(s, x), self._b(zp, x)
