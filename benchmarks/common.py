@@ -57,13 +57,14 @@ def weights(model: str):
     return str(w)
 
 
-def provenance() -> dict:
+def provenance(root: Path = ROOT) -> dict:
     """The torch build and the lowbit commit a row ran on ("+dirty": with uncommitted changes
-    to lowbit/ or the benchmark scripts), so rows from different sessions stay comparable."""
+    to lowbit/ or the benchmark scripts), so rows from different sessions stay comparable.
+    ``root``: the checkout whose commit is recorded (another one's, when its lowbit ran)."""
     import torch
 
     def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,
+        return subprocess.run(["git", "-C", str(root), *a], capture_output=True,
                               text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or None
