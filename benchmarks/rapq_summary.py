@@ -6,13 +6,16 @@ Reads the committed rows (rapq.json, then rapq_gpu.json where the CPU has no row
 method, brevitas_pot.json, and the float top-1 of ptq_baseline.json). Where several rows of a
 method exist, the plain method's row is shown; where it has none, the best row with flags
 (such as +dw+rs), flags named, so every cell names the row it comes from; markers say which
-rows ran on the GPU or before the exponent search.
+rows ran on the GPU, before the exponent search, or with learned activation scales before the
+fix of their gradients (2ffa2ca).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,6 +28,27 @@ from lowbit.report import format_table  # noqa: E402
 COLUMNS = {"pot": "naive PoT", "rapq-quick": "RAPQ quick", "rapq": "RAPQ full",
            "brecq": "float-scale recon."}
 OLD = "before c3a1f22"  # the note of rows measured before the exponent search
+# From this commit on, learned per-tensor activation scales get the right gradients with a
+# negative zero-point (lowbit.ptq.reconstruct.TrainableQuant); rapq-quick, brecq and rapq with
+# quick steps learn them.
+GRAD_FIX = "2ffa2ca"
+
+
+@cache
+def _has_fix(commit: str | None) -> bool:
+    if not commit:
+        return False  # rows without a commit predate 738bb4a
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["git", "-C", str(root), "merge-base", "--is-ancestor", GRAD_FIX,
+                           commit.removesuffix("+dirty")], capture_output=True)
+    return done.returncode == 0
+
+
+def learned_before_fix(row: dict) -> bool:
+    """Whether ``row`` learned activation scales with the gradients fixed in GRAD_FIX."""
+    base = row["method"].split("+")[0]
+    learns = base in {"rapq-quick", "brecq"} or (base == "rapq" and (row.get("quick_iters") or 0) > 0)
+    return learns and not _has_fix(row.get("commit"))
 
 
 def rows(name: str) -> list[dict]:
@@ -39,7 +63,8 @@ def cell(candidates: list[dict]) -> str:
     best = max(plain or candidates, key=lambda r: r["top1"])
     flags = best["method"].partition("+")[2]
     marks = (("ᴳ" if best.get("device", "cpu") != "cpu" else "")
-             + ("*" if OLD in (best.get("note") or "") else ""))
+             + ("*" if OLD in (best.get("note") or "") else "")
+             + ("†" if learned_before_fix(best) else ""))
     return f"{best['top1']:.2f}{marks}" + (f" (+{flags})" if flags else "")
 
 
@@ -68,6 +93,7 @@ def main() -> None:
     print(format_table(table(), ["model", "W/A", "float", *COLUMNS.values(), "Brevitas PoT"],
                        markdown=True))
     print("\nᴳ: GPU row (rapq_gpu.json); *: measured before the exponent search (c3a1f22); "
+          f"†: learned activation scales before their gradient fix ({GRAD_FIX}); "
           "flags in brackets (only where the plain method has no row): benchmarks/rapq.py "
           "METHODS; bias-corrected (+bc) rows left out.")
 
