@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pq.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
     pq.add_argument("--iters", type=int, default=None,
-                    help="rapq/brecq: reconstruction steps per block (default 1000)")
+                    help="rapq/brecq: reconstruction steps per block (default 1000; rapq: 0 runs "
+                    "each block's exponent search alone)")
     pq.add_argument("--round-weight", type=float, default=None,
                     help="rapq/brecq: weight of AdaRound's rounding penalty (default 0.01; "
                     "larger hardens the rounding sooner, which helps short runs: docs/rapq.md)")

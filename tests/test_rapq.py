@@ -292,3 +292,21 @@ def test_full_mode_skips_the_network_adjustment_unless_asked(setup, monkeypatch)
     asked = lowbit.ptq(model, "rapq", batches(x), cfg, x[:2], iters=5, quick_iters=2,
                        progress=False)
     assert asked.lowbit_rapq["quick"]["iters"] == 2
+
+
+def test_zero_steps_runs_the_exponent_search_alone(setup):
+    """iters=0: each unit ends in its start or its searched exponents, weights not rounded by
+    AdaRound (still the float ones); float scales have nothing to search and are refused."""
+    model, x = setup
+    cfg = QuantConfig.uniform(2, 4)
+    q = lowbit.ptq(model, "rapq", batches(x), cfg, x[:2], iters=0, progress=False)
+    units = q.lowbit_rapq["units"]
+    assert units and {u["kept"] for u in units} <= {"start", "search"}
+    assert all(u["error_after"] <= u["error_before"] + 1e-9 for u in units)
+    assert set(units[0]["candidates"]) <= {"start", "search"}
+    naive = lowbit.ptq(model, "pot", batches(x), cfg, x[:2], progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(
+        (m.weight for _, m in quant_layers(q)), (m.weight for _, m in quant_layers(naive)),
+        strict=True))
+    with pytest.raises(ConfigError, match="exponent search alone"):
+        lowbit.ptq(model, "brecq", batches(x), cfg, x[:2], iters=0, progress=False)

@@ -224,6 +224,9 @@ def bn_targets(model: nn.Module, example_inputs, folded: bool = True):
 class ReconOptions:
     """Knobs of block reconstruction (defaults follow BRECQ/AdaRound, scaled to CPU budgets).
 
+    ``iters``: optimisation steps per unit; 0 runs each unit's exponent search alone (power
+    of two only), no learned rounding.
+
     ``learn_a_scale``: learn activation scales by gradient; ``None`` does for float scales and
     not for power-of-two ones, whose straight-through exponent jumps by a factor of two only
     after the gradient has pointed one way for many steps. ``exponent_search``: with
@@ -247,11 +250,16 @@ class ReconOptions:
     seed: int = 0
     progress: bool = True
 
-    def check(self) -> None:
-        if self.iters < 1 or self.batch_size < 1:
+    def check(self, pot: bool = True) -> None:
+        if self.iters < 0 or self.batch_size < 1:
             raise ConfigError(
-                f"reconstruction needs iters >= 1 and batch_size >= 1, got iters={self.iters}, "
+                f"reconstruction needs iters >= 0 and batch_size >= 1, got iters={self.iters}, "
                 f"batch_size={self.batch_size}"
+            )
+        if self.iters == 0 and not (pot and self.exponent_search):
+            raise ConfigError(
+                "iters=0 runs the exponent search alone, which needs power-of-two scales and "
+                "exponent_search=True; give iters >= 1 to reconstruct"
             )
 
 
@@ -318,6 +326,12 @@ def reconstruct_unit(
         if moved:
             kept["search"] = (_eval_error(unit, q_args, target, n_eval, opts.chunk),
                               copy.deepcopy(unit.state_dict()))
+    if opts.iters == 0:  # the exponent search alone (rapq-quick's per-unit pass)
+        best = min(kept, key=lambda k: kept[k][0])
+        unit.load_state_dict(kept[best][1])
+        return UnitReport(name, err_before, kept[best][0], len(bn), time.perf_counter() - t_start,
+                          best != "search", exponents_changed=moved if best == "search" else 0,
+                          kept=best, candidates={k: v[0] for k, v in kept.items()})
     learn_a = opts.learn_a_scale if opts.learn_a_scale is not None else not pot
     swaps = wrap_quantizers(unit, pot=pot, learn_w_scale=opts.learn_w_scale,
                             learn_a_scale=learn_a, adaround=True)
@@ -404,7 +418,7 @@ def reconstruct(
     The float reference is the prepared model itself in float mode (BN already folded), copied
     once; inputs of each unit are propagated through the traced graph, never recomputed.
     """
-    opts.check()
+    opts.check(pot)
     units = find_units(qmodel, opts.block_types)
     if not units:
         raise ConfigError("model has no quantized layers to reconstruct: prepare it first")
