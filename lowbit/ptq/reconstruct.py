@@ -113,7 +113,8 @@ class TrainableQuant(nn.Module):
             if not self.log2_scale.requires_grad:
                 # A fixed scale (power-of-two activations in reconstruction): the plain kernels
                 # give the same values and input gradient without the learnable ones' scale
-                # and zero-point reductions, 30 % of an activation's fake-quant time on a CPU.
+                # and zero-point reductions (10-18 % of a MobileNetV2 unit's time on a CPU,
+                # benchmarks/recon_speed.py).
                 zpi = torch.round(zp).to(torch.int32)
                 if s.numel() == 1:
                     return torch.fake_quantize_per_tensor_affine(
@@ -326,7 +327,7 @@ def reconstruct_unit(
         if moved:
             kept["search"] = (_eval_error(unit, q_args, target, n_eval, opts.chunk),
                               copy.deepcopy(unit.state_dict()))
-    if opts.iters == 0:  # the exponent search alone (rapq-quick's per-unit pass)
+    if opts.iters == 0:  # the exponent search alone, no learned rounding
         best = min(kept, key=lambda k: kept[k][0])
         unit.load_state_dict(kept[best][1])
         return UnitReport(name, err_before, kept[best][0], len(bn), time.perf_counter() - t_start,

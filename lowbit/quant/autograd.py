@@ -61,9 +61,9 @@ class _FixedFakeQuant(torch.autograd.Function):
     saved in-range mask for the straight-through backward.
 
     It is bit-exact with :func:`quantize_to_int` on the reciprocal scale (same operations in
-    the same order). Without autograd it is 10-15 % faster on a CPU than
-    ``torch.fake_quantize_per_tensor_affine`` (a 32x96x112x112 channels_last map, torch 2.13);
-    with the backward pass torch's kernel is faster, so reconstruction uses that one.
+    the same order). Without autograd it is a little faster on a CPU than
+    ``torch.fake_quantize_per_tensor_affine`` (torch 2.13, channels_last maps); with the
+    backward pass torch's kernel is faster, so reconstruction uses that one.
     """
 
     @staticmethod
