@@ -313,7 +313,6 @@ def reconstruct_unit(
     """Learn the rounding of ``unit``'s weights and its scales so that, fed the quantized
     inputs ``q_args``, it reproduces the float outputs ``target`` (plus the BN term)."""
     t_start = time.perf_counter()
-    n = target.shape[0]
     bn = bn or {}
     # The unit ends in whichever has the least error: its start, the searched exponents
     # (nearest rounding) or the reconstruction. A short reconstruction can end above a search
@@ -327,12 +326,28 @@ def reconstruct_unit(
         if moved:
             kept["search"] = (_eval_error(unit, q_args, target, n_eval, opts.chunk),
                               copy.deepcopy(unit.state_dict()))
-    if opts.iters == 0:  # the exponent search alone, no learned rounding
-        best = min(kept, key=lambda k: kept[k][0])
-        unit.load_state_dict(kept[best][1])
-        return UnitReport(name, err_before, kept[best][0], len(bn), time.perf_counter() - t_start,
-                          best != "search", exponents_changed=moved if best == "search" else 0,
-                          kept=best, candidates={k: v[0] for k, v in kept.items()})
+    err_recon = None
+    if opts.iters > 0:  # iters=0: the exponent search alone, no learned rounding
+        _optimise_unit(unit, q_args, target, opts, pot=pot, bn=bn, name=name)
+        err_recon = _eval_error(unit, q_args, target, n_eval, opts.chunk)
+    best = min(kept, key=lambda k: kept[k][0])
+    if err_recon is not None and err_recon <= kept[best][0]:
+        best, err_after = "reconstruction", err_recon
+    else:
+        err_after, state = kept[best]
+        unit.load_state_dict(state)
+    candidates = {k: v[0] for k, v in kept.items()}
+    if err_recon is not None:
+        candidates["reconstruction"] = err_recon
+    return UnitReport(name, err_before, err_after, len(bn), time.perf_counter() - t_start,
+                      best != "reconstruction", exponents_changed=0 if best == "start" else moved,
+                      kept=best, candidates=candidates)
+
+
+def _optimise_unit(unit: nn.Module, q_args: tuple, target: torch.Tensor, opts: ReconOptions,
+                   *, pot: bool, bn: dict[nn.Module, BNTarget], name: str) -> None:
+    """AdaRound's rounding (and learned scales) for ``opts.iters`` steps, committed in place."""
+    n = target.shape[0]
     learn_a = opts.learn_a_scale if opts.learn_a_scale is not None else not pot
     swaps = wrap_quantizers(unit, pot=pot, learn_w_scale=opts.learn_w_scale,
                             learn_a_scale=learn_a, adaround=True)
@@ -389,17 +404,6 @@ def reconstruct_unit(
             p.requires_grad_(True)
         bar.close()
     unwrap_quantizers(swaps, commit=True)
-    err_recon = _eval_error(unit, q_args, target, n_eval, opts.chunk)
-    best = min(kept, key=lambda k: kept[k][0])
-    if err_recon <= kept[best][0]:
-        best, err_after = "reconstruction", err_recon
-    else:
-        err_after, state = kept[best]
-        unit.load_state_dict(state)
-    candidates = {k: v[0] for k, v in kept.items()} | {"reconstruction": err_recon}
-    return UnitReport(name, err_before, err_after, len(bn), time.perf_counter() - t_start,
-                      best != "reconstruction", exponents_changed=0 if best == "start" else moved,
-                      kept=best, candidates=candidates)
 
 
 def _owned(p: nn.Parameter, swaps) -> bool:
