@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODELS, RESULTS, load_rows, provenance, save_rows, weights  # noqa: E402
 from rapq import SETTINGS  # noqa: E402
 
+METHODS = ["rapq", "brecq", "rapq+dw", "brecq+dw", "rapq+dw+rs"]
 FIELDS = ["model", "method", "w_bits", "a_bits", "steps", "calib_images", "batch_size",
           "seconds_reconstruct", "seconds_total", "peak_rss_mib", "threads", "load_avg_start",
           "torch", "commit", "command"]
@@ -37,12 +38,15 @@ def one(model: str, method: str, setting: str, args) -> dict:
     torch.manual_seed(0)
     load = os.getloadavg()[0]
     w, a = SETTINGS[setting]
+    base, *flags = method.split("+")
+    opts = {"pot_rescale": "depthwise"} if "rs" in flags else {}
     net = get_model(model, weights(model)).to(memory_format=torch.channels_last).eval()
     x = torch.randn(args.calib, 3, args.size, args.size).contiguous(
         memory_format=torch.channels_last)
     calib = [(x[i:i + 32], None) for i in range(0, args.calib, 32)]
-    q = ptq(net, method, calib, QuantConfig.uniform(w, a), x[:2], progress=False,
-            iters=args.steps, batch_size=args.batch_size, exponent_search=False)
+    config = QuantConfig.uniform(w, a, dw_act_per_channel="dw" in flags)
+    q = ptq(net, base, calib, config, x[:2], progress=False, iters=args.steps,
+            batch_size=args.batch_size, exponent_search=False, **opts)
     info = q.lowbit_rapq
     return dict(
         model=model, method=method, w_bits=w, a_bits=a, steps=args.steps,
@@ -58,7 +62,10 @@ def one(model: str, method: str, setting: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mobilenet_v2_tflite", choices=list(MODELS))
-    ap.add_argument("--methods", nargs="+", default=["rapq", "brecq"], choices=["rapq", "brecq"])
+    ap.add_argument("--methods", nargs="+", default=["rapq", "brecq"], choices=METHODS,
+                    help="rapq or brecq, optionally with benchmarks/rapq.py's flags +dw "
+                    "(per-channel depthwise inputs) and +rs (rescaled conv -> ReLU6 -> "
+                    "depthwise pairs, rapq only)")
     ap.add_argument("--setting", default="W4A4", choices=list(SETTINGS))
     ap.add_argument("--steps", type=int, default=20, help="reconstruction steps per unit")
     ap.add_argument("--calib", type=int, default=64, help="random calibration images")

@@ -223,3 +223,20 @@ def test_cli_flag_reaches_rapq_and_is_refused_elsewhere(capsys, tmp_path):
     assert rc == 2 and "nothing to rescale" in capsys.readouterr().err
     rc = main(["ptq", "-m", "digits_cnn", "--method", "mse", "--pot-rescale", "--no-progress"])
     assert rc == 2 and "--pot-rescale does not apply" in capsys.readouterr().err
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_channel_clamp_is_relu6_divided_per_channel_with_its_gradient(seed):
+    """relu6(x * f) / f == clamp(x, 0, 6 / f), and the gradient passes exactly inside (0, 6/f)."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.rand(5, generator=g) * 3 + 0.25
+    x = (torch.randn(2, 5, 4, 3, generator=g) * 4).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = ChannelClamp(6.0 / f)(x)
+    fb = f.reshape(1, -1, 1, 1)
+    assert torch.allclose(y, nn.functional.relu6(x.detach() * fb) / fb, atol=1e-6)
+    w = torch.randn(y.shape, generator=g)
+    (y * w).sum().backward()
+    inside = (x.detach() > 0) & (x.detach() < 6.0 / fb)
+    assert torch.equal(x.grad, torch.where(inside, w, torch.zeros_like(w)))
