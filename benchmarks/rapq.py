@@ -40,7 +40,7 @@ METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS] + [m + "+dw" for m i
            + ["rapq+nobn", "brecq+nobn", "rapq+dw+bc", "brecq+dw+bc"])
 METHODS += [m + "+fr" for m in METHODS]
 FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
-          "float_top1", "iters", "round_weight", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
+          "float_top1", "iters", "round_weight", "recon_batch_size", "learn_a_scale", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
           "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
           "seconds_reconstruct", "seconds_bias_correction", "ptq_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib",
@@ -91,6 +91,10 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
         opts["iters"] = args.iters
         if args.round_weight is not None:
             opts["round_weight"] = args.round_weight
+        if args.recon_batch_size is not None:
+            opts["batch_size"] = args.recon_batch_size
+        if args.learn_a_scale:
+            opts["learn_a_scale"] = True
     t = time.perf_counter()
     config = QuantConfig.uniform(w_bits, a_bits, dw_act_per_channel="dw" in flags,
                                  narrow_weights="fr" not in flags)
@@ -108,6 +112,7 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
         model=model, method=method, w_bits=w_bits, a_bits=a_bits, top1=res.top1, top5=res.top5,
         agreement=res.agreement, sqnr_db=res.sqnr_db, float_top1=float_top1,
         iters=opts.get("iters"), round_weight=opts.get("round_weight"),
+        recon_batch_size=opts.get("batch_size"), learn_a_scale=opts.get("learn_a_scale"),
         quick_iters=opts.get("quick_iters"), quick_batch_size=opts.get("quick_batch_size"),
         bn_guided=rinfo.get("bn_guided"),
         quick_naive_error=quick.get("naive_error"), quick_adjusted_error=quick.get("adjusted_error"),
@@ -140,6 +145,13 @@ def main() -> None:
     ap.add_argument("--round-weight", type=float, default=None,
                     help="weight of AdaRound's rounding penalty (default: the library's, "
                     "ReconOptions.round_weight)")
+    ap.add_argument("--recon-batch-size", type=int, default=None,
+                    help="images per reconstruction step (default: the library's, "
+                    "ReconOptions.batch_size)")
+    ap.add_argument("--learn-a-scale", action="store_true",
+                    help="learn activation scales during reconstruction, power-of-two ones "
+                    "as log2 exponents rounded in the forward pass (ReconOptions.learn_a_scale; "
+                    "default: float scales only)")
     ap.add_argument("--quick-iters", type=int, default=None,
                     help="scale-adjustment steps (default: the library's, 300 for rapq-quick "
                     "and 0 for rapq)")
@@ -167,6 +179,9 @@ def main() -> None:
     common = ["--iters", str(args.iters),
               *(["--quick-iters", str(args.quick_iters)] if args.quick_iters is not None else []),
               *(["--round-weight", str(args.round_weight)] if args.round_weight is not None else []),
+              *(["--recon-batch-size", str(args.recon_batch_size)]
+                if args.recon_batch_size is not None else []),
+              *(["--learn-a-scale"] if args.learn_a_scale else []),
               "--quick-batch-size", str(args.quick_batch_size),
               "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
               "--threads", str(args.threads)]
