@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, load_rows, provenance, save_rows, weights  # noqa: E402
+from common import MODELS, RESULTS, load_rows, provenance, save_rows  # noqa: E402
 from rapq import SETTINGS  # noqa: E402
+from recon_speed import reconstruct_random  # noqa: E402
 
 FIELDS = ["model", "method", "w_bits", "a_bits", "unit", "steps", "batch_size",
           "seconds_per_step", "threads", "load_avg_start", "torch", "commit",
@@ -31,14 +32,11 @@ def one(args) -> dict:
 
     import lowbit
     import lowbit.ptq.reconstruct  # noqa: F401  (the module, not lowbit.ptq's function)
-    from lowbit import QuantConfig, ptq
-    from lowbit.models import get_model
 
     recon = sys.modules["lowbit.ptq.reconstruct"]
     torch.manual_seed(0)
     load = os.getloadavg()[0]
     w, a = SETTINGS[args.setting]
-    base, *flags = args.method.split("+")
     result: dict = {}
     optimise = recon._optimise_unit
 
@@ -64,14 +62,7 @@ def one(args) -> dict:
         ]
 
     recon._optimise_unit = profiled
-    net = get_model(args.model, weights(args.model)).to(memory_format=torch.channels_last).eval()
-    x = torch.randn(args.calib, 3, args.size, args.size).contiguous(
-        memory_format=torch.channels_last)
-    calib = [(x[i:i + 32], None) for i in range(0, args.calib, 32)]
-    opts = {"pot_rescale": "depthwise"} if "rs" in flags else {}
-    config = QuantConfig.uniform(w, a, dw_act_per_channel="dw" in flags)
-    ptq(net, base, calib, config, x[:2], progress=False, iters=1, batch_size=args.batch_size,
-        exponent_search=False, **opts)
+    reconstruct_random(args.model, args.method, w, a, args, iters=1)
     if "seconds_per_step" not in result:
         raise SystemExit(f"no unit named {args.unit!r} was reconstructed")
     return dict(

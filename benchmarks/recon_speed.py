@@ -28,16 +28,14 @@ FIELDS = ["model", "method", "w_bits", "a_bits", "steps", "calib_images", "batch
           "torch", "commit", "command"]
 
 
-def one(model: str, method: str, setting: str, args) -> dict:
+def reconstruct_random(model: str, method: str, w: int, a: int, args, iters: int):
+    """``ptq`` with ``method`` (``rapq``/``brecq``, ``+dw`` / ``+rs`` flags) on ``args.calib``
+    random images, no exponent search: the work of reconstruction without the dataset."""
     import torch
 
-    import lowbit
     from lowbit import QuantConfig, ptq
     from lowbit.models import get_model
 
-    torch.manual_seed(0)
-    load = os.getloadavg()[0]
-    w, a = SETTINGS[setting]
     base, *flags = method.split("+")
     opts = {"pot_rescale": "depthwise"} if "rs" in flags else {}
     net = get_model(model, weights(model)).to(memory_format=torch.channels_last).eval()
@@ -45,8 +43,19 @@ def one(model: str, method: str, setting: str, args) -> dict:
         memory_format=torch.channels_last)
     calib = [(x[i:i + 32], None) for i in range(0, args.calib, 32)]
     config = QuantConfig.uniform(w, a, dw_act_per_channel="dw" in flags)
-    q = ptq(net, base, calib, config, x[:2], progress=False, iters=args.steps,
-            batch_size=args.batch_size, exponent_search=False, **opts)
+    return ptq(net, base, calib, config, x[:2], progress=False, iters=iters,
+               batch_size=args.batch_size, exponent_search=False, **opts)
+
+
+def one(model: str, method: str, setting: str, args) -> dict:
+    import torch
+
+    import lowbit
+
+    torch.manual_seed(0)
+    load = os.getloadavg()[0]
+    w, a = SETTINGS[setting]
+    q = reconstruct_random(model, method, w, a, args, args.steps)
     info = q.lowbit_rapq
     return dict(
         model=model, method=method, w_bits=w, a_bits=a, steps=args.steps,

@@ -108,7 +108,8 @@ class ChannelClamp(nn.Module):
         return f"channels={self.upper.numel()}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One clamp with tensor bounds: its backward is one mask, about half the time of
-        # minimum(clamp_min(x)) on a MobileNetV2 expansion map (benchmarks/recon_speed.py).
+        # One clamp with tensor bounds: its backward builds one mask, where
+        # minimum(clamp_min(x, 0), upper) built two and split ties (a MobileNetV2 features.2
+        # step 1.79 -> 1.41 s, benchmarks/profile_unit.py).
         upper = self.upper.to(x.dtype).reshape([1, -1] + [1] * (x.dim() - 2))
         return torch.clamp(x, torch.zeros_like(upper), upper)
