@@ -147,6 +147,37 @@ def test_unit_keeps_the_search_when_reconstruction_ends_above_it():
     assert not torch.equal(q.dw.weight_quant.exponent, k + 1)
 
 
+def test_reconstruction_learns_from_the_start_when_the_search_raised_the_error():
+    model, q, x = prepared(6)
+    with torch.no_grad():
+        target = model(x)
+    k = q.dw.weight_quant.exponent.clone()
+
+    def bad_search(unit, args, chunk=64):  # a search that makes the unit worse
+        unit.dw.weight_quant.set_exponent(k + 2)
+        return {"dw.weight_quant": k.numel()}
+
+    opts = ReconOptions(iters=20, progress=False, bn_weight=0.0)
+    with mock.patch("lowbit.ptq.reconstruct.search_unit_exponents", bad_search):
+        rep = reconstruct_unit(q, (x,), target, opts, pot=True)
+    assert rep.candidates["search"] > rep.candidates["start"]
+    assert rep.recon_from == "start" and rep.kept != "search"
+    assert torch.equal(q.dw.weight_quant.exponent, k) and rep.exponents_changed == 0
+
+
+def test_reconstruction_learns_from_the_search_when_it_helped():
+    model, q, x = prepared(5)
+    with torch.no_grad():
+        target = model(x)
+    k = q.dw.weight_quant.exponent.clone()
+    q.dw.weight_quant.set_exponent(k + 1)
+    opts = ReconOptions(iters=20, progress=False, bn_weight=0.0)
+    rep = reconstruct_unit(q, (x,), target, opts, pot=True)
+    assert rep.candidates["search"] < rep.candidates["start"]
+    assert rep.recon_from == "search"
+    assert not torch.equal(q.dw.weight_quant.exponent, k + 1)
+
+
 def test_activation_scales_learned_for_float_scales_only_by_default():
     model, q, x = prepared(4)
     with torch.no_grad():

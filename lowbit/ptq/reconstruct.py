@@ -275,6 +275,7 @@ class UnitReport:
     exponents_changed: int = 0  # by the exponent search (power of two)
     kept: str = "reconstruction"  # or "search" (searched exponents, nearest rounding) or "start"
     candidates: dict[str, float] = field(default_factory=dict)  # the error of each of the three
+    recon_from: str | None = None  # "search" or "start": the exponents the rounding was learned on
 
 
 @dataclass
@@ -316,16 +317,24 @@ def reconstruct_unit(
     bn = bn or {}
     # The unit ends in whichever has the least error: its start, the searched exponents
     # (nearest rounding) or the reconstruction. A short reconstruction can end above a search
-    # that helped; the unit then keeps the search alone.
+    # that helped; the unit then keeps the search alone. The reconstruction itself starts from
+    # the better of the first two.
     kept: dict[str, tuple[float, dict]] = {}
     err_before = _eval_error(unit, q_args, target, n_eval, opts.chunk)
     kept["start"] = (err_before, copy.deepcopy(unit.state_dict()))
     moved = 0
+    recon_from = "start"
     if pot and opts.exponent_search:
         moved = sum(search_unit_exponents(unit, q_args, chunk=opts.chunk).values())
         if moved:
             kept["search"] = (_eval_error(unit, q_args, target, n_eval, opts.chunk),
                               copy.deepcopy(unit.state_dict()))
+            # The search judges each layer on its own output; when that raised the unit's
+            # error, the rounding is learned from the start's exponents instead.
+            if kept["search"][0] <= err_before:
+                recon_from = "search"
+            else:
+                unit.load_state_dict(kept["start"][1])
     err_recon = None
     if opts.iters > 0:  # iters=0: the exponent search alone, no learned rounding
         _optimise_unit(unit, q_args, target, opts, pot=pot, bn=bn, name=name)
@@ -339,9 +348,12 @@ def reconstruct_unit(
     candidates = {k: v[0] for k, v in kept.items()}
     if err_recon is not None:
         candidates["reconstruction"] = err_recon
+    changed = moved if best == "search" or (best == "reconstruction"
+                                            and recon_from == "search") else 0
     return UnitReport(name, err_before, err_after, len(bn), time.perf_counter() - t_start,
-                      best != "reconstruction", exponents_changed=0 if best == "start" else moved,
-                      kept=best, candidates=candidates)
+                      best != "reconstruction", exponents_changed=changed,
+                      kept=best, candidates=candidates,
+                      recon_from=recon_from if err_recon is not None else None)
 
 
 def _optimise_unit(unit: nn.Module, q_args: tuple, target: torch.Tensor, opts: ReconOptions,
