@@ -127,10 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--round-weight", type=float, default=None,
                     help="rapq/brecq: weight of AdaRound's rounding penalty (default 0.01; "
                     "larger hardens the rounding sooner, which helps short runs: docs/rapq.md)")
-    pq.add_argument("--recon-objective", choices=["mse", "fisher"], default=None,
-                    help="rapq/brecq: what each block's reconstruction minimises: mse (default, "
-                    "every output element alike) or fisher (each element weighted by how much "
-                    "the float model's prediction depends on it; docs/rapq.md)")
     pq.add_argument("--quick-iters", type=int, default=None,
                     help="rapq-quick/rapq: network-wide scale adjustment steps (default 300 for "
                     "rapq-quick; 0 for rapq, whose reconstruction searches the exponents itself)")
@@ -258,7 +254,6 @@ def _ptq_options(args) -> dict:
 
     bn = {"auto": None, "on": True, "off": False}
     given = {"iters": args.iters, "round_weight": args.round_weight,
-             "objective": args.recon_objective,
              "quick_iters": args.quick_iters,
              "bn_guided": bn[args.bn_guided] if args.bn_guided else None,
              "bias_correction": True if args.bias_correction else None,

@@ -27,7 +27,6 @@ from ..quant.base import Quantizer
 from ..quant.pot import PoTQuantizer, zero_point_for
 from .blocks import find_units, run_chunked, trace_units, walk_units
 from .exponent_search import search_unit_exponents
-from .fisher import Sensitivity, output_sensitivities
 
 log = logging.getLogger("lowbit")
 
@@ -234,9 +233,6 @@ class ReconOptions:
     after the gradient has pointed one way for many steps. ``exponent_search``: with
     power-of-two scales, first pick every exponent of the unit among its neighbours by the
     layers' output errors (:mod:`lowbit.ptq.exponent_search`); no effect on float scales.
-    ``objective``: ``"mse"`` weighs every output element alike; ``"fisher"`` weighs each by
-    how much the float model's prediction depends on it (:mod:`lowbit.ptq.fisher`), and the
-    unit's candidates are judged by that weighted error too.
     """
 
     iters: int = 1000
@@ -250,7 +246,6 @@ class ReconOptions:
     learn_w_scale: bool = False
     learn_a_scale: bool | None = None
     exponent_search: bool = True
-    objective: str = "mse"
     chunk: int = 64
     block_types: tuple[type[nn.Module], ...] | None = None
     seed: int = 0
@@ -266,11 +261,6 @@ class ReconOptions:
             raise ConfigError(
                 "iters=0 runs the exponent search alone, which needs power-of-two scales and "
                 "exponent_search=True; give iters >= 1 to reconstruct"
-            )
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(
-                f"unknown reconstruction objective {self.objective!r}; choose one of "
-                f"{list(OBJECTIVES)}"
             )
 
 
@@ -293,30 +283,21 @@ class ReconReport:
     units: list[UnitReport] = field(default_factory=list)
     seconds_cache: float = 0.0
     seconds_optimise: float = 0.0
-    seconds_sensitivity: float = 0.0  # the fisher objective's gradient pass
 
 
-OBJECTIVES = ("mse", "fisher")
-
-
-def output_error(out: torch.Tensor, target: torch.Tensor,
-                 weight: torch.Tensor | None = None) -> torch.Tensor:
-    """BRECQ's reconstruction loss: squared error summed over channels, mean over the rest;
-    ``weight`` (same shape) weighs each element (the ``fisher`` objective)."""
+def output_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BRECQ's reconstruction loss: squared error summed over channels, mean over the rest."""
     d = (out - target).pow(2)
-    if weight is not None:
-        d = d * weight
     return d.sum(1).mean() if d.dim() > 1 else d.mean()
 
 
 @torch.no_grad()
-def _eval_error(unit: nn.Module, args: tuple, target: torch.Tensor, n_eval: int, chunk: int,
-                sens: Sensitivity | None = None):
+def _eval_error(unit: nn.Module, args: tuple, target: torch.Tensor, n_eval: int, chunk: int):
     n = target.shape[0]
     m = min(n, n_eval)
     sub = tuple(a[:m] if isinstance(a, torch.Tensor) and a.shape[:1] == (n,) else a for a in args)
     out = run_chunked(unit, sub, {}, m, chunk)
-    return output_error(out, target[:m], sens.weights(slice(0, m)) if sens else None).item()
+    return output_error(out, target[:m]).item()
 
 
 def reconstruct_unit(
@@ -329,11 +310,9 @@ def reconstruct_unit(
     bn: dict[nn.Module, BNTarget] | None = None,
     name: str = "",
     n_eval: int = 256,
-    sens: Sensitivity | None = None,
 ) -> UnitReport:
     """Learn the rounding of ``unit``'s weights and its scales so that, fed the quantized
-    inputs ``q_args``, it reproduces the float outputs ``target`` (plus the BN term); with
-    ``sens`` (the ``fisher`` objective) every error, learned and judged, is weighted by it."""
+    inputs ``q_args``, it reproduces the float outputs ``target`` (plus the BN term)."""
     t_start = time.perf_counter()
     bn = bn or {}
     # The unit ends in whichever has the least error: its start, the searched exponents
@@ -341,14 +320,14 @@ def reconstruct_unit(
     # that helped; the unit then keeps the search alone. The reconstruction itself starts from
     # the better of the first two.
     kept: dict[str, tuple[float, dict]] = {}
-    err_before = _eval_error(unit, q_args, target, n_eval, opts.chunk, sens)
+    err_before = _eval_error(unit, q_args, target, n_eval, opts.chunk)
     kept["start"] = (err_before, copy.deepcopy(unit.state_dict()))
     moved = 0
     recon_from = "start"
     if pot and opts.exponent_search:
         moved = sum(search_unit_exponents(unit, q_args, chunk=opts.chunk).values())
         if moved:
-            kept["search"] = (_eval_error(unit, q_args, target, n_eval, opts.chunk, sens),
+            kept["search"] = (_eval_error(unit, q_args, target, n_eval, opts.chunk),
                               copy.deepcopy(unit.state_dict()))
             # The search judges each layer on its own output; when that raised the unit's
             # error, the rounding is learned from the start's exponents instead.
@@ -358,8 +337,8 @@ def reconstruct_unit(
                 unit.load_state_dict(kept["start"][1])
     err_recon = None
     if opts.iters > 0:  # iters=0: the exponent search alone, no learned rounding
-        _optimise_unit(unit, q_args, target, opts, pot=pot, bn=bn, name=name, sens=sens)
-        err_recon = _eval_error(unit, q_args, target, n_eval, opts.chunk, sens)
+        _optimise_unit(unit, q_args, target, opts, pot=pot, bn=bn, name=name)
+        err_recon = _eval_error(unit, q_args, target, n_eval, opts.chunk)
     best = min(kept, key=lambda k: kept[k][0])
     if err_recon is not None and err_recon <= kept[best][0]:
         best, err_after = "reconstruction", err_recon
@@ -378,8 +357,7 @@ def reconstruct_unit(
 
 
 def _optimise_unit(unit: nn.Module, q_args: tuple, target: torch.Tensor, opts: ReconOptions,
-                   *, pot: bool, bn: dict[nn.Module, BNTarget], name: str,
-                   sens: Sensitivity | None = None) -> None:
+                   *, pot: bool, bn: dict[nn.Module, BNTarget], name: str) -> None:
     """AdaRound's rounding (and learned scales) for ``opts.iters`` steps, committed in place."""
     n = target.shape[0]
     learn_a = opts.learn_a_scale if opts.learn_a_scale is not None else not pot
@@ -418,7 +396,7 @@ def _optimise_unit(unit: nn.Module, q_args: tuple, target: torch.Tensor, opts: R
             args = tuple(a[idx] if isinstance(a, torch.Tensor) and a.shape[:1] == (n,) else a
                          for a in q_args)
             stats.clear()
-            loss = output_error(unit(*args), target[idx], sens.weights(idx) if sens else None)
+            loss = output_error(unit(*args), target[idx])
             if stats:
                 loss = loss + opts.bn_weight * torch.stack(stats).sum()
             if it >= warm:
@@ -467,9 +445,6 @@ def reconstruct(
     bn = bn or {}
     report = ReconReport()
     t0 = time.perf_counter()
-    sens = (output_sensitivities(fp_model, units, inputs, opts.chunk)
-            if opts.objective == "fisher" else {})
-    report.seconds_sensitivity = time.perf_counter() - t0
 
     def on_unit(name, q_args, fp_out):
         unit = qmodel.get_submodule(name)
@@ -482,12 +457,11 @@ def reconstruct(
                 dev = fp_out.device
                 unit_bn[mod] = BNTarget(tgt.mean.to(dev), tgt.std.to(dev))
         report.units.append(
-            reconstruct_unit(unit, q_args, fp_out, opts, pot=pot, bn=unit_bn, name=name,
-                             sens=sens.pop(name, None))
+            reconstruct_unit(unit, q_args, fp_out, opts, pot=pot, bn=unit_bn, name=name)
         )
 
     walk_units(graph, units, fp_model, qmodel, inputs, on_unit, chunk=opts.chunk)
     total = time.perf_counter() - t0
     report.seconds_optimise = sum(u.seconds for u in report.units)
-    report.seconds_cache = total - report.seconds_optimise - report.seconds_sensitivity
+    report.seconds_cache = total - report.seconds_optimise
     return report
