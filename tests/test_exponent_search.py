@@ -178,6 +178,26 @@ def test_reconstruction_learns_from_the_search_when_it_helped():
     assert not torch.equal(q.dw.weight_quant.exponent, k + 1)
 
 
+class ReluReadout:
+    names = ["relu"]
+
+    def __call__(self, t):
+        return torch.relu(t)
+
+
+def test_unit_error_is_measured_after_its_readout():
+    model, q, x = prepared(7)
+    with torch.no_grad():
+        target = model(x)
+        plain = (q(x) - target).pow(2).sum(1).mean().item()
+        after_relu = (torch.relu(q(x)) - torch.relu(target)).pow(2).sum(1).mean().item()
+    assert after_relu < plain  # the readout hides the errors of negative outputs
+    opts = ReconOptions(iters=20, progress=False, bn_weight=0.0, exponent_search=False)
+    rep = reconstruct_unit(q, (x,), target, opts, pot=True, readout=ReluReadout())
+    assert abs(rep.error_before - after_relu) <= 1e-5 * after_relu
+    assert rep.readout == ["relu"] and rep.error_after <= rep.error_before
+
+
 def test_activation_scales_learned_for_float_scales_only_by_default():
     model, q, x = prepared(4)
     with torch.no_grad():
