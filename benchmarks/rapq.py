@@ -43,7 +43,7 @@ METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS] + [m + "+dw" for m i
 METHODS += [m + "+fr" for m in METHODS]
 METHODS += [m + "+ro" for m in METHODS if m.split("+")[0] in {"rapq", "brecq"}]
 FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
-          "float_top1", "iters", "round_weight", "recon_batch_size", "learn_a_scale", "readout", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
+          "float_top1", "iters", "round_weight", "lr_round", "recon_batch_size", "learn_a_scale", "readout", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
           "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
           "seconds_reconstruct", "seconds_bias_correction", "ptq_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib",
@@ -94,6 +94,8 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
         opts["iters"] = args.iters
         if args.round_weight is not None:
             opts["round_weight"] = args.round_weight
+        if args.lr_round is not None:
+            opts["lr_round"] = args.lr_round
         if args.recon_batch_size is not None:
             opts["batch_size"] = args.recon_batch_size
         if args.learn_a_scale:
@@ -117,6 +119,7 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
         model=model, method=method, w_bits=w_bits, a_bits=a_bits, top1=res.top1, top5=res.top5,
         agreement=res.agreement, sqnr_db=res.sqnr_db, float_top1=float_top1,
         iters=opts.get("iters"), round_weight=opts.get("round_weight"),
+        lr_round=opts.get("lr_round"),
         recon_batch_size=opts.get("batch_size"), learn_a_scale=opts.get("learn_a_scale"),
         readout=opts.get("readout"),
         quick_iters=opts.get("quick_iters"), quick_batch_size=opts.get("quick_batch_size"),
@@ -151,6 +154,9 @@ def main() -> None:
     ap.add_argument("--round-weight", type=float, default=None,
                     help="weight of AdaRound's rounding penalty (default: the library's, "
                     "ReconOptions.round_weight)")
+    ap.add_argument("--lr-round", type=float, default=None,
+                    help="Adam learning rate of the rounding variables (default: the library's, "
+                    "ReconOptions.lr_round)")
     ap.add_argument("--recon-batch-size", type=int, default=None,
                     help="images per reconstruction step (default: the library's, "
                     "ReconOptions.batch_size)")
@@ -185,6 +191,7 @@ def main() -> None:
     common = ["--iters", str(args.iters),
               *(["--quick-iters", str(args.quick_iters)] if args.quick_iters is not None else []),
               *(["--round-weight", str(args.round_weight)] if args.round_weight is not None else []),
+              *(["--lr-round", str(args.lr_round)] if args.lr_round is not None else []),
               *(["--recon-batch-size", str(args.recon_batch_size)]
                 if args.recon_batch_size is not None else []),
               *(["--learn-a-scale"] if args.learn_a_scale else []),
