@@ -143,7 +143,8 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     )
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line; also the source of defaults for scripts that call :func:`one`."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20"], choices=list(MODELS))
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD",
@@ -179,7 +180,11 @@ def main() -> None:
                     help="image-decoding processes for the 224 px datasets")
     ap.add_argument("--out", default=str(RESULTS / "rapq"))
     ap.add_argument("--one", nargs=4, metavar=("MODEL", "METHOD", "W", "A"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
