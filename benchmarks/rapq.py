@@ -119,7 +119,7 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
         model=model, method=method, w_bits=w_bits, a_bits=a_bits, top1=res.top1, top5=res.top5,
         agreement=res.agreement, sqnr_db=res.sqnr_db, float_top1=float_top1,
         iters=opts.get("iters"), round_weight=opts.get("round_weight"),
-        lr_round=opts.get("lr_round"),
+        lr_round=rinfo.get("lr_round"),
         recon_batch_size=opts.get("batch_size"), learn_a_scale=opts.get("learn_a_scale"),
         readout=opts.get("readout"),
         quick_iters=opts.get("quick_iters"), quick_batch_size=opts.get("quick_batch_size"),

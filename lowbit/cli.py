@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--round-weight", type=float, default=None,
                     help="rapq/brecq: weight of AdaRound's rounding penalty (default 0.01; "
                     "larger hardens the rounding sooner, which helps short runs: docs/rapq.md)")
+    pq.add_argument("--lr-round", type=float, default=None,
+                    help="rapq/brecq: Adam learning rate of the learned rounding (default 0.1; "
+                    "times --iters it must be well above 2.4 for the rounding to settle: "
+                    "docs/rapq.md)")
     pq.add_argument("--quick-iters", type=int, default=None,
                     help="rapq-quick/rapq: network-wide scale adjustment steps (default 300 for "
                     "rapq-quick; 0 for rapq, whose reconstruction searches the exponents itself)")
@@ -254,6 +258,7 @@ def _ptq_options(args) -> dict:
 
     bn = {"auto": None, "on": True, "off": False}
     given = {"iters": args.iters, "round_weight": args.round_weight,
+             "lr_round": args.lr_round,
              "quick_iters": args.quick_iters,
              "bn_guided": bn[args.bn_guided] if args.bn_guided else None,
              "bias_correction": True if args.bias_correction else None,

@@ -2,6 +2,7 @@
 
 from unittest import mock
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -10,8 +11,9 @@ from torch import nn
 
 import lowbit
 from lowbit import QuantConfig
+from lowbit.errors import ConfigError
 from lowbit.ptq.exponent_search import ZP_DELTAS, _signed_asymmetric, search_unit_exponents
-from lowbit.ptq.reconstruct import ReconOptions, reconstruct_unit
+from lowbit.ptq.reconstruct import ReconOptions, default_lr_round, reconstruct_unit
 from lowbit.quant import PoTQuantizer
 
 
@@ -196,6 +198,42 @@ def test_unit_error_is_measured_after_its_readout():
     rep = reconstruct_unit(q, (x,), target, opts, pot=True, readout=ReluReadout())
     assert abs(rep.error_before - after_relu) <= 1e-5 * after_relu
     assert rep.readout == ["relu"] and rep.error_after <= rep.error_before
+
+
+def test_a_short_reconstruction_decides_its_rounding_by_default():
+    """With the default learning rate, 200 steps take every rounding offset most of the way
+    to 0 or 1; at 3e-3 (the old default) Adam moves an offset's logit by at most 0.6 in 200
+    steps, most offsets stay soft and hardening them at the end undoes what was learned."""
+    import importlib
+
+    recon = importlib.import_module("lowbit.ptq.reconstruct")
+    model, q, x = prepared(8)
+    with torch.no_grad():
+        target = model(x)
+    offsets = []
+
+    def spy(swaps, commit=True):
+        offsets.extend(recon._rect_sigmoid(tq.v.detach()).flatten()
+                       for _, _, tq in swaps if tq.v is not None)
+        return unwrap(swaps, commit)
+
+    unwrap = recon.unwrap_quantizers
+    opts = ReconOptions(iters=200, progress=False, bn_weight=0.0, exponent_search=False)
+    with mock.patch.object(recon, "unwrap_quantizers", spy):
+        reconstruct_unit(q, (x,), target, opts, pot=True)
+    h = torch.cat(offsets)
+    assert ((h > 0.1) & (h < 0.9)).float().mean() < 0.1
+
+
+def test_default_rounding_learning_rate_follows_the_steps():
+    assert default_lr_round(100) == default_lr_round(300) == 0.1
+    assert abs(default_lr_round(1000) - 0.03) < 1e-12
+    assert abs(default_lr_round(20000) - 1.5e-3) < 1e-12  # BRECQ's regime
+    assert ReconOptions(iters=1000).resolved_lr_round() == default_lr_round(1000)
+    assert ReconOptions(iters=1000, lr_round=0.5).resolved_lr_round() == 0.5
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="lr_round"):
+            ReconOptions(lr_round=bad).check()
 
 
 def test_activation_scales_learned_for_float_scales_only_by_default():

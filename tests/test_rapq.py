@@ -147,7 +147,7 @@ def test_full_modes_never_worse_than_their_start(setup):
     assert rec["kept"] == (rec["error_after"] <= rec["error_before"])
     assert out_error(full, model, x) <= out_error(quick, model, x) + 1e-6
     mse = lowbit.ptq(model, "mse", batches(x), cfg, x[:2], progress=False)
-    brecq = lowbit.ptq(model, "brecq", batches(x), cfg, x[:2], iters=150, block_types=(Block,),
+    brecq = lowbit.ptq(model, "brecq", batches(x), cfg, x[:2], iters=300, block_types=(Block,),
                        progress=False)
     assert [u["name"] for u in brecq.lowbit_rapq["units"]] == ["stem", "block", "fc"]
     assert brecq.lowbit_rapq["reconstruction"]["kept"]
@@ -203,12 +203,13 @@ def test_cli_ptq_rapq(capsys, tmp_path):
     out = tmp_path / "r.json"
     rc = main(["ptq", "-m", "digits_cnn", "--method", "rapq", "--w-bits", "4", "--a-bits", "4",
                "--calib-size", "64", "--iters", "20", "--quick-iters", "10", "--round-weight",
-               "0.5", "--no-progress", "-o", str(out)])
+               "0.5", "--lr-round", "0.05", "--no-progress", "-o", str(out)])
     err = capsys.readouterr().err
     assert rc == 0, err
     res = json.loads(out.read_text())
     assert res["method"] == "rapq"
-    assert res["options"] == {"iters": 20, "round_weight": 0.5, "quick_iters": 10}
+    assert res["options"] == {"iters": 20, "round_weight": 0.5, "lr_round": 0.05,
+                              "quick_iters": 10}
     rc = main(["ptq", "-m", "digits_cnn", "--method", "mse", "--iters", "5", "--no-progress"])
     assert rc == 2 and "--iters does not apply" in capsys.readouterr().err
 

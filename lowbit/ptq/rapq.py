@@ -393,6 +393,7 @@ def rapq_ptq(
         info["units"] = [u.__dict__ for u in rep.units]
         info["seconds_cache"] = rep.seconds_cache
         info["seconds_reconstruct"] = rep.seconds_optimise
+        info["lr_round"] = opts.resolved_lr_round()
     if float_means is not None:
         t = time.perf_counter()
         info["bias_correction"] = correct_bias(qmodel, x, float_means)
