@@ -33,17 +33,14 @@ BASE_METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
 # of every conv -> ReLU6 -> conv pair first (pot_rescale "depthwise" / "all"; PoT methods);
 # "+st": each linear residual stream scaled by one factor first (pot_rescale "streams");
 # "+fr" (after any of these): weights on all 2^b codes (narrow_weights=False; four levels at 2 bits)
-# "+ro" (after any reconstructing method): unit errors measured where the next unit reads them
-# (ReconOptions.readout: after the activation / pooling that follows a unit alone)
 RESCALED = [m + f for m in BASE_METHODS if m != "brecq"
             for f in ("+dw+rs", "+dw+rsall", "+rs", "+st", "+dw+rs+st")]
 METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS] + [m + "+dw" for m in BASE_METHODS]
            + RESCALED
            + ["rapq+nobn", "brecq+nobn", "rapq+dw+bc", "brecq+dw+bc"])
 METHODS += [m + "+fr" for m in METHODS]
-METHODS += [m + "+ro" for m in METHODS if m.split("+")[0] in {"rapq", "brecq"}]
 FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
-          "float_top1", "iters", "round_weight", "lr_round", "recon_batch_size", "learn_a_scale", "readout", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
+          "float_top1", "iters", "round_weight", "lr_round", "recon_batch_size", "learn_a_scale", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
           "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
           "seconds_reconstruct", "seconds_bias_correction", "ptq_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib",
@@ -100,8 +97,6 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
             opts["batch_size"] = args.recon_batch_size
         if args.learn_a_scale:
             opts["learn_a_scale"] = True
-        if "ro" in flags:
-            opts["readout"] = True
     t = time.perf_counter()
     config = QuantConfig.uniform(w_bits, a_bits, dw_act_per_channel="dw" in flags,
                                  narrow_weights="fr" not in flags)
@@ -121,7 +116,6 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
         iters=opts.get("iters"), round_weight=opts.get("round_weight"),
         lr_round=rinfo.get("lr_round"),
         recon_batch_size=opts.get("batch_size"), learn_a_scale=opts.get("learn_a_scale"),
-        readout=opts.get("readout"),
         quick_iters=opts.get("quick_iters"), quick_batch_size=opts.get("quick_batch_size"),
         bn_guided=rinfo.get("bn_guided"),
         quick_naive_error=quick.get("naive_error"), quick_adjusted_error=quick.get("adjusted_error"),

@@ -7,7 +7,7 @@ from torch import nn
 
 from lowbit import QuantConfig, prepare
 from lowbit.prepare import calibrate, set_mode
-from lowbit.ptq.blocks import find_units, run_chunked, trace_units, unit_readouts, walk_units
+from lowbit.ptq.blocks import find_units, run_chunked, trace_units, walk_units
 from tests.test_rapq import Block, Net, trained_like_bn
 
 
@@ -70,39 +70,3 @@ def test_walk_units_feeds_each_unit_its_real_inputs_and_float_outputs():
         assert torch.allclose(got[u][1], seen_fp_out[u][1], atol=1e-5), u
         assert not torch.allclose(seen_q_in[u][1], seen_fp_out[u][1]), "float and 4-bit differ"
 
-
-class Branchy(nn.Module):
-    """A unit whose output is read twice (a skip) and one followed by ReLU and a pool."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 3, padding=1)
-        self.b = nn.Conv2d(4, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        y = self.a(x)
-        z = torch.relu(y + self.b(y))
-        return self.fc(torch.relu(z).mean((2, 3)))
-
-
-def test_readouts_follow_a_unit_alone_up_to_the_next_one():
-    torch.manual_seed(0)
-    x = torch.randn(6, 3, 8, 8)
-    q = prepare(trained_like_bn(Net(), x), QuantConfig.uniform(4, 4), x[:2])
-    units = find_units(q, (Block,))
-    r = unit_readouts(trace_units(q, units), units, q)
-    assert set(r) == {"stem", "block"}  # fc feeds the output
-    assert r["stem"].names[-1] == "relu" and r["block"].names == ["mean"]
-    with torch.no_grad():
-        y = torch.randn(6, 8, 8, 8)
-        assert torch.equal(r["stem"](y), torch.relu(q.bn(y)))
-        assert torch.equal(r["block"](y), y.mean((2, 3)))
-
-    b = Branchy().eval()
-    qb = prepare(b, QuantConfig.uniform(4, 4), x[:2])
-    units = find_units(qb)
-    r = unit_readouts(trace_units(qb, units), units, qb)
-    assert "a" not in r  # read by b and by the addition
-    assert "b" not in r  # the addition has two inputs
-    assert "fc" not in r

@@ -312,14 +312,3 @@ def test_zero_steps_runs_the_exponent_search_alone(setup):
     with pytest.raises(ConfigError, match="exponent search alone"):
         lowbit.ptq(model, "brecq", batches(x), cfg, x[:2], iters=0, progress=False)
 
-
-def test_readout_option_reaches_every_unit(setup):
-    model, x = setup
-    q = lowbit.ptq(model, "rapq", batches(x), QuantConfig.uniform(4, 4), x[:2], iters=10,
-                   readout=True, progress=False)
-    units = {u["name"]: u for u in q.lowbit_rapq["units"]}
-    assert units["stem"]["readout"][-1] == "relu"  # the error is taken after stem's ReLU
-    assert units["fc"]["readout"] == []
-    plain = lowbit.ptq(model, "rapq", batches(x), QuantConfig.uniform(4, 4), x[:2], iters=10,
-                       progress=False)
-    assert all(u["readout"] == [] for u in plain.lowbit_rapq["units"])

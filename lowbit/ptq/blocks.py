@@ -175,58 +175,6 @@ def walk_units(
             _release(env_q, node, i, last_use)
 
 
-class Readout:
-    """The parameter-free ops that follow a unit alone, as one function of its output.
-
-    A unit's output is often not what the next unit reads: an activation, padding or a global
-    pool comes between (EfficientNet's stem ReLU6; the pool before every classifier). An
-    error that those ops remove (a negative error under a ReLU, spatial noise under a global
-    average) costs nothing downstream, so the reconstruction can measure its error after
-    them.
-    """
-
-    def __init__(self, nodes: list[fx.Node], root: nn.Module):
-        self.names = [str(n.target) if n.op != "call_function" else n.target.__name__
-                      for n in nodes]
-        self._steps = [(n, _node_fn(n, root)) for n in nodes]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        for node, fn in self._steps:
-            args = fx.node.map_arg(node.args, lambda _, x=x: x)
-            kwargs = fx.node.map_arg(node.kwargs, lambda _, x=x: x)
-            x = fn(*args, **kwargs)
-        return x
-
-
-def _parameter_free(node: fx.Node, root: nn.Module) -> bool:
-    if node.op == "call_module":
-        mod = root.get_submodule(node.target)
-        return not any(True for _ in mod.parameters()) and not _has_quant_layer(mod)
-    return node.op in ("call_function", "call_method")
-
-
-def unit_readouts(graph: fx.Graph, units: Iterable[str], root: nn.Module) -> dict[str, Readout]:
-    """Per unit, the chain of parameter-free ops that read its output alone and only it, up
-    to the next unit, an op with several inputs or users, or the model's output. Units with
-    no such op are left out."""
-    units = set(units)
-    out: dict[str, Readout] = {}
-    for node in graph.nodes:
-        if not (node.op == "call_module" and node.target in units):
-            continue
-        chain, cur = [], node
-        while len(cur.users) == 1:
-            nxt = next(iter(cur.users))
-            if (nxt.op == "output" or (nxt.op == "call_module" and nxt.target in units)
-                    or nxt.all_input_nodes != [cur] or not _parameter_free(nxt, root)):
-                break
-            chain.append(nxt)
-            cur = nxt
-        if chain:
-            out[node.target] = Readout(chain, root)
-    return out
-
-
 def _release(env: dict, node: fx.Node, i: int, last_use: dict) -> None:
     """Drop the values whose last consumer is ``node`` (the ``i``-th)."""
     for inp in node.all_input_nodes:

@@ -25,7 +25,7 @@ from ..prepare import find_conv_bn_pairs, quant_layers, set_mode
 from ..quant.autograd import floor_ste, round_ste
 from ..quant.base import Quantizer
 from ..quant.pot import PoTQuantizer, zero_point_for
-from .blocks import Readout, find_units, run_chunked, trace_units, unit_readouts, walk_units
+from .blocks import find_units, run_chunked, trace_units, walk_units
 from .exponent_search import search_unit_exponents
 
 log = logging.getLogger("lowbit")
@@ -251,9 +251,6 @@ class ReconOptions:
     after the gradient has pointed one way for many steps. ``exponent_search``: with
     power-of-two scales, first pick every exponent of the unit among its neighbours by the
     layers' output errors (:mod:`lowbit.ptq.exponent_search`); no effect on float scales.
-    ``readout``: measure each unit's error after the parameter-free ops that follow it alone
-    (activation, padding, global pooling; :class:`~lowbit.ptq.blocks.Readout`), where the
-    next unit reads it, instead of at the unit's own output.
     """
 
     iters: int = 1000
@@ -267,7 +264,6 @@ class ReconOptions:
     learn_w_scale: bool = False
     learn_a_scale: bool | None = None
     exponent_search: bool = True
-    readout: bool = False
     chunk: int = 64
     block_types: tuple[type[nn.Module], ...] | None = None
     seed: int = 0
@@ -303,7 +299,6 @@ class UnitReport:
     kept: str = "reconstruction"  # or "search" (searched exponents, nearest rounding) or "start"
     candidates: dict[str, float] = field(default_factory=dict)  # the error of each of the three
     recon_from: str | None = None  # "search" or "start": the exponents the rounding was learned on
-    readout: list[str] = field(default_factory=list)  # ops applied before the error is measured
 
 
 @dataclass
@@ -320,15 +315,12 @@ def output_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _eval_error(unit: nn.Module, args: tuple, target: torch.Tensor, n_eval: int, chunk: int,
-                readout: Readout | None = None):
+def _eval_error(unit: nn.Module, args: tuple, target: torch.Tensor, n_eval: int, chunk: int):
     n = target.shape[0]
     m = min(n, n_eval)
     sub = tuple(a[:m] if isinstance(a, torch.Tensor) and a.shape[:1] == (n,) else a for a in args)
-    out, tgt = run_chunked(unit, sub, {}, m, chunk), target[:m]
-    if readout is not None:
-        out, tgt = readout(out), readout(tgt)
-    return output_error(out, tgt).item()
+    out = run_chunked(unit, sub, {}, m, chunk)
+    return output_error(out, target[:m]).item()
 
 
 def reconstruct_unit(
@@ -341,11 +333,9 @@ def reconstruct_unit(
     bn: dict[nn.Module, BNTarget] | None = None,
     name: str = "",
     n_eval: int = 256,
-    readout: Readout | None = None,
 ) -> UnitReport:
     """Learn the rounding of ``unit``'s weights and its scales so that, fed the quantized
-    inputs ``q_args``, it reproduces the float outputs ``target`` (plus the BN term); errors,
-    learned and judged, are measured after ``readout`` when one is given."""
+    inputs ``q_args``, it reproduces the float outputs ``target`` (plus the BN term)."""
     t_start = time.perf_counter()
     bn = bn or {}
     # The unit ends in whichever has the least error: its start, the searched exponents
@@ -353,14 +343,14 @@ def reconstruct_unit(
     # that helped; the unit then keeps the search alone. The reconstruction itself starts from
     # the better of the first two.
     kept: dict[str, tuple[float, dict]] = {}
-    err_before = _eval_error(unit, q_args, target, n_eval, opts.chunk, readout)
+    err_before = _eval_error(unit, q_args, target, n_eval, opts.chunk)
     kept["start"] = (err_before, copy.deepcopy(unit.state_dict()))
     moved = 0
     recon_from = "start"
     if pot and opts.exponent_search:
         moved = sum(search_unit_exponents(unit, q_args, chunk=opts.chunk).values())
         if moved:
-            kept["search"] = (_eval_error(unit, q_args, target, n_eval, opts.chunk, readout),
+            kept["search"] = (_eval_error(unit, q_args, target, n_eval, opts.chunk),
                               copy.deepcopy(unit.state_dict()))
             # The search judges each layer on its own output; when that raised the unit's
             # error, the rounding is learned from the start's exponents instead.
@@ -370,8 +360,8 @@ def reconstruct_unit(
                 unit.load_state_dict(kept["start"][1])
     err_recon = None
     if opts.iters > 0:  # iters=0: the exponent search alone, no learned rounding
-        _optimise_unit(unit, q_args, target, opts, pot=pot, bn=bn, name=name, readout=readout)
-        err_recon = _eval_error(unit, q_args, target, n_eval, opts.chunk, readout)
+        _optimise_unit(unit, q_args, target, opts, pot=pot, bn=bn, name=name)
+        err_recon = _eval_error(unit, q_args, target, n_eval, opts.chunk)
     best = min(kept, key=lambda k: kept[k][0])
     if err_recon is not None and err_recon <= kept[best][0]:
         best, err_after = "reconstruction", err_recon
@@ -386,13 +376,11 @@ def reconstruct_unit(
     return UnitReport(name, err_before, err_after, len(bn), time.perf_counter() - t_start,
                       best != "reconstruction", exponents_changed=changed,
                       kept=best, candidates=candidates,
-                      recon_from=recon_from if err_recon is not None else None,
-                      readout=list(readout.names) if readout is not None else [])
+                      recon_from=recon_from if err_recon is not None else None)
 
 
 def _optimise_unit(unit: nn.Module, q_args: tuple, target: torch.Tensor, opts: ReconOptions,
-                   *, pot: bool, bn: dict[nn.Module, BNTarget], name: str,
-                   readout: Readout | None = None) -> None:
+                   *, pot: bool, bn: dict[nn.Module, BNTarget], name: str) -> None:
     """AdaRound's rounding (and learned scales) for ``opts.iters`` steps, committed in place."""
     n = target.shape[0]
     learn_a = opts.learn_a_scale if opts.learn_a_scale is not None else not pot
@@ -431,10 +419,7 @@ def _optimise_unit(unit: nn.Module, q_args: tuple, target: torch.Tensor, opts: R
             args = tuple(a[idx] if isinstance(a, torch.Tensor) and a.shape[:1] == (n,) else a
                          for a in q_args)
             stats.clear()
-            out, tgt = unit(*args), target[idx]
-            if readout is not None:
-                out, tgt = readout(out), readout(tgt)
-            loss = output_error(out, tgt)
+            loss = output_error(unit(*args), target[idx])
             if stats:
                 loss = loss + opts.bn_weight * torch.stack(stats).sum()
             if it >= warm:
@@ -481,7 +466,6 @@ def reconstruct(
     fp_model = set_mode(copy.deepcopy(qmodel), "float").eval()
     qmodel.eval()
     bn = bn or {}
-    readouts = unit_readouts(graph, units, qmodel) if opts.readout else {}
     report = ReconReport()
     t0 = time.perf_counter()
 
@@ -496,8 +480,7 @@ def reconstruct(
                 dev = fp_out.device
                 unit_bn[mod] = BNTarget(tgt.mean.to(dev), tgt.std.to(dev))
         report.units.append(
-            reconstruct_unit(unit, q_args, fp_out, opts, pot=pot, bn=unit_bn, name=name,
-                             readout=readouts.get(name))
+            reconstruct_unit(unit, q_args, fp_out, opts, pot=pot, bn=unit_bn, name=name)
         )
 
     walk_units(graph, units, fp_model, qmodel, inputs, on_unit, chunk=opts.chunk)
