@@ -6,8 +6,8 @@ Reads the committed rows (rapq.json, then rapq_gpu.json where the CPU has no row
 method, brevitas_pot.json, and the float top-1 of ptq_baseline.json). Where several rows of a
 method exist, the plain method's row is shown; where it has none, the best row with flags
 (such as +dw+rs), flags named, so every cell names the row it comes from; markers say which
-rows ran on the GPU, before the exponent search, or with learned activation scales before the
-fix of their gradients (2ffa2ca).
+rows ran on the GPU, before the exponent search, with learned activation scales before the
+fix of their gradients (2ffa2ca), or with the rounding learning rate of 60a373c.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def cell(candidates: list[dict]) -> str:
     flags = best["method"].partition("+")[2]
     marks = (("ᴳ" if best.get("device", "cpu") != "cpu" else "")
              + ("*" if OLD in (best.get("note") or "") else "")
-             + ("†" if learned_before_fix(best) else ""))
+             + ("†" if learned_before_fix(best) else "")
+             + ("§" if best.get("lr_round") else ""))
     return f"{best['top1']:.2f}{marks}" + (f" (+{flags})" if flags else "")
 
 
@@ -94,6 +95,8 @@ def main() -> None:
                        markdown=True))
     print("\nᴳ: GPU row (rapq_gpu.json); *: measured before the exponent search (c3a1f22); "
           f"†: learned activation scales before their gradient fix ({GRAD_FIX}); "
+          "§: rounding learning rate min(0.1, 30 / steps) (60a373c; unmarked reconstruction "
+          "rows ran 3e-3); "
           "flags in brackets (only where the plain method has no row): benchmarks/rapq.py "
           "METHODS; bias-corrected (+bc) rows left out.")
 
