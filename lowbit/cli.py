@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rapq/brecq: weight of AdaRound's rounding penalty (default 0.01; "
                     "larger hardens the rounding sooner, which helps short runs: docs/rapq.md)")
     pq.add_argument("--lr-round", type=float, default=None,
-                    help="rapq/brecq: Adam learning rate of the learned rounding (default 0.1; "
-                    "times --iters it must be well above 2.4 for the rounding to settle: "
-                    "docs/rapq.md)")
+                    help="rapq/brecq: Adam learning rate of the learned rounding (default "
+                    "min(0.1, 30 / iters): 0.03 at 1,000 steps; times --iters it must be well "
+                    "above 2.4 for the rounding to settle: docs/rapq.md)")
     pq.add_argument("--quick-iters", type=int, default=None,
                     help="rapq-quick/rapq: network-wide scale adjustment steps (default 300 for "
                     "rapq-quick; 0 for rapq, whose reconstruction searches the exponents itself)")

@@ -69,4 +69,3 @@ def test_walk_units_feeds_each_unit_its_real_inputs_and_float_outputs():
         assert torch.allclose(got[u][0], seen_q_in[u][0], atol=1e-5), u
         assert torch.allclose(got[u][1], seen_fp_out[u][1], atol=1e-5), u
         assert not torch.allclose(seen_q_in[u][1], seen_fp_out[u][1]), "float and 4-bit differ"
-
