@@ -1,5 +1,6 @@
 """Discrete search of power-of-two exponents inside a reconstruction unit."""
 
+import importlib
 from unittest import mock
 
 import pytest
@@ -184,9 +185,7 @@ def test_a_short_reconstruction_decides_its_rounding_by_default():
     """With the default learning rate, 200 steps take every rounding offset most of the way
     to 0 or 1; at 3e-3 (the old default) Adam moves an offset's logit by at most 0.6 in 200
     steps, most offsets stay soft and hardening them at the end undoes what was learned."""
-    import importlib
-
-    recon = importlib.import_module("lowbit.ptq.reconstruct")
+    recon = importlib.import_module("lowbit.ptq.reconstruct")  # lowbit.ptq is also a function
     model, q, x = prepared(8)
     with torch.no_grad():
         target = model(x)

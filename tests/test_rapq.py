@@ -311,4 +311,3 @@ def test_zero_steps_runs_the_exponent_search_alone(setup):
         strict=True))
     with pytest.raises(ConfigError, match="exponent search alone"):
         lowbit.ptq(model, "brecq", batches(x), cfg, x[:2], iters=0, progress=False)
-
