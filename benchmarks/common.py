@@ -27,6 +27,35 @@ MODELS = {
 }
 
 
+# Where a 1000-class ImageNet model calibrates and is evaluated (docs/calibration.md):
+# "diverse": a seeded half of imagenet-val-1300 calibrates, the other half evaluates;
+# "narrow": 1,024 imagenette/val images (10 classes) calibrate, all of imagenet-val-1300
+# evaluates; "imagenette": the old 10-class split of imagenette/val, for comparison only.
+PROTOCOLS = ["diverse", "narrow", "imagenette"]
+DIVERSE_CALIB = 650
+
+
+def protocol_data(model: str, protocol: str, **kw):
+    """``lowbit.pipeline.build_data`` for ``model`` under ``protocol`` (ImageNet models; CIFAR
+    models calibrate on training images and evaluate on the test set whatever it says)."""
+    from lowbit.models import get_spec
+    from lowbit.pipeline import build_data
+
+    dataset = MODELS[model]["dataset"]
+    spec = get_spec(model)
+    if dataset == "cifar10":
+        return build_data(spec, "cifar10", data_root("cifar10"), workers=0, **kw)
+    if protocol == "imagenette":
+        return build_data(spec, "imagenette", data_root("imagenette"), **kw)
+    diverse = data_root("imagenet-val-1300")
+    if not (diverse / "val").is_dir():
+        skip(f"{diverse}/val not found: the 1000-class protocols need imagenet-val-1300")
+    if protocol == "diverse":
+        return build_data(spec, "imagenet", diverse, **{**kw, "calib_size": DIVERSE_CALIB})
+    return build_data(spec, "imagenet", diverse, calib_dataset="imagenette",
+                      calib_root=data_root("imagenette"), **kw)
+
+
 def skip(msg: str) -> None:
     print(f"SKIP: {msg}")
     sys.exit(0)

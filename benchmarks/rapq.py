@@ -22,7 +22,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, data_root, load_rows, provenance, run_child, save_rows, weights  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    PROTOCOLS,
+    RESULTS,
+    load_rows,
+    protocol_data,
+    provenance,
+    run_child,
+    save_rows,
+    weights,
+)
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 BASE_METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
@@ -39,8 +49,8 @@ METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS] + [m + "+dw" for m i
            + RESCALED
            + ["rapq+nobn", "brecq+nobn", "rapq+dw+bc", "brecq+dw+bc"])
 METHODS += [m + "+fr" for m in METHODS]
-FIELDS = ["model", "method", "w_bits", "a_bits", "top1", "top5", "agreement", "sqnr_db",
-          "float_top1", "iters", "round_weight", "lr_round", "recon_batch_size", "learn_a_scale", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
+FIELDS = ["model", "method", "protocol_name", "w_bits", "a_bits", "top1", "top5", "agreement",
+          "sqnr_db", "float_top1", "drop", "drop_se", "act_drop", "iters", "round_weight", "lr_round", "recon_batch_size", "learn_a_scale", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
           "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
           "seconds_reconstruct", "seconds_bias_correction", "ptq_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib",
@@ -52,18 +62,14 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     import torch
 
     from lowbit import QuantConfig, evaluate, ptq
-    from lowbit.models import get_model, get_spec
-    from lowbit.pipeline import build_data
+    from lowbit.models import get_model
 
     torch.manual_seed(0)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    spec = get_spec(model)
-    info = MODELS[model]
-    data = build_data(spec, info["dataset"], data_root(info["dataset"]),
-                      calib_size=args.calib_size, eval_size=args.eval_size,
-                      batch_size=args.batch_size,
-                      workers=args.workers if info["dataset"] != "cifar10" else 0)
+    data = protocol_data(model, args.protocol, calib_size=args.calib_size,
+                         eval_size=args.eval_size, batch_size=args.batch_size,
+                         workers=args.workers)
     device = torch.device(args.device)
     if device.type == "cuda":
         # float32 arithmetic, as on the CPU (torch lets cuDNN use TF32 by default), so GPU
@@ -97,6 +103,8 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
             opts["batch_size"] = args.recon_batch_size
         if args.learn_a_scale:
             opts["learn_a_scale"] = True
+        if args.act_drop is not None:
+            opts["act_drop"] = args.act_drop
     t = time.perf_counter()
     config = QuantConfig.uniform(w_bits, a_bits, dw_act_per_channel="dw" in flags,
                                  narrow_weights="fr" not in flags)
@@ -105,15 +113,17 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     t = time.perf_counter()
     res = evaluate(q, data.eval, reference=net, progress=False)
     eval_seconds = time.perf_counter() - t
-    float_top1 = (evaluate(net, data.eval, progress=False).top1
-                  if device.type == "cuda" else None)  # checks the GPU's float model
     rinfo = q.lowbit_rapq
+    cov = q.lowbit_report.calib_coverage
     quick = rinfo.get("quick", {})
     recon = rinfo.get("reconstruction", {})
     return dict(
         model=model, method=method, w_bits=w_bits, a_bits=a_bits, top1=res.top1, top5=res.top5,
-        agreement=res.agreement, sqnr_db=res.sqnr_db, float_top1=float_top1,
+        agreement=res.agreement, sqnr_db=res.sqnr_db, float_top1=res.reference_top1,
+        drop=res.reference_top1 - res.top1, drop_se=res.delta_se, protocol_name=args.protocol,
+        calib_coverage=cov.to_dict() if cov is not None else None,
         iters=opts.get("iters"), round_weight=opts.get("round_weight"),
+        act_drop=opts.get("act_drop"),
         lr_round=rinfo.get("lr_round"),
         recon_batch_size=opts.get("batch_size"), learn_a_scale=opts.get("learn_a_scale"),
         quick_iters=opts.get("quick_iters"), quick_batch_size=opts.get("quick_batch_size"),
@@ -164,6 +174,12 @@ def parser() -> argparse.ArgumentParser:
                     "and 0 for rapq)")
     ap.add_argument("--quick-batch-size", type=int, default=32,
                     help="images per scale-adjustment step (fewer: faster on 224 px models)")
+    ap.add_argument("--protocol", default="imagenette", choices=PROTOCOLS,
+                    help="224 px models: where calibration and evaluation images come from "
+                    "(benchmarks/common.py); CIFAR models ignore it")
+    ap.add_argument("--act-drop", type=float, default=None,
+                    help="share of activations left unquantized in each reconstruction step "
+                    "(ReconOptions.act_drop)")
     ap.add_argument("--calib-size", type=int, default=1024)
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -194,6 +210,8 @@ def main() -> None:
               *(["--recon-batch-size", str(args.recon_batch_size)]
                 if args.recon_batch_size is not None else []),
               *(["--learn-a-scale"] if args.learn_a_scale else []),
+              *(["--act-drop", str(args.act_drop)] if args.act_drop is not None else []),
+              "--protocol", args.protocol,
               "--quick-batch-size", str(args.quick_batch_size),
               "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
               "--threads", str(args.threads)]
@@ -211,10 +229,14 @@ def main() -> None:
                     return
                 row["command"] = ("python benchmarks/rapq.py --models " + m + " --methods " + meth
                                   + " --settings " + s + " " + " ".join(common))
-                rows = [r for r in load_rows(out) if (r["model"], r["method"], r["w_bits"], r["a_bits"])
-                        != (m, meth, w, a)] + [row]
+                key = (m, meth, w, a, args.protocol)
+                rows = [r for r in load_rows(out)
+                        if (r["model"], r["method"], r["w_bits"], r["a_bits"],
+                            r.get("protocol_name", "imagenette")) != key] + [row]
                 save_rows(out, rows, FIELDS)
-                print(f"{m:<20} {meth:<11} {s}  top-1 {row['top1']:.2f}  "
+                print(f"{m:<20} {meth:<11} {s} {args.protocol}  top-1 {row['top1']:.2f} "
+                      f"(float {row['float_top1']:.2f}, drop {row['drop']:.2f} "
+                      f"+- {row['drop_se']:.2f})  "
                       f"(ptq {row['ptq_seconds']:.0f} s, wall {row['wall_seconds']:.0f} s, "
                       f"{row['peak_rss_mib']:.0f} MiB, load {row['load_avg_start']:.1f})",
                       flush=True)

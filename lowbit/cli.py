@@ -10,10 +10,11 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 from .cli_args import act_bits_arg as _act_bits
 from .cli_args import bits_arg as _bits
-from .errors import LowbitError
+from .errors import LowbitError, LowbitWarning
 
 EXIT_USAGE = 2
 EXIT_INTERRUPT = 130
@@ -29,15 +30,26 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", "-d", default=None, help="dataset name (default: the model's)")
+def _data_args(p: argparse.ArgumentParser, calibration: bool = True) -> None:
+    p.add_argument("--dataset", "-d", default=None,
+                   help="evaluation dataset name (default: the model's)")
     p.add_argument(
         "--data-root", default=None,
-        help="dataset folder (default ~/.cache/lowbit-data); CIFAR: the folder holding "
-        "cifar-10-batches-py; ImageNet-style: the folder holding val/<synset>/ (and "
+        help="evaluation dataset folder (default ~/.cache/lowbit-data); CIFAR: the folder "
+        "holding cifar-10-batches-py; ImageNet-style: the folder holding val/<synset>/ (and "
         "train/<synset>/ for training)",
     )
-    p.add_argument("--calib-size", type=int, default=1024, help="calibration images (default 1024)")
+    if calibration:
+        p.add_argument(
+            "--calib-root", default=None,
+            help="take calibration images from this folder instead (same layouts as "
+            "--data-root; ImageNet-style: its val/<synset>/ images, or <synset>/ folders in it) "
+            "and evaluate on every image of --data-root; default: a seeded split of --data-root",
+        )
+        p.add_argument("--calib-dataset", default=None,
+                       help="dataset name of --calib-root (default: the evaluation dataset's)")
+        p.add_argument("--calib-size", type=int, default=1024,
+                       help="calibration images, a seeded subset (default 1024)")
     p.add_argument("--eval-size", type=int, default=None, help="evaluate on a seeded subset of N")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -105,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     _quant_args(info)
 
-    ev = sub.add_parser("eval", help="evaluate a float model or a saved quantized model")
+    ev = sub.add_parser("eval", help="evaluate a float model or a saved quantized model on "
+                        "every image of the evaluation split")
     _model_args(ev)
-    _data_args(ev)
+    _data_args(ev, calibration=False)
     ev.add_argument("--quantized", default=None, help="folder written by 'lowbit ptq --save'")
     ev.add_argument("--output", "-o", default=None, help="write results JSON here")
 
@@ -231,9 +244,9 @@ def cmd_eval(args) -> int:
 
     spec = get_spec(args.model)
     model = get_model(args.model, args.weights)
-    data = build_data(spec, args.dataset, args.data_root, calib_size=args.calib_size,
-                      eval_size=args.eval_size, batch_size=args.batch_size,
-                      workers=args.workers, seed=args.seed)
+    data = build_data(spec, args.dataset, args.data_root, eval_size=args.eval_size,
+                      batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+                      calibration=False)
     reference = None
     if args.quantized:
         reference = model
@@ -246,6 +259,7 @@ def cmd_eval(args) -> int:
     if args.output:
         write_json(args.output, {"model": args.model, "weights": args.weights,
                                  "quantized": args.quantized, "protocol": data.protocol,
+                                 "protocol_info": data.protocol_info,
                                  "seconds": time.perf_counter() - t0, **res.to_dict()})
     return 0
 
@@ -292,7 +306,8 @@ def cmd_ptq(args) -> int:
         })
     spec = get_spec(args.model)
     model = get_model(args.model, args.weights).to(memory_format=torch.channels_last)
-    data = build_data(spec, args.dataset, args.data_root, calib_size=args.calib_size,
+    data = build_data(spec, args.dataset, args.data_root, calib_dataset=args.calib_dataset,
+                      calib_root=args.calib_root, calib_size=args.calib_size,
                       eval_size=args.eval_size, batch_size=args.batch_size,
                       workers=args.workers, seed=args.seed)
     progress = not args.no_progress
@@ -301,6 +316,8 @@ def cmd_ptq(args) -> int:
     qmodel = ptq(model, args.method, data.calib, config, data.example, progress=progress, **opts)
     ptq_seconds = time.perf_counter() - t0
     print(qmodel.lowbit_report.summary())
+    cov = qmodel.lowbit_report.calib_coverage
+    coverage = cov.to_dict() if cov is not None else None
     float_res = evaluate(model, data.eval, progress=progress, desc="eval float")
     q_res = evaluate(qmodel, data.eval, reference=model, progress=progress, desc="eval quantized")
     fcost, qcost = measure(model, data.example), measure(qmodel, data.example)
@@ -317,6 +334,7 @@ def cmd_ptq(args) -> int:
         write_json(args.output, {
             "model": args.model, "weights": args.weights, "method": args.method,
             "options": opts, "config": config.to_dict(), "protocol": data.protocol,
+            "protocol_info": data.protocol_info, "calib_coverage": coverage,
             "ptq_seconds": ptq_seconds,
             "float": float_res.to_dict(), "quantized": q_res.to_dict(),
             "cost": qcost.totals(), "float_cost": fcost.totals(),
@@ -344,7 +362,19 @@ COMMANDS = {"demo": cmd_demo, "info": cmd_info, "eval": cmd_eval, "ptq": cmd_ptq
             "search": cmd_search}
 
 
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """lowbit's own warnings as one line, like its errors; others as Python shows them."""
+    if issubclass(category, LowbitWarning):
+        print(f"lowbit: warning: {message}", file=file or sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     _setup(args)
     try:

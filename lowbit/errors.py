@@ -29,3 +29,12 @@ class CalibrationError(LowbitError):
 
 class TrainingError(LowbitError):
     """Training stopped: a NaN loss, a collapsed quantizer, or a checkpoint that does not match."""
+
+
+class LowbitWarning(UserWarning):
+    """Base class: something the user should know that does not stop the run."""
+
+
+class NarrowCalibrationWarning(LowbitWarning):
+    """The calibration images cover few of the classes the model predicts, so methods that fit
+    the calibration set (block reconstruction, bias correction) specialise the model to them."""

@@ -20,6 +20,8 @@ class EvalResult:
     samples: int
     agreement: float | None = None
     sqnr_db: float | None = None
+    reference_top1: float | None = None  # the reference's top-1 on the same samples
+    delta_se: float | None = None  # paired standard error of top1 - reference_top1, in points
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -28,6 +30,10 @@ class EvalResult:
         s = f"top-1 {self.top1:.2f} %  top-5 {self.top5:.2f} %  ({self.samples} samples)"
         if self.agreement is not None:
             s += f"  agreement {self.agreement:.2f} %  SQNR {self.sqnr_db:.1f} dB"
+        if self.reference_top1 is not None:
+            s += (f"\n  reference (float) top-1 {self.reference_top1:.2f} %: difference "
+                  f"{self.top1 - self.reference_top1:+.2f} +- {self.delta_se:.2f} points "
+                  "(paired standard error)")
         return s
 
 
@@ -54,6 +60,7 @@ def evaluate(
         reference.eval()
     zeros = lambda: torch.zeros((), dtype=torch.float64, device=dev)  # noqa: E731
     top1, top5, agree, sig, noise = zeros(), zeros(), zeros(), zeros(), zeros()
+    ref_top1, d_sq = zeros(), zeros()
     n = 0
     try:
         total = len(data)  # type: ignore[arg-type]
@@ -66,11 +73,16 @@ def evaluate(
         out = model(x)
         k = min(5, out.shape[1])
         pred = out.topk(k, dim=1).indices
-        top1 += (pred[:, 0] == y).sum()
+        hit = pred[:, 0] == y
+        top1 += hit.sum()
         top5 += (pred == y[:, None]).any(dim=1).sum()
         if reference is not None:
             ref = reference(x)
-            agree += (ref.argmax(1) == pred[:, 0]).sum()
+            ref_pred = ref.argmax(1)
+            agree += (ref_pred == pred[:, 0]).sum()
+            ref_hit = ref_pred == y
+            ref_top1 += ref_hit.sum()
+            d_sq += (hit != ref_hit).sum()  # (hit - ref_hit)^2 is 1 exactly where they differ
             sig += ref.double().pow(2).sum()
             noise += (ref.double() - out.double()).pow(2).sum()
         n += y.shape[0]
@@ -81,4 +93,8 @@ def evaluate(
         result.agreement = 100.0 * float(agree) / n
         nz = float(noise)
         result.sqnr_db = math.inf if nz == 0 else 10.0 * math.log10(float(sig) / nz)
+        result.reference_top1 = 100.0 * float(ref_top1) / n
+        mean_d = (float(top1) - float(ref_top1)) / n
+        var_d = max(0.0, float(d_sq) / n - mean_d**2) * n / max(1, n - 1)
+        result.delta_se = 100.0 * math.sqrt(var_d / n)
     return result

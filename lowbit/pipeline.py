@@ -8,7 +8,7 @@ any iterable of batches.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .config import QuantConfig
 from .data import calib_eval_split, load_dataset, make_loader, subset
+from .data.registry import DEFAULT_ROOT
 from .errors import ModelError
 from .models import ModelSpec, get_spec
 from .prepare import prepare, set_mode
@@ -28,13 +29,41 @@ SPLIT_DATASETS = {"imagenet", "imagenette"}
 
 @dataclass
 class DataBundle:
-    """Calibration and evaluation loaders for one model, with an example input batch."""
+    """Calibration and evaluation loaders for one model, with an example input batch.
 
-    calib: DataLoader
+    ``calib`` is None when no calibration was asked for (``lowbit eval``). ``protocol`` says in
+    one line which images were used for what; ``protocol_info`` is the same as a dict for
+    results files.
+    """
+
+    calib: DataLoader | None
     eval: DataLoader
     example: torch.Tensor
     dataset: str
     protocol: str
+    protocol_info: dict = field(default_factory=dict)
+
+
+def _split_of(name: str, role: str) -> str:
+    if name in SPLIT_DATASETS:
+        return "val"
+    return "train" if role == "calibration" else "test"
+
+
+def _folder(name: str, root: str | Path | None) -> Path:
+    """The folder a dataset's images are read from, for comparing calibration and evaluation."""
+    base = Path(root).expanduser() if root is not None else DEFAULT_ROOT.expanduser() / (
+        name if name in SPLIT_DATASETS else "")
+    if name in SPLIT_DATASETS and (base / "val").is_dir():
+        base = base / "val"
+    return base.resolve()
+
+
+def _describe(part: dict) -> str:
+    what = (f"all {part['images']}" if part["images"] == part["of"]
+            else f"{part['images']} seeded (seed {part['seed']}) of {part['of']}")
+    note = f" ({part['note']})" if part.get("note") else ""
+    return f"{part['dataset']}/{part['split']} at {part['root']}: {what} images{note}"
 
 
 def build_data(
@@ -42,43 +71,72 @@ def build_data(
     dataset: str | None = None,
     root: str | Path | None = None,
     *,
+    calib_dataset: str | None = None,
+    calib_root: str | Path | None = None,
     calib_size: int = 1024,
     eval_size: int | None = None,
     batch_size: int = 64,
     workers: int = 0,
     seed: int = 0,
+    calibration: bool = True,
 ) -> DataBundle:
     """Fixed, seeded calibration/evaluation data for ``spec``.
 
-    CIFAR and digits calibrate on a seeded subset of the training set and evaluate on the test
-    set; ImageNet-style folders have only ``val``, split into a calibration subset and the rest.
+    Evaluation reads ``dataset`` at ``root``. Calibration, by default, comes from the same
+    dataset: CIFAR and digits take a seeded subset of the training set and evaluate on the
+    test set; ImageNet-style folders have only ``val``, split into a calibration subset and the
+    rest. With ``calib_root`` and/or ``calib_dataset`` the calibration images come from that
+    folder instead (a seeded ``calib_size`` of its val images, or of its training set for
+    CIFAR) and evaluation uses every image of ``root``: e.g. calibrating on a few classes of
+    one's own and evaluating on the classes the model must know. ``calibration=False`` takes no
+    calibration images and evaluates on the whole evaluation split.
     """
     name = (dataset or spec.default_dataset).lower()
     kwargs = dict(mean=spec.mean, std=spec.std, crop=spec.input_size[-1])
     if spec.resize is not None:
         kwargs["resize"] = spec.resize
-    if name in SPLIT_DATASETS:
+    cname = (calib_dataset or name).lower()
+    croot = calib_root if calib_root is not None else (root if cname == name else None)
+    separate = calibration and (calib_root is not None or calib_dataset is not None)
+    same_folder_note = None
+    if separate and cname == name and name in SPLIT_DATASETS and (
+            _folder(cname, croot) == _folder(name, root)):
+        separate = False  # one folder for both: split it, never calibrate on evaluation images
+        same_folder_note = "the calibration folder is the evaluation folder, so it was split"
+    eval_part = {"dataset": name, "root": str(_folder(name, root)),
+                 "split": _split_of(name, "evaluation"), "seed": seed}
+    calib = None
+    if calibration and not separate and name in SPLIT_DATASETS:
         val = load_dataset(name, root, "val", **kwargs)
         calib, evaluation = calib_eval_split(val, calib_size, seed)
-        protocol = (
-            f"{name}/val: {len(calib)} seeded calibration images (seed {seed}), "
-            f"evaluation on the other {len(evaluation)}"
-        )
+        calib_part = {**eval_part, "images": len(calib), "of": len(val), "note": same_folder_note}
+        eval_part.update(images=len(evaluation), of=len(val),
+                         note="the images not used for calibration")
     else:
-        train = load_dataset(name, root, "train", **kwargs)
-        calib = subset(train, min(calib_size, len(train)), seed)
-        evaluation = load_dataset(name, root, "test", **kwargs)
-        protocol = (
-            f"{name}: {len(calib)} seeded training images for calibration (seed {seed}), "
-            f"evaluation on the test set"
-        )
+        if calibration:
+            pool = load_dataset(cname, croot, _split_of(cname, "calibration"), **kwargs)
+            calib = subset(pool, min(calib_size, len(pool)), seed)
+            calib_part = {"dataset": cname, "root": str(_folder(cname, croot)),
+                          "split": _split_of(cname, "calibration"), "seed": seed,
+                          "images": len(calib), "of": len(pool),
+                          "note": (f"asked for {calib_size}, the folder has {len(pool)}"
+                                   if calib_size > len(pool) else None)}
+        evaluation = load_dataset(name, root, eval_part["split"], **kwargs)
+        eval_part.update(images=len(evaluation), of=len(evaluation))
     if eval_size is not None and eval_size < len(evaluation):
         evaluation = subset(evaluation, eval_size, seed)
-        protocol += f" (seeded subset of {eval_size})"
-    calib_loader = make_loader(calib, batch_size, workers=workers)
+        eval_part["images"] = eval_size
+    info = {"evaluation": eval_part}
+    parts = []
+    if calib is not None:
+        info["calibration"] = calib_part
+        parts.append("calibration " + _describe(calib_part))
+    parts.append("evaluation " + _describe(eval_part))
+    calib_loader = make_loader(calib, batch_size, workers=workers) if calib is not None else None
     eval_loader = make_loader(evaluation, batch_size, workers=workers)
-    example = next(iter(make_loader(calib, min(batch_size, 8))))[0]
-    return DataBundle(calib_loader, eval_loader, example, name, protocol)
+    example = next(iter(make_loader(calib if calib is not None else evaluation,
+                                    min(batch_size, 8))))[0]
+    return DataBundle(calib_loader, eval_loader, example, name, "; ".join(parts), info)
 
 
 def example_input(spec: ModelSpec, batch: int = 2) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import DEPTHWISE, LayerPlan, QuantConfig
+from .coverage import ClassCounter, ClassCoverage, warn_if_narrow
 from .errors import CalibrationError, ConfigError
 from .nn.layers import QUANT_LAYERS, QuantLayerMixin
 from .quant.base import Quantizer, QuantMode
@@ -33,6 +34,7 @@ class PrepareReport:
     first_layer: str = ""
     last_layer: str = ""
     policy: dict[str, str] = field(default_factory=dict)
+    calib_coverage: ClassCoverage | None = None  # set by ``calibrate`` for classifiers
 
     def summary(self) -> str:
         lines = [f"quantized {len(self.quantized)} layers, folded {len(self.folded)} BatchNorms"]
@@ -300,12 +302,13 @@ def calibrate(
     for q in qs:
         q.observer.reset()
     seen = 0
+    counter = ClassCounter()
     try:
         total = num_batches if num_batches is not None else _len_or_none(data)
         for batch in tqdm(data, total=total, desc="calibrate", disable=not progress, leave=False):
             if num_batches is not None and seen >= num_batches:
                 break
-            model(_inputs(batch).to(dev))
+            counter.update(model(_inputs(batch).to(dev)))
             seen += 1
         if seen == 0:
             raise CalibrationError(
@@ -319,6 +322,11 @@ def calibrate(
     finally:
         model.train(was_training)
     set_mode(model, QuantMode.QUANTIZE)
+    report = getattr(model, "lowbit_report", None)
+    coverage = counter.result()
+    if report is not None:
+        report.calib_coverage = coverage
+    warn_if_narrow(coverage)
     return model
 
 

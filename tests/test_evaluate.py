@@ -46,3 +46,25 @@ def test_empty_evaluation_set_is_an_error():
 
     with pytest.raises(DataError, match="empty"):
         evaluate(Fixed(torch.randn(3, 4)), [], progress=False)
+
+
+def test_reference_top1_and_paired_standard_error():
+    """Two fixed 'models' on eight samples: the paired error of the difference is computed
+    from the per-sample differences, not from two independent binomials."""
+    class Fixed(nn.Module):
+        def __init__(self, preds):
+            super().__init__()
+            self.preds = torch.tensor(preds)
+
+        def forward(self, x):
+            return nn.functional.one_hot(self.preds[x[:, 0].long()], 3).float()
+
+    y = torch.zeros(8, dtype=torch.long)
+    x = torch.arange(8).float()[:, None]
+    q = Fixed([0, 0, 0, 0, 1, 1, 2, 0])  # right on 5
+    ref = Fixed([0, 0, 0, 0, 0, 0, 1, 1])  # right on 6
+    res = evaluate(q, [(x, y)], reference=ref, progress=False, channels_last=False)
+    assert res.top1 == 62.5 and res.reference_top1 == 75.0
+    d = torch.tensor([0, 0, 0, 0, -1, -1, 0, 1], dtype=torch.float64)  # q minus ref, per sample
+    assert res.delta_se == pytest.approx(100 * d.std().item() / math.sqrt(8))
+    assert "reference (float) top-1 75.00 %" in str(res)
