@@ -29,9 +29,10 @@ VARIANTS = {
     "default": {},
     "nobn": {"bn_guided": False},
     "search": {"iters": 0},
-    "drop": {"act_drop": 0.5},
     "rw": {"round_weight": 0.1},
     "nosearch": {"exponent_search": False},
+    "bn0.25": {"bn_weight": 0.25},
+    "bn1": {"bn_weight": 1.0},
     "early": {},  # reconstruction in conv1 .. layer2 only; layer3 and linear keep the search
     "late": {},  # the reverse
 }

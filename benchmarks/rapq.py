@@ -50,7 +50,7 @@ METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS] + [m + "+dw" for m i
            + ["rapq+nobn", "brecq+nobn", "rapq+dw+bc", "brecq+dw+bc"])
 METHODS += [m + "+fr" for m in METHODS]
 FIELDS = ["model", "method", "protocol_name", "w_bits", "a_bits", "top1", "top5", "agreement",
-          "sqnr_db", "float_top1", "drop", "drop_se", "act_drop", "iters", "round_weight", "lr_round", "recon_batch_size", "learn_a_scale", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
+          "sqnr_db", "float_top1", "drop", "drop_se", "iters", "round_weight", "lr_round", "recon_batch_size", "learn_a_scale", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
           "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
           "seconds_reconstruct", "seconds_bias_correction", "ptq_seconds", "eval_seconds", "wall_seconds", "peak_rss_mib",
@@ -103,8 +103,6 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
             opts["batch_size"] = args.recon_batch_size
         if args.learn_a_scale:
             opts["learn_a_scale"] = True
-        if args.act_drop is not None:
-            opts["act_drop"] = args.act_drop
     t = time.perf_counter()
     config = QuantConfig.uniform(w_bits, a_bits, dw_act_per_channel="dw" in flags,
                                  narrow_weights="fr" not in flags)
@@ -123,7 +121,6 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
         drop=res.reference_top1 - res.top1, drop_se=res.delta_se, protocol_name=args.protocol,
         calib_coverage=cov.to_dict() if cov is not None else None,
         iters=opts.get("iters"), round_weight=opts.get("round_weight"),
-        act_drop=opts.get("act_drop"),
         lr_round=rinfo.get("lr_round"),
         recon_batch_size=opts.get("batch_size"), learn_a_scale=opts.get("learn_a_scale"),
         quick_iters=opts.get("quick_iters"), quick_batch_size=opts.get("quick_batch_size"),
@@ -177,9 +174,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--protocol", default="imagenette", choices=PROTOCOLS,
                     help="224 px models: where calibration and evaluation images come from "
                     "(benchmarks/common.py); CIFAR models ignore it")
-    ap.add_argument("--act-drop", type=float, default=None,
-                    help="share of activations left unquantized in each reconstruction step "
-                    "(ReconOptions.act_drop)")
     ap.add_argument("--calib-size", type=int, default=1024)
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -210,7 +204,6 @@ def main() -> None:
               *(["--recon-batch-size", str(args.recon_batch_size)]
                 if args.recon_batch_size is not None else []),
               *(["--learn-a-scale"] if args.learn_a_scale else []),
-              *(["--act-drop", str(args.act_drop)] if args.act_drop is not None else []),
               "--protocol", args.protocol,
               "--quick-batch-size", str(args.quick_batch_size),
               "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),

@@ -264,7 +264,6 @@ class ReconOptions:
     learn_w_scale: bool = False
     learn_a_scale: bool | None = None
     exponent_search: bool = True
-    act_drop: float = 0.0
     chunk: int = 64
     block_types: tuple[type[nn.Module], ...] | None = None
     seed: int = 0
@@ -279,8 +278,6 @@ class ReconOptions:
                 f"reconstruction needs iters >= 0 and batch_size >= 1, got iters={self.iters}, "
                 f"batch_size={self.batch_size}"
             )
-        if not 0.0 <= self.act_drop < 1.0:
-            raise ConfigError(f"act_drop must be in [0, 1), got {self.act_drop}")
         if self.lr_round is not None and not 0 < self.lr_round < float("inf"):
             raise ConfigError(f"lr_round must be a positive learning rate, got {self.lr_round}")
         if self.iters == 0 and not (pot and self.exponent_search):
@@ -409,15 +406,6 @@ def _optimise_unit(unit: nn.Module, q_args: tuple, target: torch.Tensor, opts: R
 
     handles = [m.register_forward_hook(bn_hook) for m in bn] if opts.bn_weight > 0 else []
     gen = torch.Generator().manual_seed(opts.seed)
-    if opts.act_drop > 0:
-        drop_gen = torch.Generator(device=target.device).manual_seed(opts.seed + 1)
-
-        def drop_hook(mod, inputs, out):
-            keep_float = torch.rand(out.shape, generator=drop_gen, device=out.device)
-            return torch.where(keep_float < opts.act_drop, inputs[0], out)
-
-        handles += [tq.register_forward_hook(drop_hook) for _, slot, tq in swaps
-                    if slot == "input_quant"]
     bs = min(opts.batch_size, n)
     warm = int(opts.warmup * opts.iters)
     b0, b1 = opts.beta
