@@ -77,7 +77,7 @@ def test_zero_point_stays_integer_when_exponent_changes(x, shift):
 
 
 @given(x=tensors, shift=st.integers(-3, 3), move=st.integers(-3, 3))
-def test_set_zero_point_keeps_its_bound_when_the_exponent_moves(x, shift, move):
+def test_loaded_zero_point_keeps_its_bound_when_the_exponent_moves(x, shift, move):
     q = calibrated(x - x.mean(), bits=4, symmetric=False, signed=True)
     qmin, qmax = q.qrange
     z = (q.zero_point + move).clamp(qmin, qmax)
@@ -91,7 +91,7 @@ def test_set_zero_point_keeps_its_bound_when_the_exponent_moves(x, shift, move):
     assert torch.equal(q.zero_point, z), "a round trip of the exponent must keep the zero-point"
 
 
-def test_set_zero_point_rejects_fractions_and_symmetric_grids():
+def test_loaded_zero_point_rejects_fractions_and_symmetric_grids():
     q = calibrated(torch.randn(10), bits=4, symmetric=False, signed=True)
     with pytest.raises(ConfigError, match="zero-points must be integers"):
         q.load_params({"zero_point": torch.tensor([0.5])})
@@ -106,7 +106,7 @@ def test_nearest_rounding_is_in_the_log_domain():
     assert q.exponent.tolist() == [-1, 0, 2]  # log2: -0.51, -0.42, 1.58
 
 
-def test_set_exponent_rejects_non_integers_and_bad_rounding():
+def test_loaded_exponent_rejects_non_integers_and_bad_rounding():
     q = calibrated(torch.randn(10), bits=4)
     with pytest.raises(ConfigError, match="must be integers"):
         q.load_params({"exponent": torch.tensor([0.5])})
