@@ -69,14 +69,15 @@ def test_each_depthwise_channel_ends_no_worse(seed):
     _, q, _ = prepared(seed)
     a = torch.relu(torch.randn(24, 6, 6, 6) * torch.logspace(-1, 1, 6)[:, None, None])
     a0, _ = dw_errors(q, a)
+    k0 = q.dw.weight_quant.exponent.clone()
     changed = search_unit_exponents(q.dw, (a,), images=24)
     a1, w1 = dw_errors(q, a)
     assert (a1 <= a0 * (1 + 1e-5) + 1e-9).all()
     k = q.dw.weight_quant.exponent.clone()
-    for d in (-1, 1):  # the weights' neighbours, given the chosen input exponents
-        q.dw.weight_quant.set_exponent(k + d)
+    for d in (-1, 0, 1):  # the weight exponents tried, given the chosen input exponents
+        q.dw.weight_quant.load_params({"exponent": k0 + d})
         assert (w1 <= dw_errors(q, a)[1] * (1 + 1e-5) + 1e-9).all()
-    q.dw.weight_quant.set_exponent(k)
+    q.dw.weight_quant.load_params({"exponent": k})
     assert set(changed) == {"input_quant", "weight_quant"}
 
 
@@ -103,11 +104,11 @@ def test_search_recovers_from_exponents_one_octave_off():
     _, q, _ = prepared(1)
     a = torch.relu(torch.randn(24, 6, 6, 6))
     k = q.dw.weight_quant.exponent.clone()
-    q.dw.weight_quant.set_exponent(k + 1)  # every depthwise channel one octave too coarse
+    q.dw.weight_quant.load_params({"exponent": k + 1})  # every depthwise channel one octave too coarse
     search_unit_exponents(q.dw, (a,), images=24)
     found = q.dw.weight_quant.exponent.clone()
     _, w_found = dw_errors(q, a)
-    q.dw.weight_quant.set_exponent(k)
+    q.dw.weight_quant.load_params({"exponent": k})
     _, w_start = dw_errors(q, a)
     assert (w_found <= w_start * (1 + 1e-5) + 1e-9).all()
     assert (found <= k + 1).all() and (found >= k).all()
@@ -136,7 +137,7 @@ def test_unit_keeps_the_search_when_reconstruction_ends_above_it():
     with torch.no_grad():
         target = model(x)
     k = q.dw.weight_quant.exponent.clone()
-    q.dw.weight_quant.set_exponent(k + 1)  # one octave too coarse: the search has work to do
+    q.dw.weight_quant.load_params({"exponent": k + 1})  # one octave too coarse: the search has work to do
     # a reconstruction made to fail: huge rounding steps flip every offset at random
     opts = ReconOptions(iters=5, lr_round=50.0, warmup=0.0, progress=False, bn_weight=0.0)
     rep = reconstruct_unit(q, (x,), target, opts, pot=True)
@@ -157,7 +158,7 @@ def test_reconstruction_learns_from_the_start_when_the_search_raised_the_error()
     k = q.dw.weight_quant.exponent.clone()
 
     def bad_search(unit, args, chunk=64):  # a search that makes the unit worse
-        unit.dw.weight_quant.set_exponent(k + 2)
+        unit.dw.weight_quant.load_params({"exponent": k + 2})
         return {"dw.weight_quant": k.numel()}
 
     opts = ReconOptions(iters=20, progress=False, bn_weight=0.0)
@@ -173,7 +174,7 @@ def test_reconstruction_learns_from_the_search_when_it_helped():
     with torch.no_grad():
         target = model(x)
     k = q.dw.weight_quant.exponent.clone()
-    q.dw.weight_quant.set_exponent(k + 1)
+    q.dw.weight_quant.load_params({"exponent": k + 1})
     opts = ReconOptions(iters=20, progress=False, bn_weight=0.0)
     rep = reconstruct_unit(q, (x,), target, opts, pot=True)
     assert rep.candidates["search"] < rep.candidates["start"]

@@ -42,7 +42,7 @@ def test_values_on_grid_with_integer_zero_point(x, kw, cls):
     assert torch.equal(zp, torch.round(zp)), "zero-point must be an integer"
     qmin, qmax = q.qrange
     assert ((zp >= qmin) & (zp <= qmax)).all()
-    codes = y / q._broadcast(scale, y) + q._broadcast(zp, y)
+    codes = y / q.broadcast(scale, y) + q.broadcast(zp, y)
     assert torch.allclose(codes, torch.round(codes), atol=1e-3)
     assert codes.min() >= qmin - 1e-3 and codes.max() <= qmax + 1e-3
 

@@ -38,7 +38,7 @@ def bin_codes(w: torch.Tensor, quantizer: Quantizer) -> tuple[torch.Tensor, torc
     """
     scale, zp = quantizer.scale_zero_point()
     qmin, qmax = quantizer.qrange
-    s, z = quantizer._broadcast(scale, w), quantizer._broadcast(zp, w)
+    s, z = quantizer.broadcast(scale, w), quantizer.broadcast(zp, w)
     s_ref = scale.mean()
     if quantizer.binary:
         # codes -1/+1 have no 0 bin: count them as bins 0/1 of the code units (w / s + 1) / 2

@@ -26,7 +26,8 @@ from torch import nn
 from ..config import DEPTHWISE
 from ..nn.layers import QConv2d, QLinear, QuantLayerMixin
 from ..prepare import type_label
-from ..quant.pot import MAX_EXPONENT, MIN_EXPONENT, PoTQuantizer
+from ..quant.base import Quantizer
+from ..quant.pot import choose_exponent
 from .blocks import run_chunked
 
 DELTAS = (-1, 1)
@@ -50,41 +51,48 @@ def _reads_own_channel(layer: QuantLayerMixin) -> bool:
             and layer.out_channels == layer.in_channels)
 
 
-def _best(q: PoTQuantizer, error_of, zero_points: bool = False) -> int:
+def _best(q: Quantizer, error_of, zero_points: bool = False) -> int:
     """Try ``q``'s exponents shifted by ``DELTAS`` (and, with ``zero_points``, each exponent's
     zero-point shifted by ``ZP_DELTAS``); keep per channel (or per tensor, when ``error_of``
     returns one value) whichever has the least error. Returns the channels changed."""
-    k0, z0 = q.exponent.clone(), q.zero_point.clone()
+    start = q.params()
+    k0, z0 = start["exponent"], start["zero_point"]
     qmin, qmax = q.qrange
+    tried_z: list[torch.Tensor] = []
 
     def ev() -> torch.Tensor:
         err = error_of()
         return err if err.numel() == k0.numel() else err.sum()  # one choice for all channels
 
-    best_k, best_z, best_err = k0, z0, ev()
-    for d in (0, *DELTAS):
-        q.set_exponent((k0 + d).clamp(MIN_EXPONENT, MAX_EXPONENT))
-        k, zk = q.exponent, q.zero_point
-        for j in (0, *ZP_DELTAS) if zero_points else (0,):
-            if d == 0 and j == 0:
-                continue
+    def error_at(k: torch.Tensor) -> torch.Tensor:
+        """The error at exponent ``k``, at the best of its zero-points (recorded)."""
+        q.load_params({"exponent": k})
+        now = q.params()
+        zk, lo = now["zero_point"], now["clip_lo"]
+        best_z, best_err = zk, ev()
+        for j in ZP_DELTAS if zero_points else ():
             z = (zk + j).clamp(qmin, qmax)
-            q.zero_point = z
+            q.load_params({"zero_point": z, "clip_lo": lo})  # the bound stays where it was
             err = ev()
             better = err < best_err
-            best_k = torch.where(better, k, best_k)
             best_z = torch.where(better, z, best_z)
             best_err = torch.where(better, err, best_err)
-    q.set_exponent(best_k)
-    if not torch.equal(q.zero_point, best_z):
-        q.set_zero_point(best_z)
+        tried_z.append(best_z)
+        return best_err.expand_as(k0)
+
+    best_k, _, pick = choose_exponent(k0, (0, *DELTAS), error_at)
+    best_z = torch.stack(tried_z).gather(0, pick.clamp_min(0)[None]).squeeze(0)
+    best_z = torch.where(pick >= 0, best_z, z0)
+    q.load_params({"exponent": best_k})
+    if not torch.equal(q.params()["zero_point"], best_z):
+        q.load_params({"zero_point": best_z})
     return int(((best_k != k0) | (best_z != z0)).sum())
 
 
-def _signed_asymmetric(q: PoTQuantizer) -> bool:
+def _signed_asymmetric(q: Quantizer) -> bool:
     """An asymmetric grid that reaches below zero: where it sits is a choice the zero-point
     makes, one code at a time, whatever the exponent."""
-    return not q.symmetric and bool((q.zero_point > q.qrange[0]).any())
+    return not q.symmetric and bool((q.params()["zero_point"] > q.qrange[0]).any())
 
 
 @torch.no_grad()
@@ -128,9 +136,9 @@ def _search_layer(lname: str, layer: nn.Module, x: torch.Tensor) -> dict[str, in
     """The input exponents of one layer, then its weight exponents given the quantized input."""
     changed = {}
     wq, iq = layer.weight_quant, layer.input_quant
-    if isinstance(iq, PoTQuantizer):
+    if iq is not None and iq.power_of_two:
         ref = _linear_part(layer, x, layer.weight)
-        per_channel = (iq.per_channel and iq.exponent.numel() > 1
+        per_channel = (iq.per_channel and iq.params()["exponent"].numel() > 1
                        and iq.ch_axis % x.dim() == 1 and _reads_own_channel(layer))
 
         def act_error():
@@ -139,7 +147,7 @@ def _search_layer(lname: str, layer: nn.Module, x: torch.Tensor) -> dict[str, in
 
         changed[f"{lname}.input_quant".lstrip(".")] = _best(
             iq, act_error, zero_points=_signed_asymmetric(iq))
-    if isinstance(wq, PoTQuantizer):
+    if wq is not None and wq.power_of_two:
         xq = layer.quant_input(x)
         ref_q = _linear_part(layer, xq, layer.weight)
         changed[f"{lname}.weight_quant".lstrip(".")] = _best(

@@ -35,6 +35,7 @@ from ..config import DEPTHWISE
 from ..errors import ConfigError
 from ..nn.layers import ChannelClamp, QuantLayerMixin
 from ..prepare import float_mode, type_label
+from ..quant.pot import choose_exponent, round_exponent
 
 PASS_THROUGH = (nn.Identity, nn.ZeroPad2d, nn.ConstantPad2d)
 MODES = ("depthwise", "all")
@@ -185,12 +186,14 @@ def relative_pot_error(values: torch.Tensor, factors: torch.Tensor, qmin: int,
         energy = v.pow(2).mean(dim=1, keepdim=True)
         vf = v[:, None, :] * factors[None, :, None]
         reach = vf.abs().amax(dim=2).clamp_min(1e-30)
-        top = torch.ceil(torch.log2(reach / max(abs(qmin), qmax, 1)))
-        best = torch.full(reach.shape, float("inf"), device=v.device)
-        for d in range(EXPONENT_TRIES):
-            s = torch.exp2(top - d)[:, :, None]
+        top = round_exponent(torch.log2(reach / max(abs(qmin), qmax, 1)), "ceil")
+
+        def error_of(k: torch.Tensor, vf=vf) -> torch.Tensor:
+            s = torch.exp2(k)[:, :, None]
             q = torch.clamp(torch.round(vf / s), qmin, qmax) * s
-            best = torch.minimum(best, (q - vf).pow(2).mean(dim=2))
+            return (q - vf).pow(2).mean(dim=2)
+
+        best = choose_exponent(top, [-d for d in range(EXPONENT_TRIES)], error_of)[1]
         rel = best / (energy * factors[None, :].pow(2)).clamp_min(1e-30)
         out.append(torch.where(energy > 0, rel, torch.zeros_like(rel)))
     return torch.cat(out)

@@ -32,8 +32,8 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..errors import CalibrationError, ConfigError
-from ..prepare import _inputs, calibrate, float_mode, prepare
-from ..quant.pot import PoTQuantizer
+from ..prepare import _inputs, calibrate, float_mode, prepare, quantizers
+from ..quant.pot import round_exponent
 from ..utils import model_device
 from .bias_correction import correct_bias, float_output_means
 from .blocks import run_chunked
@@ -145,7 +145,7 @@ def adjust_scales(
     """
     if iters < 0 or batch_size < 1:
         raise ConfigError(f"quick_iters must be >= 0 and batch_size >= 1, got {iters}, {batch_size}")
-    pot = [q for q in qmodel.modules() if isinstance(q, PoTQuantizer)]
+    pot = [q for q in quantizers(qmodel) if q.power_of_two]
     if not pot:
         raise ConfigError("scale adjustment needs 'pot' quantizers: prepare with kind='pot'")
     n = x.shape[0]
@@ -203,7 +203,7 @@ def adjust_scales(
             set_relax("ste")
             with torch.no_grad():
                 for p in params:
-                    p.copy_(torch.round(p))
+                    p.copy_(round_exponent(p))
             final = calib_error()
         kept = final <= naive
         if not kept:

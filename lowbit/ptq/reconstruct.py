@@ -22,9 +22,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn.layers import QuantLayerMixin
 from ..prepare import find_conv_bn_pairs, quant_layers, set_mode
-from ..quant.autograd import floor_ste, round_ste
+from ..quant.autograd import floor_ste
 from ..quant.base import Quantizer
-from ..quant.pot import PoTQuantizer, zero_point_for
+from ..quant.pot import round_exponent, zero_point_for
 from .blocks import find_units, run_chunked, trace_units, walk_units
 from .exponent_search import search_unit_exponents
 
@@ -73,7 +73,7 @@ class TrainableQuant(nn.Module):
         self.register_buffer("t0", t0.clone())
         self.register_buffer("zp0", zp0.detach().float().clone())
         self.asymmetric = not inner.symmetric
-        lo = getattr(inner, "clip_lo", None)
+        lo = inner.params().get("clip_lo")
         self.register_buffer("lo", (lo if lo is not None else (self.qmin - zp0) * s0).float())
         self.soft = True
         self.v: nn.Parameter | None = None
@@ -82,12 +82,12 @@ class TrainableQuant(nn.Module):
             self.v = nn.Parameter(_inverse_rect_sigmoid(rest - torch.floor(rest)))
 
     def _b(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.inner._broadcast(t, x)
+        return self.inner.broadcast(t, x)
 
     def scale(self) -> torch.Tensor:
         t = self.log2_scale
         if self.pot and self.relax == "ste":
-            t = round_ste(t)
+            t = round_exponent(t, ste=True)
         return torch.exp2(t)
 
     def zero_point(self, scale: torch.Tensor) -> torch.Tensor:
@@ -149,13 +149,12 @@ class TrainableQuant(nn.Module):
         self.soft = False
         out = self(weight) if weight is not None and self.v is not None else None
         if self.pot:
-            if not isinstance(self.inner, PoTQuantizer):
+            if not self.inner.power_of_two:
                 raise ConfigError("power-of-two relaxation needs a 'pot' quantizer")
-            self.inner.set_exponent(torch.round(self.log2_scale))
+            self.inner.load_params({"exponent": round_exponent(self.log2_scale)})
         else:
-            s = torch.exp2(self.log2_scale).contiguous()
-            self.inner.scale = s
-            self.inner.zero_point = self.zero_point(s).to(torch.int32).contiguous()
+            s = torch.exp2(self.log2_scale)
+            self.inner.load_params({"scale": s, "zero_point": self.zero_point(s)})
         return out
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn.layers import QuantLayerMixin
 from ..prepare import float_mode
+from ..quant.pot import choose_exponent, round_exponent
 from .pot_rescale import RescaleReport, _act_samples
 
 ADDS = (operator.add, torch.add, operator.iadd)
@@ -144,19 +145,24 @@ def asymmetric_pot_error(values: torch.Tensor, factors: torch.Tensor, qmin: int,
     wider grids those within ``ZP_SHIFTS`` of the anchor."""
     v = values.float()[None, :] * factors[:, None]  # [F, n]
     lo, hi = v.amin(dim=1).clamp(max=0), v.amax(dim=1).clamp(min=0)
-    top = torch.ceil(torch.log2(((hi - lo) / (qmax - qmin)).clamp_min(1e-30)))
-    best = torch.full_like(top, float("inf"))
+    top = round_exponent(torch.log2(((hi - lo) / (qmax - qmin)).clamp_min(1e-30)), "ceil")
     every_code = qmax - qmin < 16
-    for d in range(EXPONENT_TRIES):
-        s = torch.exp2(top - d)[:, None]
+
+    def error_of(k: torch.Tensor) -> torch.Tensor:
+        """The least error at exponent ``k`` over the zero-points tried."""
+        s = torch.exp2(k)[:, None]
         anchor = torch.clamp(torch.round(qmin - lo[:, None] / s), qmin, qmax)
         codes = torch.round(v / s)
         shifts = range(qmin, qmax + 1) if every_code else ZP_SHIFTS
+        least = torch.full_like(k, float("inf"))
         for j in shifts:
             z = torch.full_like(anchor, float(j)) if every_code else torch.clamp(
                 anchor + j, qmin, qmax)
             q = (torch.clamp(codes + z, qmin, qmax) - z) * s
-            best = torch.minimum(best, (q - v).pow(2).mean(dim=1))
+            least = torch.minimum(least, (q - v).pow(2).mean(dim=1))
+        return least
+
+    best = choose_exponent(top, [-d for d in range(EXPONENT_TRIES)], error_of)[1]
     energy = values.float().pow(2).mean().clamp_min(1e-30)
     return best / (energy * factors.pow(2))
 

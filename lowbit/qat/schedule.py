@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -73,8 +72,7 @@ def _set_bits(q: Quantizer, bits: int) -> None:
     if isinstance(q, LSQQuantizer):
         old = q.qrange[1]
         q.set_bits(bits)
-        with torch.no_grad():
-            q.scale.mul_(old / max(q.qrange[1], 1))
+        q.load_params({"scale": q.params()["scale"] * (old / max(q.qrange[1], 1))})
         return
     q.set_bits(bits)
 

@@ -9,11 +9,13 @@ by an explicit mode (as MQBench does) rather than flags in ``forward``:
 * ``quantize``: fake quantization with the current parameters.
 
 New quantizers (interval, power-of-two, stochastic bitwidth, strategy mixture) subclass
-:class:`Quantizer` and implement :meth:`quantize` and :meth:`scale_zero_point`.
+:class:`Quantizer` and implement :meth:`quantize`, :meth:`scale_zero_point` and the parameter
+contract (:meth:`Quantizer.params` / :meth:`Quantizer.load_params`, described on the class).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -117,10 +119,36 @@ class IntegerForm:
 
 
 class Quantizer(nn.Module):
-    """Base class for all quantizers; see the module docstring for the mode contract."""
+    """Base class for all quantizers; see the module docstring for the mode contract.
+
+    Parameter contract, the one way algorithms outside :mod:`lowbit.quant` read and write a
+    quantizer (so none of them needs to know a kind's storage):
+
+    * :meth:`scale_zero_point` is the only way to read the effective scale (positive, float32)
+      and zero-point (integer-valued), shaped ``[C]`` or ``[1]``; it is a method on every kind.
+      Attributes such as ``scale``, ``exponent`` or ``c`` are each kind's private storage.
+    * :meth:`params` returns detached copies of every parameter by name: always ``scale`` and
+      ``zero_point`` (``int32``), then the kind's own (``pot``: ``exponent``, ``clip_lo``;
+      ``qil``: ``c``, ``d``, ``gamma``; ``sdq``: ``dbp``). Names in :attr:`derived_params`
+      are computed from the others.
+    * :meth:`load_params` sets any subset of those names, validated (known names, one value
+      per channel, finite, integer zero-points in the code range and 0 when symmetric, the
+      kind's own rules) with a :class:`~lowbit.errors.ConfigError` that names the problem.
+      A derived name may be given only when it agrees with the rest (``pot`` turns an exact
+      power-of-two ``scale`` into its exponent). ``q.load_params(q.params())`` leaves the
+      quantized output unchanged; a quantizer never calibrated needs its
+      :attr:`required_params` and is calibrated afterwards.
+    * :attr:`power_of_two` says the kind's scales are exact powers of two set by an integer
+      ``exponent``; algorithms test it rather than the class.
+    """
 
     kind = "base"
     min_signed_bits = 2  # 1 where the subclass implements binary weights
+    power_of_two = False
+    param_names: tuple[str, ...] = ("scale", "zero_point")
+    derived_params: tuple[str, ...] = ()
+    required_params: tuple[str, ...] = ("scale", "zero_point")
+    scalar_params: tuple[str, ...] = ()  # one value for the whole tensor, even per channel
 
     def __init__(
         self,
@@ -267,7 +295,102 @@ class Quantizer(nn.Module):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _broadcast(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def params(self) -> dict[str, torch.Tensor]:
+        """Detached copies of every parameter by name (see the class docstring)."""
+        scale, zp = self.scale_zero_point()
+        return {"scale": scale.detach().clone(), "zero_point": zp.detach().to(torch.int32)}
+
+    @torch.no_grad()
+    def load_params(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Set the parameters named in ``params`` (any subset of :meth:`params`), validated."""
+        unknown = sorted(set(params) - set(self.param_names))
+        if unknown:
+            raise ConfigError(
+                f"{self._where()} (kind {self.kind!r}) has no parameter {', '.join(unknown)}; "
+                f"its parameters are {', '.join(self.param_names)}"
+            )
+        if not self.calibrated:
+            if self.signed is None:
+                raise ConfigError(
+                    f"{self._where()}: its signedness is decided by calibration; calibrate it "
+                    "first or build it with signed=True/False before loading parameters"
+                )
+            missing = self._missing_params(params)
+            if missing:
+                raise ConfigError(
+                    f"{self._where()} was never calibrated, so loading parameters needs "
+                    f"{', '.join(missing)} too; calibrate it first or give them"
+                )
+        values = self._check_lengths({k: self._as_param(k, v) for k, v in params.items()})
+        self._load_params(values)
+        self.calibrated = True
+
+    def _missing_params(self, params: Mapping[str, torch.Tensor]) -> list[str]:
+        return [k for k in self.required_params if k not in params]
+
+    def _load_params(self, params: dict[str, torch.Tensor]) -> None:
+        """Store the checked 1-D tensors (subclass hook; the kind's own checks go here)."""
+        raise NotImplementedError
+
+    def _as_param(self, name: str, value) -> torch.Tensor:
+        t = torch.as_tensor(value).detach().reshape(-1)
+        if t.numel() == 0 or not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"{self._where()}: parameter {name!r} must be finite values, got "
+                              f"{t.tolist()}")
+        return t
+
+    def _check_lengths(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One value per channel (as calibrated; one per tensor unless per-channel)."""
+        channel = {k: v for k, v in params.items() if k not in self.scalar_params}
+        if self.calibrated:
+            n = self.scale_zero_point()[0].numel()
+        else:
+            n = max((v.numel() for v in channel.values()), default=1)
+        if not self.per_channel:
+            n = 1
+        for k, v in params.items():
+            want = 1 if k in self.scalar_params else n
+            if v.numel() != want:
+                raise ConfigError(
+                    f"{self._where()}: parameter {k!r} needs {want} value(s) (one per "
+                    f"{'channel' if want > 1 else 'tensor'}), got {v.numel()}"
+                )
+        return params
+
+    def _check_zero_point(self, z: torch.Tensor) -> torch.Tensor:
+        """Integer zero-points in the code range, all 0 on a symmetric grid, as ``int32``."""
+        qmin, qmax = self.qrange
+        if z.is_floating_point() and not bool((z == torch.round(z)).all()):
+            raise ConfigError(f"{self._where()}: zero-points must be integers, got {z.tolist()}")
+        if bool(((z < qmin) | (z > qmax)).any()):
+            raise ConfigError(f"{self._where()}: zero-points must lie in the code range "
+                              f"[{qmin}, {qmax}], got {z.tolist()}")
+        if self.symmetric and bool((z != 0).any()):
+            raise ConfigError(f"{self._where()}: a symmetric quantizer's zero-point is 0, got "
+                              f"{z.tolist()}; build it with symmetric=False for an offset grid")
+        return z.to(torch.int32)
+
+    def _check_positive(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if not bool((t > 0).all()):
+            raise ConfigError(f"{self._where()}: parameter {name!r} must be positive, got "
+                              f"{t.tolist()}")
+        return t.to(torch.float32)
+
+    def _store(self, name: str, value: torch.Tensor, device: torch.device) -> None:
+        """Replace a buffer, or copy into a parameter in place when the shape is unchanged (an
+        optimiser holding it keeps training the same tensor)."""
+        old = getattr(self, name)
+        value = value.to(device, old.dtype).contiguous()
+        if isinstance(old, nn.Parameter):
+            if old.shape == value.shape:
+                old.copy_(value)
+            else:
+                setattr(self, name, nn.Parameter(value, requires_grad=old.requires_grad))
+        else:
+            setattr(self, name, value)
+
+    def broadcast(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A ``[C]`` or ``[1]`` parameter shaped to broadcast over ``x`` along the channel axis."""
         if not self.per_channel or t.numel() == 1:
             return t.reshape(())
         shape = [1] * x.dim()
@@ -280,7 +403,7 @@ class Quantizer(nn.Module):
         self.require_calibrated()
         scale, zp = self.scale_zero_point()
         qmin, qmax = self.qrange
-        codes = quantize_to_int(x, self._broadcast(scale, x), self._broadcast(zp, x), qmin, qmax)
+        codes = quantize_to_int(x, self.broadcast(scale, x), self.broadcast(zp, x), qmin, qmax)
         return IntegerForm(
             codes, scale.detach().clone(), zp.to(torch.int32), self.bits, bool(self.signed),
             self.axis,

@@ -82,18 +82,25 @@ class LSQQuantizer(Quantizer):
         zp = torch.round(self.zero_point.detach()).clamp(qmin, qmax)
         return self.scale.detach().abs().clamp_min(EPS), zp
 
+    def _load_params(self, params) -> None:
+        dev = self.scale.device
+        if "scale" in params:
+            self._store("scale", self._check_positive("scale", params["scale"]), dev)
+        if "zero_point" in params:
+            self._store("zero_point", self._check_zero_point(params["zero_point"]).float(), dev)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         self.require_calibrated()
         qmin, qmax = self.qrange
         per_scale = x.numel() / self.scale.numel()
         g = 1.0 / math.sqrt(per_scale * max(qmax, 1))
         if self.binary:
-            return binary_fake_quant(x, self._broadcast(self.scale.abs().clamp_min(EPS), x), g)
-        s = self._broadcast(grad_scale(self.scale, g).abs().clamp_min(EPS), x)
+            return binary_fake_quant(x, self.broadcast(self.scale.abs().clamp_min(EPS), x), g)
+        s = self.broadcast(grad_scale(self.scale, g).abs().clamp_min(EPS), x)
         if self.symmetric:
-            zp = self._broadcast(self.zero_point.detach(), x)
+            zp = self.broadcast(self.zero_point.detach(), x)
         else:
-            zp = self._broadcast(
+            zp = self.broadcast(
                 torch.clamp(round_ste(grad_scale(self.zero_point, g)), qmin, qmax), x
             )
         return learned_fake_quant(x, s, zp, qmin, qmax)

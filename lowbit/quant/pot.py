@@ -8,15 +8,22 @@ calibrated lower clipping bound whenever the exponent changes, so they stay inte
 every algorithm step (RAPQ's public code leaves them fractional after rescaling).
 
 Algorithms that optimise exponents (``lowbit.ptq.rapq``) relax ``k`` to a continuous value
-outside this class and hand back an integer through :meth:`PoTQuantizer.set_exponent`, which
-checks it.
+outside this class and hand back an integer through :meth:`~lowbit.quant.Quantizer.load_params`,
+which checks it.
+
+Every pass that picks an exponent does it here: :func:`round_exponent` turns a log2 scale
+into an integer by one rounding rule, and :func:`choose_exponent` keeps, per element, the
+least-error exponent among candidates around it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from ..errors import ConfigError
+from .autograd import round_ste
 from .base import Quantizer
 from .registry import register_quantizer
 
@@ -43,6 +50,44 @@ def is_pow2(t: torch.Tensor) -> bool:
     return bool((mantissa == 0.5).all())
 
 
+def round_exponent(log2_scale: torch.Tensor, rounding: str = "nearest", *,
+                   ste: bool = False) -> torch.Tensor:
+    """Integer-valued exponents (same dtype) from a log2 scale: ``nearest`` (ties to even, as
+    ``torch.round``), ``floor`` or ``ceil``. ``ste`` rounds to nearest with a straight-through
+    gradient, for a log2 scale that is being learned."""
+    if ste:
+        if rounding != "nearest":
+            raise ConfigError(f"straight-through exponent rounding is 'nearest', got {rounding!r}")
+        return round_ste(log2_scale)
+    pick = {"nearest": torch.round, "floor": torch.floor, "ceil": torch.ceil}.get(rounding)
+    if pick is None:
+        raise ConfigError(f"exponent rounding must be nearest, floor or ceil, got {rounding!r}")
+    return pick(log2_scale)
+
+
+def choose_exponent(
+    base: torch.Tensor, offsets: Sequence[int],
+    error_of: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per element of ``base``, the exponent among ``base + offsets`` (clamped to the float32
+    range) whose ``error_of(k)`` (shaped like ``base``) is least.
+
+    A candidate replaces the best only when its error is strictly lower, so ties keep the
+    earlier offset, and a non-finite error never wins (``base`` stays when none is finite).
+    Returns the exponents, their errors and the position in ``offsets`` chosen.
+    """
+    best_k, best_err = base, torch.full_like(base, float("inf"), dtype=torch.float32)
+    best_i = torch.full(base.shape, -1, dtype=torch.long, device=base.device)
+    for i, d in enumerate(offsets):
+        k = (base + d).clamp(MIN_EXPONENT, MAX_EXPONENT)
+        err = error_of(k)
+        better = err < best_err
+        best_k = torch.where(better, k, best_k)
+        best_err = torch.where(better, err, best_err)
+        best_i = torch.where(better, i, best_i)
+    return best_k, best_err, best_i
+
+
 def zero_point_for(
     lo: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int
 ) -> torch.Tensor:
@@ -61,6 +106,11 @@ class PoTQuantizer(Quantizer):
     clips, and which costs less depends on the values. It needs an observer that keeps samples
     (``observer="mse"``).
     """
+
+    power_of_two = True
+    param_names = ("scale", "zero_point", "exponent", "clip_lo")
+    derived_params = ("scale",)
+    required_params = ("exponent",)
 
     def __init__(self, *args, rounding: str = "nearest", **kwargs):
         super().__init__(*args, **kwargs)
@@ -101,11 +151,10 @@ class PoTQuantizer(Quantizer):
         self.clip_lo = torch.minimum(lo.reshape(-1).to(dev, torch.float32), torch.zeros(1, device=dev))
         samples = getattr(self, "_samples", None)
         if self.rounding == "mse" and samples is not None:
-            k = self._least_error_exponent(torch.floor(t), samples.to(dev))
+            k = self._least_error_exponent(round_exponent(t, "floor"), samples.to(dev))
         else:
-            pick = {"floor": torch.floor, "ceil": torch.ceil}.get(self.rounding, torch.round)
-            k = pick(t)
-        self.set_exponent(k.clamp(MIN_EXPONENT, MAX_EXPONENT))
+            k = round_exponent(t, self.rounding)
+        self._set_exponent(k.clamp(MIN_EXPONENT, MAX_EXPONENT))
 
     def _least_error_exponent(self, base: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
         """Per channel, the exponent in ``base + MSE_CANDIDATES`` with the least squared error
@@ -113,21 +162,52 @@ class PoTQuantizer(Quantizer):
         qmin, qmax = self.qrange
         lo = self.clip_lo.expand_as(base)
         data = data.float()
-        best_k, best_err = base, torch.full_like(base, float("inf"))
-        for d in MSE_CANDIDATES:
-            k = (base + d).clamp(MIN_EXPONENT, MAX_EXPONENT)
+
+        def error_of(k: torch.Tensor) -> torch.Tensor:
             scale = pow2(k)
             zp = torch.zeros_like(k) if self.symmetric else zero_point_for(lo, scale, qmin, qmax)
             s, z = scale[:, None], zp[:, None]
             q = (torch.clamp(torch.round(data / s) + z, qmin, qmax) - z) * s
-            err = (q - data).pow(2).mean(dim=1)
-            better = err < best_err
-            best_k = torch.where(better, k, best_k)
-            best_err = torch.where(better, err, best_err)
-        return best_k
+            return (q - data).pow(2).mean(dim=1)
 
-    @torch.no_grad()
-    def set_exponent(self, exponent: torch.Tensor) -> None:
+        return choose_exponent(base, MSE_CANDIDATES, error_of)[0]
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """Scale and zero-point, the integer ``exponent`` and the lower clipping bound
+        ``clip_lo`` that asymmetric zero-points are recomputed from."""
+        return {**super().params(), "exponent": self.exponent.clone(),
+                "clip_lo": self.clip_lo.clone()}
+
+    def _missing_params(self, params) -> list[str]:
+        return [] if "exponent" in params or "scale" in params else ["exponent"]
+
+    def _load_params(self, params) -> None:
+        """``exponent`` (or an exact power-of-two ``scale``) recomputes the zero-point from
+        ``clip_lo`` unless one is given; a ``zero_point`` given without ``clip_lo`` moves the
+        bound onto it, so a later exponent keeps it."""
+        k = params.get("exponent")
+        if "scale" in params:
+            scale = params["scale"].float()
+            if not bool((scale > 0).all()) or not is_pow2(scale):
+                raise ConfigError(f"{self._where()}: a 'pot' scale must be an exact power of two, "
+                                  f"got {scale.tolist()}; give integer exponents instead")
+            from_scale = torch.frexp(scale)[1] - 1
+            if k is not None and not torch.equal(from_scale.to(k.dtype), k):
+                raise ConfigError(f"{self._where()}: scale {scale.tolist()} is not 2**exponent "
+                                  f"for exponent {k.tolist()}; give one of them")
+            k = from_scale
+        if "clip_lo" in params:
+            lo = params["clip_lo"].float()
+            if bool((lo > 0).any()):
+                raise ConfigError(f"{self._where()}: clip_lo is the float value on the lowest "
+                                  f"code and must be <= 0, got {lo.tolist()}")
+            self.clip_lo = lo.to(self.exponent.device).contiguous()
+        if k is not None:
+            self._set_exponent(k)
+        if "zero_point" in params:
+            self._set_zero_point(params["zero_point"], move_bound="clip_lo" not in params)
+
+    def _set_exponent(self, exponent: torch.Tensor) -> None:
         """Store integer exponents (checked) and recompute the integer zero-point from them."""
         exponent = torch.as_tensor(exponent, device=self.exponent.device).reshape(-1)
         if exponent.is_floating_point() and not bool(
@@ -135,7 +215,7 @@ class PoTQuantizer(Quantizer):
         ):
             raise ConfigError(
                 f"{self._where()}: power-of-two exponents must be integers, got non-integer "
-                "values; round the relaxed log2 scale before setting it"
+                "values; round the relaxed log2 scale (lowbit.quant.pot.round_exponent) first"
             )
         k = exponent.to(torch.int32).contiguous()
         scale = pow2(k)
@@ -148,26 +228,17 @@ class PoTQuantizer(Quantizer):
         self.exponent = k
         self.zero_point = zp.contiguous()
 
-    @torch.no_grad()
-    def set_zero_point(self, zero_point: torch.Tensor) -> None:
-        """Store integer zero-points (asymmetric quantizers only) and move the lower clipping
-        bound onto them, so that a later :meth:`set_exponent` keeps the same bound."""
-        if self.symmetric:
-            raise ConfigError(f"{self._where()}: a symmetric quantizer's zero-point is 0")
-        z = torch.as_tensor(zero_point, device=self.exponent.device).reshape(-1)
-        if z.is_floating_point() and not bool((z == torch.round(z)).all()):
-            raise ConfigError(f"{self._where()}: zero-points must be integers, got {z.tolist()}")
-        qmin, qmax = self.qrange
-        z = z.to(torch.int32).expand_as(self.exponent).clamp(qmin, qmax).contiguous()
+    def _set_zero_point(self, zero_point: torch.Tensor, move_bound: bool) -> None:
+        """Store checked integer zero-points; ``move_bound`` puts the lower clipping bound on
+        them, so that a later exponent keeps the same bound."""
+        z = self._check_zero_point(zero_point.to(self.exponent.device))
+        z = z.expand_as(self.exponent).contiguous()
         self.zero_point = z
-        self.clip_lo = (qmin - z).float() * self.scale()
-
-    def scale(self) -> torch.Tensor:
-        """Exact ``2**exponent`` (float32), shaped [C] or [1]."""
-        return pow2(self.exponent)
+        if move_bound:
+            self.clip_lo = (self.qrange[0] - z).float() * pow2(self.exponent)
 
     def scale_zero_point(self):
-        scale = self.scale()
+        scale = pow2(self.exponent)
         if not is_pow2(scale):  # guards against a state dict edited by hand
             raise ConfigError(f"{self._where()}: scale is not an exact power of two")
         return scale, self.zero_point.float()
@@ -175,7 +246,7 @@ class PoTQuantizer(Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         self.require_calibrated()
         qmin, qmax = self.qrange
-        scale = self.scale()
+        scale = pow2(self.exponent)
         if self.per_channel and scale.numel() > 1:
             return torch.fake_quantize_per_channel_affine(
                 x, scale, self.zero_point, self.ch_axis % x.dim(), qmin, qmax

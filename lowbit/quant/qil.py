@@ -181,6 +181,11 @@ class QILQuantizer(Quantizer):
     activation kernel when it applies, default on).
     """
 
+    param_names = ("scale", "zero_point", "c", "d", "gamma")
+    derived_params = ("scale", "zero_point")
+    required_params = ("c", "d")
+    scalar_params = ("gamma",)
+
     def __init__(
         self,
         *args,
@@ -255,7 +260,7 @@ class QILQuantizer(Quantizer):
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's transformer ``T(x)`` (values in ``[-1, 1]`` signed, ``[0, 1]`` unsigned)."""
         c, d, gamma = self._params(x)
-        c, d = self._broadcast(c, x), self._broadcast(d, x)
+        c, d = self.broadcast(c, x), self.broadcast(d, x)
         mag = x.abs() if self._is_signed else x
         u = ((mag - c) / (2 * d) + 0.5).clamp(0.0, 1.0)
         if not self._gamma_is_one():
@@ -280,7 +285,7 @@ class QILQuantizer(Quantizer):
                 x, self.c, self.d, self.gamma, q, self.per_channel, self.ch_axis,
                 c_scale, one * s, self._gamma_is_one())
         c, d, _ = self._params(x)
-        upper = self._broadcast(c + d, x)
+        upper = self.broadcast(c + d, x)
         return round_ste(self.transform(x) * q) * (upper / q)
 
     def scale_zero_point(self):
@@ -288,6 +293,36 @@ class QILQuantizer(Quantizer):
         d = self.d.detach().clamp_min(D_MIN)
         scale = (self.c.detach() + d) / self.levels
         return scale, torch.zeros_like(scale)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The output grid's scale and zero-point (derived), the interval's centre ``c`` and
+        half-width ``d`` (per channel or per tensor) and the exponent ``gamma``."""
+        return {**super().params(), "c": self.c.detach().clone(), "d": self.d.detach().clone(),
+                "gamma": self.gamma.detach().clone()}
+
+    def _load_params(self, params) -> None:
+        dev = self.c.device
+        c = params.get("c", self.c.detach()).float().to(dev)
+        d = params.get("d", self.d.detach()).float().to(dev)
+        if "d" in params:
+            self._check_positive("d", d)
+        if "gamma" in params:
+            self._check_positive("gamma", params["gamma"])
+        scale = (c + d.clamp_min(D_MIN)) / self.levels
+        given = params.get("scale")
+        if given is not None and not torch.equal(given.float().to(dev), scale):
+            raise ConfigError(f"{self._where()}: a 'qil' scale is (c + d) / {self.levels}, so "
+                              f"{given.tolist()} disagrees with c and d; give c and d alone")
+        if "zero_point" in params and bool((params["zero_point"] != 0).any()):
+            raise ConfigError(f"{self._where()}: a 'qil' zero-point is 0")
+        first = not self.calibrated
+        for name in ("c", "d", "gamma"):
+            if name in params:
+                self._store(name, params[name].float(), dev)
+        if "gamma" in params:
+            self._gamma_value = float(self.gamma.detach().reshape(-1)[0])
+        if first:  # the initial width that gradient scaling and collapse are measured against
+            self.ref = (self.c.detach() + self.d.detach()).clone()
 
     @torch.no_grad()
     def integer_form(self, x: torch.Tensor) -> IntegerForm:

@@ -87,6 +87,18 @@ class SDQQuantizer(LSQQuantizer):
         self.dbp = nn.Parameter(torch.full((1,), float(init_dbp)))
         self.searching = True
 
+    param_names = (*LSQQuantizer.param_names, "dbp")
+    scalar_params = ("dbp",)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """LSQ's step and zero-point, and the DBP (the probability of the lower bitwidth)."""
+        return {**super().params(), "dbp": self.dbp.detach().clone()}
+
+    def _load_params(self, params) -> None:
+        super()._load_params(params)
+        if "dbp" in params:
+            self._store("dbp", params["dbp"].float(), self.dbp.device)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, min_bits={self.min_bits}, searching={self.searching}"
 
@@ -122,9 +134,9 @@ class SDQQuantizer(LSQQuantizer):
         scale, zp, qmin, qmax = self._params_at(bits)
         g = 1.0 / math.sqrt(x.numel() / self.scale.numel() * max(qmax, 1))
         if bits == 1 and self.signed:
-            return binary_fake_quant(x, self._broadcast(scale.abs().clamp_min(EPS), x), g)
-        s = self._broadcast(grad_scale(scale, g).abs().clamp_min(EPS), x)
-        z = self._broadcast(zp if self.symmetric else grad_scale(zp, g), x)
+            return binary_fake_quant(x, self.broadcast(scale.abs().clamp_min(EPS), x), g)
+        s = self.broadcast(grad_scale(scale, g).abs().clamp_min(EPS), x)
+        z = self.broadcast(zp if self.symmetric else grad_scale(zp, g), x)
         return learned_fake_quant(x, s, z, qmin, qmax)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:

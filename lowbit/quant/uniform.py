@@ -29,9 +29,16 @@ class UniformQuantizer(Quantizer):
     def scale_zero_point(self):
         return self.scale, self.zero_point.float()
 
+    def _load_params(self, params) -> None:
+        dev = self.scale.device
+        if "scale" in params:
+            self._store("scale", self._check_positive("scale", params["scale"]), dev)
+        if "zero_point" in params:
+            self._store("zero_point", self._check_zero_point(params["zero_point"]), dev)
+
     def _params(self, x: torch.Tensor):
-        scale = self._broadcast(self.scale, x)
-        return 1.0 / scale, scale, self._broadcast(self.zero_point.to(x.dtype), x)
+        scale = self.broadcast(self.scale, x)
+        return 1.0 / scale, scale, self.broadcast(self.zero_point.to(x.dtype), x)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         self.require_calibrated()
