@@ -157,7 +157,8 @@ def run(args) -> int:
         from .recipe import load_sdq_recipe, run_sdq_recipe
 
         run_sdq_recipe(load_sdq_recipe(args.recipe), data_root=args.data_root,
-                       output_dir=args.output_dir, plot=False if args.no_plot else None)
+                       output_dir=args.output_dir, plot=False if args.no_plot else None,
+                       resume=args.resume)
         return 0
     if not args.model or not args.budget:
         raise LowbitError("give --model and at least one --budget (or a --recipe)")

@@ -7,12 +7,14 @@ Every searchable layer's weight gets an :class:`~lowbit.quant.sdq.SDQQuantizer` 
 
 where the expected cost uses ``b - p`` bits per layer (exact, because every budget kind is
 linear in the per-layer bits) and ``cost_weight`` grows by ``cost_growth`` at every check that
-ends over budget, so layers whose task loss resists longest keep their bits. Every ``check_every`` steps the DBPs are read once (one device
-sync) and each layer whose DBP reached ``threshold`` steps down one bit, most settled first,
+ends over budget, so layers whose task loss resists longest keep their bits. Every
+``check_every`` steps the DBPs are read once (one device sync) and each layer whose DBP reached ``threshold`` steps down one bit, most settled first,
 until the deterministic cost meets the budget. If the step limit comes first, the remaining
 layers are stepped down greedily (highest DBP, then largest cost) and the result says so.
 
-The result is a plain LSQ :class:`~lowbit.config.QuantConfig` with one exact-name rule per
+The steps run on the shared QAT trainer (:mod:`lowbit.search.sdq_hooks`: the cost term is a
+loss plug-in, the step-down rule a step hook), so a search checkpoints, resumes and shows the
+trainer's progress. The result is a plain LSQ :class:`~lowbit.config.QuantConfig` with one exact-name rule per
 searched layer: re-applying it with :func:`lowbit.prepare` gives the same bits, and its cost,
 measured by :func:`lowbit.cost.measure`, meets the budget.
 """
