@@ -290,3 +290,38 @@ def test_stage_init_calibrate_reinitialises_quantizers_at_new_bits():
             return (m[3].quant_weight() - m[3].weight).pow(2).sum().item()
 
     assert werr(cal) < werr(keep)
+
+
+class StopAt(TrainHook):
+    """Stops the run after ``at`` steps and trains the last bias at its own learning rate."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def param_groups(self, model):
+        return [dict(params=[model[8].bias], lr=0.5, name="bias")]
+
+    def on_train_start(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, ctx):
+        if ctx.step + 1 == self.at:
+            self.trainer.stop()
+
+
+def test_hook_stops_the_run_and_owns_a_parameter_group(tmp_path):
+    q = prepared()
+    t = Trainer(q, loader(), TrainConfig(**CFG), output_dir=tmp_path, run_info=RUN,
+                hooks=[StopAt(8)])
+    hist = t.fit()
+    assert t.global_step == 8 and [r["steps"] for r in hist] == [6, 2]  # 6 batches an epoch
+    groups = {g["name"]: g for g in t.optimizer.param_groups}
+    assert groups["bias"]["base_lr"] == 0.5 and groups["bias"]["params"] == [q[8].bias]
+    assert all(p is not q[8].bias for n, g in groups.items() if n != "bias" for p in g["params"])
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["stopped"]
+    again = prepared()
+    t2 = Trainer(again, loader(), TrainConfig(**CFG), output_dir=tmp_path, run_info=RUN,
+                 hooks=[StopAt(8)])
+    t2.fit(resume=True)  # a stopped run trains no further
+    assert t2.global_step == 8
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in q.state_dict().items())

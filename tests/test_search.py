@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from lowbit import ConfigError, QuantConfig, measure, prepare
+from lowbit import ConfigError, QuantConfig, TrainingError, measure, prepare
 from lowbit.cli import main
 from lowbit.data import load_dataset, make_loader, subset
 from lowbit.models import get_model, get_spec
 from lowbit.prepare import quant_layers
+from lowbit.qat import TrainHook
 from lowbit.search import Budget, BudgetKind, ParetoResult, pareto_front, pareto_sweep, sdq_search
 from lowbit.train import train_epochs
 
@@ -249,3 +250,111 @@ def test_nan_during_search_is_a_training_error(digits):
     with pytest.raises(TrainingError, match="NaN"):  # calibrated on the clean first batch
         sdq_search(model, data, 3.5, example, a_bits=None, calib_batches=1, steps=20,
                    check_every=5, progress=False)
+
+
+class Interrupt(TrainHook):
+    """Simulates a kill after ``at`` search steps."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, ctx):
+        if ctx.step + 1 == self.at:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_search_resumes_to_the_uninterrupted_result(digits, tmp_path):
+    from lowbit.qat import load_checkpoint
+
+    model, loader, example = digits
+    opts = dict(a_bits=None, dbp_lr=0.1, steps=30, check_every=5, calib_batches=2,
+                progress=False)
+    fresh = lambda: make_loader(loader.dataset, 64, shuffle=True, seed=3)  # noqa: E731
+    full = sdq_search(model, fresh(), 4.5, example, output_dir=tmp_path / "a", **opts)
+    assert full.steps > len(loader) + 2, "the run must cross a pass over the data"
+    with pytest.raises(KeyboardInterrupt):
+        sdq_search(model, fresh(), 4.5, example, output_dir=tmp_path / "b",
+                   hooks=[Interrupt(len(loader) + 2)], **opts)
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert ckpt["global_step"] == len(loader) and not ckpt["stopped"]
+    resumed = sdq_search(model, fresh(), 4.5, example, output_dir=tmp_path / "b", resume=True,
+                         **opts)
+    assert (resumed.bits, resumed.steps, resumed.forced) == (full.bits, full.steps, full.forced)
+    assert resumed.history == full.history
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = sdq_search(model, fresh(), 4.5, example, output_dir=tmp_path / "b", resume=True,
+                       **opts)  # a finished search resumes to its result without training
+    assert again.history == full.history and again.steps == full.steps
+    with pytest.raises(TrainingError, match="other settings"):
+        sdq_search(model, fresh(), 4.0, example, output_dir=tmp_path / "b", resume=True, **opts)
+
+
+def test_cost_plugin_pulls_bits_down_until_the_budget_is_met(digits):
+    from lowbit.search.sdq_hooks import ExpectedCost
+
+    model, loader, example = digits
+    qs = [prepare(model, QuantConfig.uniform(4, None, kind="sdq"), example).features[3]
+          .weight_quant]
+    qs[0].searching = True
+    term = ExpectedCost(qs, 1.0, [0.5], Budget(value=2.0), weight=3.0)
+    term(None, None, None, None).backward()
+    assert float(term.expected) == pytest.approx(1.0 + 0.5 * 4)
+    assert float(qs[0].dbp.grad) == pytest.approx(-3.0 * 0.5 / 2.0)  # more p, fewer bits
+    # with a strong cost term every layer settles and steps down on its own, to the budget
+    res = sdq_search(model, loader, 3.5, example, a_bits=None, steps=300, check_every=5,
+                     cost_weight=20.0, threshold=0.5, calib_batches=2, progress=False)
+    assert res.met and not res.forced and res.steps < 300
+    costs = [h["expected_cost"] for h in res.history]
+    assert costs[-1] < costs[0] and res.history[-1]["cost"] <= 3.5
+
+
+def test_search_registry_and_any_search_in_the_sweep(digits, monkeypatch, tmp_path):
+    from lowbit.search import (
+        SDQSettings,
+        SearchResult,
+        get_search,
+        register_search,
+        registry,
+        run_search,
+        search_names,
+    )
+
+    assert "sdq" in search_names() and get_search("sdq").fn is sdq_search
+    assert get_search("sdq").settings is SDQSettings
+    with pytest.raises(ConfigError, match="unknown search method 'nope'; registered: .*sdq"):
+        get_search("nope")
+    model, loader, example = digits
+    monkeypatch.setattr(registry, "_SEARCHES", dict(registry._SEARCHES))
+
+    @register_search("uniform")
+    def uniform(model, data, budget, example_inputs, settings=None, *, progress=True,
+                output_dir=None, resume=False, **kw):
+        cfg = QuantConfig.uniform(int(budget.value), None)
+        cost = measure(prepare(model, cfg, example_inputs), example_inputs)
+        return SearchResult(cfg, cost, [{"step": 0}], budget, "uniform")
+
+    with pytest.raises(ConfigError, match="already registered"):
+        register_search("uniform")(lambda *a, **k: None)
+    sweep = pareto_sweep(model, loader, ["3", "5"], example, lambda r: r.budget.value,
+                         method="uniform", output_dir=tmp_path, plot=False)
+    assert [r["budget"] for r in sweep.rows] == [3.0, 5.0]
+    assert sweep.rows[0]["avg_weight_bits"] < sweep.rows[1]["avg_weight_bits"]
+    assert all(isinstance(r, SearchResult) for r in sweep.results)
+    saved = json.loads((tmp_path / "00_avg_weight_bits_3" / "search.json").read_text())
+    assert saved["method"] == "uniform" and saved["history"] == [{"step": 0}]
+    register_search("broken")(lambda *a, **k: {"bits": {}})
+    with pytest.raises(ConfigError, match="not a SearchResult"):
+        run_search("broken", model, loader, Budget(value=3), example)
+
+
+def test_sdq_result_is_a_search_result(digits):
+    from lowbit.search import SearchResult
+
+    model, loader, example = digits
+    res = sdq_search(model, loader, 3.5, example, a_bits=8, **FAST)
+    assert isinstance(res, SearchResult) and res.method == "sdq"
+    assert res.achieved == res.budget.measure(res.cost) and res.met
+    row = res.summary()
+    assert row["steps"] == res.steps and row["bitops"] == res.cost.totals()["bitops"]
+    assert res.to_dict()["bits"] == res.bits

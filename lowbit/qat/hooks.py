@@ -40,12 +40,17 @@ class TrainHook:
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         """Called at the start of every epoch, before the first batch."""
 
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer groups of this hook's own parameters (``params``, ``lr``, ``name``): they
+        leave the trainer's default groups, e.g. to get their own learning rate."""
+        return []
+
     def extra_loss(self, ctx: StepContext) -> torch.Tensor | None:
         """A scalar added to the task loss at this step, or None."""
         return None
 
     def on_step_end(self, ctx: StepContext) -> None:
-        """Called after the optimizer step."""
+        """Called after the optimizer step (``trainer.stop()`` from here ends the run)."""
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
         """Called after an epoch's metrics are known, before its checkpoint is written."""

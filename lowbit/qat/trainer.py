@@ -6,7 +6,11 @@ It trains a *prepared and calibrated* model. Design choices, each for a reason:
   another scale than the weights');
 * the learning rate is a pure function of the global step, so a resumed run needs no
   scheduler state and is bit-identical to an uninterrupted one;
-* each epoch re-seeds the data order and torch's RNG from ``seed + epoch`` for the same reason;
+* each epoch re-seeds the data order and torch's RNG from ``seed + epoch`` for the same reason
+  (``reseed=False`` instead continues one random stream across epochs, as a search that cycles
+  its data does, and stores the generators' states in the checkpoint);
+* a hook may stop the run early (:meth:`Trainer.stop`); the checkpoint records it, so resuming
+  a finished run trains no further;
 * loss, accuracy and a NaN flag accumulate on the device and are read only every
   ``log_every`` steps (no per-step ``.item()``);
 * a checkpoint is written atomically after every epoch that ended healthy (finite loss, no
@@ -123,12 +127,17 @@ def apply_freezing(model: nn.Module, cfg: TrainConfig) -> None:
         p.requires_grad_(not frozen)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Three groups: decayed weights, undecayed biases/BN, quantizer parameters."""
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, extra: Sequence[dict[str, Any]] = ()
+) -> torch.optim.Optimizer:
+    """Three groups: decayed weights, undecayed biases/BN, quantizer parameters; then the
+    ``extra`` groups hooks ask for (their parameters leave the three, e.g. SDQ's bitwidth
+    parameters with their own learning rate)."""
     qids = quantizer_param_ids(model)
+    claimed = {id(p) for g in extra for p in g["params"]}
     groups: dict[str, list[nn.Parameter]] = {"weights": [], "other": [], "quant": []}
     for p in model.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in claimed:
             continue
         key = "quant" if id(p) in qids else ("weights" if p.dim() > 1 else "other")
         groups[key].append(p)
@@ -138,6 +147,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         dict(params=groups["other"], lr=cfg.lr, weight_decay=0.0, name="other"),
         dict(params=groups["quant"], lr=qlr, weight_decay=cfg.quant_weight_decay, name="quant"),
     ]
+    specs += [{"weight_decay": 0.0, **g, "params": list(g["params"])} for g in extra]
     specs = [g for g in specs if g["params"]]
     for g in specs:
         g["base_lr"] = g["lr"]
@@ -213,6 +223,7 @@ class Trainer:
 
     ``run_info`` (model name, method, configs) is stored in every checkpoint and compared on
     resume. ``eval_fn(model) -> dict`` adds evaluation metrics to each epoch's row.
+    ``reseed=False`` keeps one random stream over all epochs (see the module docstring).
     """
 
     def __init__(
@@ -229,6 +240,7 @@ class Trainer:
         stage: int = 0,
         stage_label: str = "",
         dist_ctx: ddp.DistContext | None = None,
+        reseed: bool = True,
     ):
         self.model = model
         self.data = train_data
@@ -242,6 +254,8 @@ class Trainer:
         self.stage = stage
         self.stage_label = stage_label
         self.ctx = dist_ctx or ddp.current()
+        self.reseed = reseed
+        self.stopped = False
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
@@ -277,15 +291,41 @@ class Trainer:
             return self.criterion(out, y)
         return F.cross_entropy(out, y, label_smoothing=self.cfg.label_smoothing)
 
+    def stop(self) -> None:
+        """End the run after the current step (a hook's decision, e.g. a search that met its
+        budget); the epoch's row and checkpoint are still written."""
+        self.stopped = True
+
     def _set_epoch(self, epoch: int) -> None:
         seed = self.cfg.seed * 100003 + self.stage * 1009 + epoch
-        torch.manual_seed(seed)
         sampler = getattr(self.data, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.stage * 1009 + epoch)
+        if not self.reseed:
+            return
+        torch.manual_seed(seed)
         gen = getattr(self.data, "generator", None)
         if isinstance(gen, torch.Generator):
             gen.manual_seed(seed)
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        """The generators an unseeded epoch draws from: torch's, the device's, the loader's."""
+        state = {"torch": torch.get_rng_state()}
+        dev = model_device(self.model)
+        if dev.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(dev)
+        gen = getattr(self.data, "generator", None)
+        if isinstance(gen, torch.Generator):
+            state["data"] = gen.get_state()
+        return state
+
+    def _set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], model_device(self.model))
+        gen = getattr(self.data, "generator", None)
+        if "data" in state and isinstance(gen, torch.Generator):
+            gen.set_state(state["data"])
 
     def _train_mode(self, module: nn.Module) -> None:
         module.train()
@@ -319,11 +359,15 @@ class Trainer:
         self.epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt["global_step"])
         self.history = list(ckpt.get("history", []))
+        self.stopped = bool(ckpt.get("stopped", False))
+        if not self.reseed and "rng" in ckpt:
+            self._set_rng_state(ckpt["rng"])
         return True
 
     def _save(self) -> None:
         if self.checkpoint_path is None or not self.ctx.is_main:
             return
+        extra = {} if self.reseed else {"rng": self._rng_state()}
         save_checkpoint(self.checkpoint_path, {
             "run": self.run_info,
             "stage": self.stage,
@@ -333,6 +377,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
             "hooks": [h.state_dict() for h in self.hooks],
             "history": self.history,
+            "stopped": self.stopped,
+            **extra,
         })
 
     def _check_health(self, bad: torch.Tensor, where: str) -> None:
@@ -366,7 +412,8 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         apply_freezing(self.model, cfg)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(
+            self.model, cfg, [g for h in self.hooks for g in h.param_groups(self.model)])
         if self._pending_opt:
             self.optimizer.load_state_dict(self._pending_opt)
             self._pending_opt = None
@@ -377,7 +424,7 @@ class Trainer:
         for h in self.hooks:
             h.on_train_start(self)
         try:
-            while self.epoch < cfg.epochs:
+            while self.epoch < cfg.epochs and not self.stopped:
                 row = self._epoch(net, dev, steps, total, logger)
                 self.history.append(row)
                 for h in self.hooks:
@@ -457,6 +504,8 @@ class Trainer:
                 logger.step(dict(stage=self.stage, epoch=epoch, step=self.global_step,
                                  lr=opt.param_groups[0]["lr"], loss=wl, acc=wa))
                 w_loss, w_correct, w_count = zero(), zero(), zero()
+            if self.stopped:
+                break
         bar.close()
         if seen == 0:
             raise ConfigError("the training data yielded no batch")

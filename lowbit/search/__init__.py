@@ -1,7 +1,13 @@
-"""Mixed-precision search: each method returns a lowbit config that meets a typed budget."""
+"""Mixed-precision search: each method returns a lowbit config that meets a typed budget.
+
+Searches are registered by name (:func:`register_search`) and return a :class:`SearchResult`,
+which is all the Pareto sweep, the CLI and the recipes read.
+"""
 
 from .budget import Budget, BudgetKind
 from .pareto import ParetoResult, RetrainScorer, pareto_front, pareto_sweep
+from .registry import SearchMethod, get_search, register_search, run_search, search_names
+from .result import SearchResult
 from .sdq import SDQResult, SDQSettings, sdq_search
 
 __all__ = [
@@ -11,7 +17,13 @@ __all__ = [
     "RetrainScorer",
     "SDQResult",
     "SDQSettings",
+    "SearchMethod",
+    "SearchResult",
+    "get_search",
     "pareto_front",
     "pareto_sweep",
+    "register_search",
+    "run_search",
     "sdq_search",
+    "search_names",
 ]

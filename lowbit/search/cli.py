@@ -8,6 +8,7 @@ and distillation) and writes ``pareto.csv`` / ``pareto.png``.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..cli_args import act_bits_arg as _act_bits
 from ..cli_args import bits_arg as _bits
@@ -26,7 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--recipe", default=None,
                    help="an SDQ recipe YAML: search, then retrain with EBR + KD (other search "
                    "options come from the recipe; --data-root, -o and --no-plot still apply)")
-    g.add_argument("--method", choices=["sdq"], default="sdq", help="search method (default sdq)")
+    g.add_argument("--method", default="sdq",
+                   help="a registered search method (default sdq; lowbit.search.search_names())")
     g.add_argument("--model", "-m", default=None, help="model name (see 'lowbit info --list')")
     g.add_argument("--weights", "-w", default=None, help="pretrained float weights")
     g.add_argument("--budget", "-b", action="append", metavar="[KIND:]VALUE",
@@ -36,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted search (or sweep) from its checkpoint in -o")
 
     d = p.add_argument_group("data")
     d.add_argument("--dataset", "-d", default=None, help="dataset (default: the model's)")
@@ -147,17 +151,21 @@ def run(args) -> int:
     from ..models import get_model, get_spec
     from ..report import write_json
     from .budget import Budget
+    from .registry import get_search, run_search
 
     if args.recipe:
         from .recipe import load_sdq_recipe, run_sdq_recipe
 
         run_sdq_recipe(load_sdq_recipe(args.recipe), data_root=args.data_root,
-                       output_dir=args.output_dir, plot=False if args.no_plot else None)
+                       output_dir=args.output_dir, plot=False if args.no_plot else None,
+                       resume=args.resume)
         return 0
     if not args.model or not args.budget:
         raise LowbitError("give --model and at least one --budget (or a --recipe)")
     if args.method != "sdq":
-        raise LowbitError(f"unknown search --method {args.method!r}; choose sdq")
+        get_search(args.method)  # a clear error for an unknown name
+        raise LowbitError(f"search --method {args.method!r} has no command-line options yet; "
+                          "run it from Python (lowbit.search.run_search) or use sdq")
     budgets = [Budget.parse(b) for b in args.budget]
     settings = _settings(args)
     spec = get_spec(args.model)
@@ -167,9 +175,9 @@ def run(args) -> int:
     progress = not args.no_progress
     plot = False if args.no_plot else None
     if len(budgets) == 1:
-        from .sdq import sdq_search
-
-        result = sdq_search(model, train, budgets[0], example, settings, progress=progress)
+        result = run_search(args.method, model, train, budgets[0], example, settings,
+                            progress=progress, output_dir=args.output_dir, resume=args.resume,
+                            model_name=args.model)
         files = result.save(args.output_dir, plot=plot)
         print(result.table())
         print("wrote " + ", ".join(str(p) for p in files.values()))
@@ -185,11 +193,12 @@ def run(args) -> int:
     score = RetrainScorer(model, train, data.eval, example, train=_retrain_config(args),
                           loss_terms=_loss_terms(args, model, example),
                           calib_batches=args.calib_batches, progress=progress)
-    sweep = pareto_sweep(model, train, budgets, example, score, settings, progress=progress)
-    files = sweep.save(args.output_dir, plot=plot, title=f"{args.model}: SDQ Pareto sweep")
-    for i, res in enumerate(sweep.results):
-        res.save(f"{args.output_dir}/{i:02d}_{res.budget.kind.value}_{res.budget.value:g}",
-                 plot=plot)
+    sweep = pareto_sweep(model, train, budgets, example, score, settings, method=args.method,
+                         progress=progress, output_dir=args.output_dir, resume=args.resume,
+                         plot=plot, title=f"{args.model}: {args.method} Pareto sweep",
+                         model_name=args.model)
+    out = Path(args.output_dir)
+    files = {k: out / f"pareto.{k}" for k in ("csv", "png") if (out / f"pareto.{k}").exists()}
     write_json(f"{args.output_dir}/sweep.json", {
         "model": args.model, "weights": args.weights, "protocol": data.protocol,
         "settings": settings.model_dump(mode="json"), "rows": sweep.rows,

@@ -1,7 +1,8 @@
 """Pareto sweep: search at several budgets, score each result, keep the non-dominated ones.
 
-As AIMET does, the caller keeps the data loop: ``score(result) -> accuracy`` decides how a
-found config is retrained and evaluated (:class:`RetrainScorer`, the usual choice, retrains it
+Any registered search runs the sweep (``method``, default ``"sdq"``); it reads only the
+:class:`~lowbit.search.SearchResult` each returns. As AIMET does, the caller keeps the data
+loop: ``score(result) -> accuracy`` decides how a found config is retrained and evaluated (:class:`RetrainScorer`, the usual choice, retrains it
 with the shared QAT trainer). The sweep returns every point, marks the Pareto front (fewer
 BitOPs, higher accuracy) and writes a CSV and an accuracy-vs-BitOPs PNG.
 """
@@ -21,7 +22,8 @@ from ..errors import ConfigError
 from ..evaluate import evaluate
 from ..utils import atomic_write_text
 from .budget import Budget
-from .sdq import SDQResult, SDQSettings, sdq_search
+from .registry import run_search
+from .result import SearchResult
 
 if TYPE_CHECKING:
     from ..qat.trainer import TrainConfig
@@ -46,7 +48,7 @@ class ParetoResult:
 
     rows: list[dict[str, Any]]
     baselines: list[dict[str, Any]] = field(default_factory=list)
-    results: list[SDQResult] = field(default_factory=list, repr=False)
+    results: list[SearchResult] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.mark_front()
@@ -84,14 +86,8 @@ class ParetoResult:
         return out
 
 
-def row_of(result: SDQResult, top1: float, label: str | None = None) -> dict[str, Any]:
-    totals = result.cost.totals()
-    return dict(
-        label=label or result.budget.describe(), budget_kind=result.budget.kind.value,
-        budget=result.budget.value, avg_weight_bits=totals["avg_weight_bits"],
-        bitops=totals["bitops"], size_bytes=totals["size_bytes"], top1=top1,
-        steps=result.steps, forced=len(result.forced),
-    )
+def row_of(result: SearchResult, top1: float, label: str | None = None) -> dict[str, Any]:
+    return dict(label=label or result.label(), **result.summary(), top1=top1)
 
 
 def pareto_sweep(
@@ -99,31 +95,43 @@ def pareto_sweep(
     data: Iterable,
     budgets: Sequence[Budget | str | float],
     example_inputs,
-    score: Callable[[SDQResult], float],
-    settings: SDQSettings | None = None,
+    score: Callable[[SearchResult], float],
+    settings: Any = None,
     *,
+    method: str = "sdq",
     output_dir: str | Path | None = None,
     progress: bool = True,
+    resume: bool = False,
+    plot: bool | None = None,
+    title: str = "",
     **overrides: Any,
 ) -> ParetoResult:
-    """Run :func:`sdq_search` at each budget and score it; save every config under
-    ``output_dir/<i>_<budget>/`` when given. Budgets are searched in the order given."""
+    """Run the registered search ``method`` at each budget and score it. With ``output_dir``,
+    each point's search checkpoints and saves its result under ``output_dir/<i>_<budget>/``
+    (``resume=True`` continues an interrupted sweep) and the sweep writes ``pareto.csv`` (and,
+    per ``plot``, the PNGs). Budgets are searched in the order given."""
     if not budgets:
         raise ConfigError("give at least one budget for a Pareto sweep")
     rows, results = [], []
     for i, b in enumerate(budgets):
-        result = sdq_search(model, data, b, example_inputs, settings, progress=progress,
-                            **overrides)
+        budget = b if isinstance(b, Budget) else Budget.parse(b)
+        where = (Path(output_dir) / point_folder(i, budget)) if output_dir is not None else None
+        result = run_search(method, model, data, budget, example_inputs, settings,
+                            progress=progress, output_dir=where, resume=resume, **overrides)
         top1 = float(score(result))
         rows.append(row_of(result, top1))
         results.append(result)
-        if output_dir is not None:
-            result.save(Path(output_dir) / f"{i:02d}_{result.budget.kind.value}_{result.budget.value:g}",
-                        plot=False)
+        if where is not None:
+            result.save(where, plot=plot)
     sweep = ParetoResult(rows, results=results)
     if output_dir is not None:
-        sweep.save(output_dir)
+        sweep.save(output_dir, plot=plot, title=title)
     return sweep
+
+
+def point_folder(i: int, budget: Budget) -> str:
+    """Folder name of the ``i``-th sweep point (its search checkpoint and result files)."""
+    return f"{i:02d}_{budget.kind.value}_{budget.value:g}"
 
 
 class RetrainScorer:
@@ -164,7 +172,7 @@ class RetrainScorer:
         self.progress = progress
         self.last = None
 
-    def __call__(self, result: SDQResult) -> float:
+    def __call__(self, result: SearchResult) -> float:
         from ..losses import as_hook
         from ..qat.api import qat
 

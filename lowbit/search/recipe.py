@@ -51,9 +51,11 @@ def run_sdq_recipe(
     data_root: str | Path | None = None,
     output_dir: str | Path = "lowbit-sdq",
     plot: bool | None = None,
+    resume: bool = False,
     echo=print,
 ) -> dict[str, Any]:
-    """Search, save the config under ``output_dir/search``, retrain, evaluate, write results."""
+    """Search, save the config under ``output_dir/search``, retrain, evaluate, write results.
+    ``resume=True`` continues the search and the retraining from their checkpoints."""
     from ..data import load_dataset, make_loader, subset
     from ..losses import as_hook
     from ..models import get_model, get_spec
@@ -84,7 +86,8 @@ def run_sdq_recipe(
 
     t0 = time.perf_counter()
     found = sdq_search(model, loader(search_set), recipe.budget, data.example, recipe.search,
-                       progress=progress)
+                       progress=progress, output_dir=output_dir / "search", resume=resume,
+                       model_name=recipe.model)
     search_seconds = time.perf_counter() - t0
     files = found.save(output_dir / "search", plot=plot)
     echo(found.table())
@@ -92,7 +95,7 @@ def run_sdq_recipe(
     t0 = time.perf_counter()
     result = qat(model, "lsq", loader(train_set), calib_data=data.calib,
                  example_inputs=data.example, config=found.config, train=recipe.train,
-                 hooks=hooks, output_dir=output_dir / "qat", model_name=recipe.model,
+                 hooks=hooks, output_dir=output_dir / "qat", model_name=recipe.model, resume=resume,
                  eval_fn=lambda m: {"top1": evaluate(m, data.eval, progress=False).top1})
     train_seconds = time.perf_counter() - t0
     final = [r for r in result.history if "top1" in r]

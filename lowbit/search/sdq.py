@@ -7,39 +7,44 @@ Every searchable layer's weight gets an :class:`~lowbit.quant.sdq.SDQQuantizer` 
 
 where the expected cost uses ``b - p`` bits per layer (exact, because every budget kind is
 linear in the per-layer bits) and ``cost_weight`` grows by ``cost_growth`` at every check that
-ends over budget, so layers whose task loss resists longest keep their bits. Every ``check_every`` steps the DBPs are read once (one device
-sync) and each layer whose DBP reached ``threshold`` steps down one bit, most settled first,
+ends over budget, so layers whose task loss resists longest keep their bits. Every
+``check_every`` steps the DBPs are read once (one device sync) and each layer whose DBP reached ``threshold`` steps down one bit, most settled first,
 until the deterministic cost meets the budget. If the step limit comes first, the remaining
 layers are stepped down greedily (highest DBP, then largest cost) and the result says so.
 
-The result is a plain LSQ :class:`~lowbit.config.QuantConfig` with one exact-name rule per
+The steps run on the shared QAT trainer (:mod:`lowbit.search.sdq_hooks`: the cost term is a
+loss plug-in, the step-down rule a step hook), so a search checkpoints, resumes and shows the
+trainer's progress. The result is a plain LSQ :class:`~lowbit.config.QuantConfig` with one exact-name rule per
 searched layer: re-applying it with :func:`lowbit.prepare` gives the same bits, and its cost,
 measured by :func:`lowbit.cost.measure`, meets the budget.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..config import EdgePolicy, LayerRule, QuantConfig, _validate
-from ..cost.model import CostReport, measure
+from ..cost.model import measure
 from ..errors import ConfigError, DataError, TrainingError
-from ..prepare import calibrate, prepare, quant_layers, quantizers
+from ..losses import as_hook
+from ..prepare import calibrate, prepare, quant_layers
+from ..qat.hooks import TrainHook
+from ..qat.trainer import TrainConfig, Trainer
 from ..quant.base import check_bits
 from ..quant.sdq import SDQQuantizer
 from ..report.tables import format_table
-from ..utils import atomic_write_text, model_device
 from .budget import Budget
+from .registry import register_search
+from .result import LAYER_COLUMNS, SearchResult
+from .sdq_hooks import ExpectedCost, StepDown
 
 
 class SDQSettings(BaseModel):
@@ -100,34 +105,27 @@ def final_config(settings: SDQSettings, bits: dict[str, int]) -> QuantConfig:
     )
 
 
-@dataclass
-class SDQResult:
-    """A finished search: the config, the bits it chose and how the budget was met."""
+@dataclass(kw_only=True)
+class SDQResult(SearchResult):
+    """A finished SDQ search: the :class:`SearchResult` plus the bits it chose and how the budget
+    was met."""
 
-    config: QuantConfig
     bits: dict[str, int]
-    budget: Budget
-    achieved: float
     start_cost: float
     min_cost: float
     steps: int
     forced: list[str]
     settings: SDQSettings
-    cost: CostReport
-    history: list[dict[str, float]] = field(default_factory=list)
     model: nn.Module | None = field(default=None, repr=False)
 
-    @property
-    def met(self) -> bool:
-        return self.budget.met_by(self.achieved)
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "steps": self.steps, "forced": len(self.forced)}
 
     def rows(self) -> list[dict[str, Any]]:
-        return [dict(layer=r.name, type=r.type, params=r.params, macs=r.macs, w_bits=r.w_bits,
-                     a_bits=r.a_bits, searched=r.name in self.bits) for r in self.cost.layers]
+        return [{**r, "searched": r["layer"] in self.bits} for r in super().rows()]
 
     def table(self) -> str:
-        head = format_table(self.rows(), ["layer", "type", "params", "macs", "w_bits", "a_bits",
-                                          "searched"])
+        head = format_table(self.rows(), [*LAYER_COLUMNS, "searched"])
         t = self.cost.totals()
         return (f"{head}\nbudget {self.budget.describe()}: achieved "
                 f"{self.budget.describe(self.achieved)} in {self.steps} steps"
@@ -137,44 +135,12 @@ class SDQResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(
-            method="sdq", budget=self.budget.model_dump(mode="json"), achieved=self.achieved,
-            met=self.met, start_cost=self.start_cost, min_cost=self.min_cost, steps=self.steps,
-            forced=self.forced, bits=self.bits, settings=self.settings.model_dump(mode="json"),
-            cost=self.cost.totals(), layers=self.rows(), history=self.history,
-            config=self.config.to_dict(),
+            method=self.method, budget=self.budget.model_dump(mode="json"),
+            achieved=self.achieved, met=self.met, start_cost=self.start_cost,
+            min_cost=self.min_cost, steps=self.steps, forced=self.forced, bits=self.bits,
+            settings=self.settings.model_dump(mode="json"), cost=self.cost.totals(),
+            layers=self.rows(), history=self.history, config=self.config.to_dict(),
         )
-
-    def save(self, directory: str | Path, plot: bool | None = None) -> dict[str, Path]:
-        """Write ``config.yaml``, ``search.json``, ``bits.txt`` and ``bits.png``.
-
-        ``plot=None`` draws the PNG when matplotlib is installed; ``True`` requires it.
-        """
-        from .plots import have_matplotlib, plot_bits
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        out = {"config": self.config.save(directory / "config.yaml")}
-        out["json"] = directory / "search.json"
-        atomic_write_text(out["json"], json.dumps(self.to_dict(), indent=2) + "\n")
-        out["table"] = directory / "bits.txt"
-        atomic_write_text(out["table"], self.table() + "\n")
-        if plot or (plot is None and have_matplotlib()):
-            names = [r.name for r in self.cost.layers]
-            out["plot"] = plot_bits(
-                names, [r.w_bits for r in self.cost.layers], directory / "bits.png",
-                f"SDQ, budget {self.budget.describe()}\nachieved {self.budget.describe(self.achieved)}",
-            )
-        return out
-
-
-def _cycle(data: Iterable) -> Iterator:
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if empty:
-            raise DataError("the training data is empty: pass at least one (input, target) batch")
 
 
 def _searchable(qmodel: nn.Module, config: QuantConfig) -> list[tuple[str, SDQQuantizer]]:
@@ -216,6 +182,7 @@ def check_budget(budget: Budget, start: float, lowest: float, settings: SDQSetti
         )
 
 
+@register_search("sdq", settings=SDQSettings)
 def sdq_search(
     model: nn.Module,
     data: Iterable,
@@ -224,15 +191,21 @@ def sdq_search(
     settings: SDQSettings | None = None,
     *,
     progress: bool = True,
+    output_dir: str | Path | None = None,
+    resume: bool | str | Path = False,
+    hooks: Sequence[TrainHook] = (),
+    model_name: str | None = None,
+    dist_ctx=None,
     **overrides: Any,
 ) -> SDQResult:
     """Search per-layer weight bits for float ``model`` on ``(input, target)`` batches.
 
-    ``data`` is any iterable of training batches, cycled as needed; ``example_inputs`` fixes the
-    execution order and the per-sample cost. ``overrides`` set :class:`SDQSettings` fields.
+    ``data`` is any sized iterable of training batches, cycled as needed; ``example_inputs``
+    fixes the execution order and the per-sample cost. ``overrides`` set :class:`SDQSettings`
+    fields. The steps run on the shared QAT :class:`~lowbit.qat.Trainer`: with ``output_dir``
+    it checkpoints there after every pass over ``data`` and ``resume=True`` continues from it;
+    ``hooks`` add further trainer plug-ins (e.g. distillation during the search).
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(budget, Budget):
         budget = Budget.parse(budget)
     if settings is None:
@@ -240,6 +213,8 @@ def sdq_search(
     elif overrides:
         settings = _validate(SDQSettings, {**settings.model_dump(), **overrides}, "SDQ settings")
     torch.manual_seed(settings.seed)
+    if dist_ctx is not None:
+        model = model.to(dist_ctx.device)
     cfg = search_config(settings)
     qmodel = prepare(model, cfg, example_inputs)
     searched = _searchable(qmodel, cfg)
@@ -251,121 +226,52 @@ def sdq_search(
     check_budget(budget, start, lowest, settings)
 
     calibrate(qmodel, data, num_batches=settings.calib_batches, progress=progress)
-    dev = model_device(qmodel)
-    dbps = [q.dbp for _, q in searched]
-    dbp_ids = {id(p) for p in dbps}
-    quant_ids = {id(p) for q in quantizers(qmodel) for p in q.parameters()}
-    weights = [p for p in qmodel.parameters() if p.requires_grad and id(p) not in quant_ids]
-    quant = [p for p in qmodel.parameters()
-             if p.requires_grad and id(p) in quant_ids and id(p) not in dbp_ids]
-    opt = torch.optim.Adam([
-        {"params": weights, "lr": settings.lr},
-        {"params": quant, "lr": settings.quant_lr},
-        {"params": dbps, "lr": settings.dbp_lr},
-    ])
-    coef_t = torch.tensor(coef, dtype=torch.float32, device=dev)
-    history: list[dict[str, float]] = []
-    forced: list[str] = []
-    batches = _cycle(data)
-    loss_sum = torch.zeros((), device=dev)
-    task_sum = torch.zeros((), device=dev)
-    qmodel.train()
-    met, step, since = False, 0, 0
-    cost_weight = settings.cost_weight
-    bar = tqdm(total=settings.steps, desc="sdq search", disable=not progress, leave=False)
-    try:
-        while step < settings.steps and not met:
-            x, y = next(batches)[:2]
-            x, y = x.to(dev), y.to(dev)
-            out = qmodel(x)
-            task = F.cross_entropy(out, y)
-            expected = const + (coef_t * torch.stack([q.expected_bits() for _, q in searched])).sum()
-            loss = task + cost_weight * expected / budget.value
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for p in dbps:
-                    p.clamp_(0.0, 1.0)
-            loss_sum += loss.detach()
-            task_sum += task.detach()
-            step += 1
-            since += 1
-            bar.update(1)
-            if step % settings.check_every == 0 or step == settings.steps:
-                met = _check(searched, opt, cost_of, budget, settings.threshold, history, step,
-                             loss_sum / since, task_sum / since, expected.detach(), bar)
-                history[-1]["cost_weight"] = cost_weight
-                cost_weight *= settings.cost_growth
-                loss_sum.zero_()
-                task_sum.zero_()
-                since = 0
-    finally:
-        bar.close()
-    if not met:
-        forced = _force(searched, coef, cost_of, budget)
+    cost = ExpectedCost([q for _, q in searched], const, coef, budget, settings.cost_weight)
+    rule = StepDown(searched, cost, cost_of, settings)
+    trainer = Trainer(
+        qmodel, data, _train_config(settings, data, progress, output_dir),
+        hooks=[as_hook(cost), rule, *hooks], output_dir=output_dir, dist_ctx=dist_ctx,
+        reseed=False, run_info={
+            "model": model_name or type(model).__name__, "method": "sdq-search",
+            "budget": budget.model_dump(mode="json"),
+            "search": settings.model_dump(mode="json"), "quant": cfg.to_dict()},
+    )
+    trainer.fit(resume=resume)
+    forced = [] if rule.met else rule.force()
     qmodel.eval()
     for _, q in searched:
         q.searching = False
     bits = {n: q.bits for n, q in searched}
     predicted = cost_of(list(bits.values()))
     config = final_config(settings, bits)
-    final = prepare(model, config, example_inputs)
-    report = measure(final, example_inputs)
+    report = measure(prepare(model, config, example_inputs), example_inputs)
     achieved = budget.measure(report)
     if not budget.met_by(achieved) or abs(achieved - predicted) > 1e-6 * max(1.0, abs(achieved)):
         raise TrainingError(
             f"internal check failed: the found config measures {budget.describe(achieved)}, "
             f"predicted {budget.describe(predicted)}, budget {budget.describe()}; please report"
         )
-    return SDQResult(config, bits, budget, achieved, start, lowest, step, forced, settings,
-                     report, history, qmodel)
+    return SDQResult(config, report, rule.history, budget, "sdq", bits=bits, start_cost=start,
+                     min_cost=lowest, steps=trainer.global_step, forced=forced,
+                     settings=settings, model=qmodel)
 
 
-def _check(searched, opt, cost_of, budget, threshold, history, step, loss_sum, task_sum,
-           expected, bar) -> bool:
-    """Step down settled layers (most settled first) while the budget is not met."""
-    probs = torch.cat([q.dbp.detach() for _, q in searched] +
-                      [torch.stack([loss_sum, task_sum, expected])]).tolist()
-    n = len(searched)
-    p, (loss, task, exp_cost) = probs[:n], probs[n:]
-    if not all(math.isfinite(v) for v in probs):
-        raise TrainingError(
-            f"the search loss or a DBP became NaN/Inf by step {step}; lower lr, quant_lr or "
-            "dbp_lr (--lr, --quant-lr, --dbp-lr), or check the data for NaN"
-        )
-    cost = cost_of([q.bits for _, q in searched])
-    order = sorted(range(n), key=lambda i: -p[i])
-    for i in order:
-        if budget.met_by(cost) or p[i] < threshold:
-            break
-        q = searched[i][1]
-        if q.can_step_down:
-            q.step_down()
-            opt.state.pop(q.dbp, None)
-            cost = cost_of([q.bits for _, q in searched])
-    history.append(dict(step=step, loss=loss, task_loss=task, expected_cost=exp_cost, cost=cost,
-                        bits=[q.bits for _, q in searched], dbp=p))
-    bar.set_postfix(cost=budget.describe(cost), loss=f"{task:.3f}")
-    return budget.met_by(cost)
-
-
-def _force(searched, coef, cost_of, budget) -> list[str]:
-    """Greedy finish when the step limit came first: if one step-down meets the budget, the one
-    that overshoots least; otherwise the most settled DBP (then the largest cost)."""
-    forced = []
-    p = torch.cat([q.dbp.detach() for _, q in searched]).tolist()
-    while not budget.met_by(cost := cost_of([q.bits for _, q in searched])):
-        movable = [i for i, (_, q) in enumerate(searched) if q.can_step_down]
-        enough = [j for j in movable if budget.met_by(cost - coef[j])]
-        if enough:
-            i = min(enough, key=lambda j: coef[j])
-        else:
-            i = max(movable, key=lambda j: (p[j], coef[j]))
-        searched[i][1].step_down()
-        p[i] = searched[i][1].init_dbp
-        forced.append(searched[i][0])
-    return forced
+def _train_config(settings: SDQSettings, data, progress: bool, output_dir) -> TrainConfig:
+    """The trainer options of a search: Adam without decay at constant learning rates, one
+    "epoch" per pass over ``data`` (cycled up to ``steps``), health checks at every check."""
+    try:
+        per_pass = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        per_pass = settings.steps
+    if per_pass == 0:
+        raise DataError("the training data is empty: pass at least one (input, target) batch")
+    return TrainConfig(
+        epochs=math.ceil(settings.steps / per_pass), max_steps_per_epoch=per_pass,
+        optimizer="adam", lr=settings.lr, quant_lr=settings.quant_lr, weight_decay=0.0,
+        schedule="constant", channels_last=False, log_every=settings.check_every,
+        logger="csv" if output_dir is not None else "none", seed=settings.seed,
+        progress=progress,
+    )
 
 
 __all__ = [
