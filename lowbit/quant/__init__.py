@@ -4,6 +4,7 @@ from .autograd import clamp_ste, fake_quant, floor_ste, grad_scale, round_ste
 from .base import IntegerForm, Quantizer, QuantMode, check_bits, int_range, range_to_params
 from .lsq import LSQQuantizer
 from .observers import OBSERVERS, build_observer, register_observer
+from .pact import PACTQuantizer
 from .pot import PoTQuantizer
 from .qil import QILQuantizer
 from .registry import QUANTIZERS, quantizer_class, register_quantizer
@@ -15,6 +16,7 @@ __all__ = [
     "QUANTIZERS",
     "IntegerForm",
     "LSQQuantizer",
+    "PACTQuantizer",
     "PoTQuantizer",
     "QILQuantizer",
     "QuantMode",
