@@ -5,7 +5,10 @@ budget (``--iters`` search steps and ``--finetune-iters`` steps per reconstructi
 batches). A single strategy is the same pipeline with a one-candidate set, so the only
 difference is the choice. Each model's per-image correctness on the test set gives the top-1
 and, paired image by image, the margin of DQSS over each single strategy with its standard
-error. Results: benchmarks/results/dqss.json (and .csv).
+error (``margin``: a search's over the best single strategy, a single strategy's: the default
+search's over it; ``margins``: a search's over each). ``--variants`` adds DQSS without the
+temperature annealing and/or the warm-up (the ablation). Results:
+benchmarks/results/dqss.json (and .csv).
 
     python benchmarks/dqss.py --setting W4A4 --candidates mse lsq qil pact --iters 200 \\
         --finetune-iters 100 --threads 1
@@ -25,7 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, data_root, load_rows, provenance, save_rows, weights  # noqa: E402
 
 SETTINGS = {"W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4)}
-FIELDS = ["model", "run", "w_bits", "a_bits", "top1", "drop", "drop_se", "margin", "margin_se",
+# DQSS variants (the ablation of the anti-under-fitting adjustment); single strategies have no
+# logits, so these settings do not change them
+VARIANTS = {"default": {}, "noanneal": {"final_temperature": 1.0}, "nowarmup": {"warmup": 0.0},
+            "neither": {"warmup": 0.0, "final_temperature": 1.0}}
+FIELDS = ["model", "run", "tag", "w_bits", "a_bits", "top1", "drop", "drop_se", "margin",
+          "margin_se", "margin_against",
           "choices", "iters", "finetune_iters", "calib_images", "eval_images", "seconds",
           "threads", "commit"]
 
@@ -53,6 +61,9 @@ def main() -> None:
     ap.add_argument("--setting", default="W4A4", choices=list(SETTINGS))
     ap.add_argument("--candidates", nargs="+", default=["mse", "lsq", "qil", "pact"],
                     help="strategies for weights and activations alike")
+    ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
+    ap.add_argument("--singles", nargs="*", default=None,
+                    help="single strategies to run (default: every candidate)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--finetune-iters", type=int, default=100)
     ap.add_argument("--calib-size", type=int, default=1024)
@@ -87,29 +98,42 @@ def main() -> None:
     common = dict(mode="ptq", w_bits=w_bits, a_bits=a_bits, iters=args.iters,
                   finetune_iters=args.finetune_iters, progress=False, **json.loads(args.extra))
     float_hits = correct(net, test_loader)
+    singles = args.candidates if args.singles is None else args.singles
+    plan = [("dqss" if v == "default" else f"dqss-{v}", args.candidates, VARIANTS[v])
+            for v in args.variants] + [(c, [c], {}) for c in singles]
     runs = {}
-    for name, cands in [("dqss", args.candidates)] + [(c, [c]) for c in args.candidates]:
+    for name, cands, variant in plan:
         t0 = time.perf_counter()
         r = dqss_search(net, batches, None, batches[0][0][:2], w_candidates=cands,
-                        a_candidates=cands, **common)
+                        a_candidates=cands, **{**common, **variant})
         seconds = time.perf_counter() - t0
         runs[name] = (r, correct(r.model, test_loader), seconds)
         print(f"{name}: {100 * float(runs[name][1].double().mean()):.2f} % in {seconds:.0f} s",
               flush=True)
-    dq_hits = runs["dqss"][1]
+    searched = [n for n in runs if n.startswith("dqss")]
+    best = max((n for n in runs if n not in searched), default=None,
+               key=lambda n: float(runs[n][1].double().mean()))
     rows = [r for r in load_rows(Path(args.out))
             if not (r.get("tag", "") == args.tag and r["w_bits"] == w_bits
                     and r["a_bits"] == a_bits)]
     for name, (r, hits, seconds) in runs.items():
         drop, drop_se = paired(float_hits, hits)
-        margin, margin_se = paired(dq_hits, hits) if name != "dqss" else (None, None)
+        # a search: its margin over the best single strategy; a single: DQSS's margin over it
+        if name in searched:
+            margin, margin_se = paired(hits, runs[best][1]) if best else (None, None)
+            against = {n: paired(hits, runs[n][1]) for n in runs if n not in searched}
+        else:
+            lead = searched[0] if searched else None
+            margin, margin_se = paired(runs[lead][1], hits) if lead else (None, None)
+            against = None
         rows.append(dict(
             model="resnet20", run=name, tag=args.tag, w_bits=w_bits, a_bits=a_bits,
             top1=100.0 * float(hits.double().mean()),
             float_top1=100.0 * float(float_hits.double().mean()), drop=drop, drop_se=drop_se,
-            margin=margin, margin_se=margin_se,
-            choices=r.counts() if name == "dqss" else None,
-            per_layer=r.choices if name == "dqss" else None,
+            margin=margin, margin_se=margin_se, margin_against=best if name in searched else
+            (searched[0] if searched else None), margins=against,
+            choices=r.counts() if name in searched else None,
+            per_layer=r.choices if name in searched else None,
             units=r.history, iters=args.iters, finetune_iters=args.finetune_iters,
             calib_images=len(calib), eval_images=int(hits.numel()), seconds=seconds,
             settings=r.settings.model_dump(mode="json"),
@@ -118,7 +142,8 @@ def main() -> None:
             command="python " + " ".join(sys.argv), **provenance()))
     save_rows(Path(args.out), rows, FIELDS)
     for row in rows[-len(runs):]:
-        m = "" if row["margin"] is None else f"  DQSS margin {row['margin']:+.2f} +- {row['margin_se']:.2f}"
+        m = "" if row["margin"] is None else (
+            f"  margin {row['margin']:+.2f} +- {row['margin_se']:.2f} ({row['margin_against']})")
         print(f"{row['run']:>6}: top-1 {row['top1']:.2f} (drop {row['drop']:.2f} +- "
               f"{row['drop_se']:.2f}){m}  {row['seconds']:.0f} s")
 

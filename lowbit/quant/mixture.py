@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Quantizer, QuantMode, check_bits
+from .base import Quantizer, check_bits
 from .observers import OBSERVERS
 from .registry import QUANTIZERS, quantizer_class
 
@@ -194,14 +194,6 @@ class MixtureQuantizer(Quantizer):
     def finish_calibration(self) -> None:
         """Nothing of its own: each candidate is finished as a quantizer of the model. Alone,
         finish the candidates (``for c in mix.candidates: c.finish_calibration()``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode is QuantMode.FLOAT:
-            return x
-        if self.mode is QuantMode.CALIBRATE:
-            self.observe(x)
-            return x
-        return self.quantize(x)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         self.require_calibrated()

@@ -22,7 +22,6 @@ bits, whose bits are kept). Re-apply it with ``lowbit qat --config`` or ``lowbit
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,18 +34,19 @@ from torch import nn
 
 from ..config import EdgePolicy, LayerRule, QuantConfig, _validate
 from ..cost.model import measure
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..prepare import calibrate, prepare, quant_layers
 from ..qat.hooks import TrainHook
-from ..qat.trainer import TrainConfig, Trainer
+from ..qat.trainer import Trainer
 from ..quant.base import check_bits
 from ..quant.mixture import MixtureQuantizer, mixture_like, strategy_fields
 from ..quant.registry import quantizer_class
 from ..report.tables import format_table
 from ..utils import atomic_write_text
-from .dqss_steps import ArchHook, collapse, mixtures, search_units, snapshot, steps_per_pass
+from .dqss_steps import ArchHook, collapse, mixtures, search_units, snapshot
 from .registry import register_search
 from .result import SearchResult
+from .sdq import _train_config
 
 W_CANDIDATES = ["minmax", "mse", "lsq", "qil"]
 A_CANDIDATES = ["percentile", "mse", "lsq", "pact"]
@@ -332,20 +332,6 @@ def _sides(layer: nn.Module) -> dict[str, Any]:
         if isinstance(q, MixtureQuantizer):
             out[side] = q
     return out
-
-
-def _train_config(settings: DQSSSettings, data, progress: bool, output_dir) -> TrainConfig:
-    """Adam without decay at constant learning rates (the logits' schedule is their own), one
-    "epoch" per pass over ``data``, cycled up to ``steps``."""
-    per_pass = steps_per_pass(data, settings.steps)
-    if per_pass == 0:
-        raise DataError("the training data is empty: pass at least one (input, target) batch")
-    return TrainConfig(
-        epochs=math.ceil(settings.steps / per_pass), max_steps_per_epoch=per_pass,
-        optimizer="adam", lr=settings.lr, quant_lr=settings.quant_lr, weight_decay=0.0,
-        schedule="constant", channels_last=False, log_every=settings.check_every,
-        logger="csv" if output_dir is not None else "none", seed=settings.seed,
-        progress=progress)
 
 
 __all__ = ["DQSSResult", "DQSSSettings", "base_config", "dqss_search", "final_config"]

@@ -254,12 +254,4 @@ class ArchHook(TrainHook):
         self.history = list(state["history"])
 
 
-def steps_per_pass(data, steps: int) -> int:
-    try:
-        return len(data)  # type: ignore[arg-type]
-    except TypeError:
-        return steps
-
-
-__all__ = ["ArchHook", "ArchSchedule", "collapse", "mixtures", "search_units", "snapshot",
-           "steps_per_pass"]
+__all__ = ["ArchHook", "ArchSchedule", "collapse", "mixtures", "search_units", "snapshot"]
