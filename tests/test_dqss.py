@@ -142,3 +142,11 @@ def test_cli_search_dqss(digits, tmp_path, capsys):
     rc = main(["search", "--method", "dqss", "-m", "digits_cnn", "--budget", "3",
                "--train-size", "128", "--no-progress", "-o", str(tmp_path / "x")])
     assert rc == 2 and "takes no budget" in capsys.readouterr().err
+
+
+def test_first_last_same_searches_the_edges_too(digits):
+    model, loader, ex = digits
+    r = dqss_search(model, loader, None, ex, **{**PTQ, "first_last": "same", "iters": 6,
+                                                "finetune_iters": 2})
+    assert list(r.choices) == ["features.0", "features.3", "features.6", "fc"]
+    assert {n: m.w_bits for n, m in quant_layers(r.model)}["fc"] == 3
