@@ -21,6 +21,7 @@ from .data import calib_eval_split, load_dataset, make_loader, subset
 from .data.registry import DEFAULT_ROOT
 from .errors import ModelError
 from .models import ModelSpec, get_spec
+from .nn.transforms import replay
 from .prepare import prepare, set_mode
 from .utils import atomic_write, atomic_write_text
 
@@ -144,7 +145,8 @@ def example_input(spec: ModelSpec, batch: int = 2) -> torch.Tensor:
 
 
 def save_quantized(model: nn.Module, directory: str | Path, meta: dict | None = None) -> Path:
-    """Write ``model.safetensors`` (state dict), ``config.yaml`` and ``meta.json`` to a folder."""
+    """Write ``model.safetensors`` (state dict), ``config.yaml`` and ``meta.json`` to a folder;
+    ``meta.json`` also lists the module swaps passes made (``lowbit_transforms``)."""
     directory = Path(directory)
     config: QuantConfig = getattr(model, "lowbit_config", None)
     if config is None:
@@ -152,7 +154,8 @@ def save_quantized(model: nn.Module, directory: str | Path, meta: dict | None = 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(directory / "model.safetensors", lambda p: save_file(state, p))
     config.save(directory / "config.yaml")
-    atomic_write_text(directory / "meta.json", json.dumps(meta or {}, indent=2))
+    meta = {**(meta or {}), "lowbit_transforms": getattr(model, "lowbit_transforms", [])}
+    atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2))
     return directory
 
 
@@ -170,9 +173,9 @@ def load_quantized(model: nn.Module, directory: str | Path, example_inputs) -> n
         state = load_file(str(path))
     except Exception as exc:
         raise ModelError(f"could not read {path}: {exc}; the file is missing or corrupt") from None
-    from .ptq.pot_rescale import restore_clamps
-
-    restore_clamps(qmodel, state)  # ReLU6s that power-of-two rescaling made per-channel
+    meta_path = directory / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    replay(qmodel, meta.get("lowbit_transforms"), state)
     expected = set(qmodel.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
