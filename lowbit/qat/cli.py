@@ -131,7 +131,7 @@ def _config_method(path: str) -> str | None:
 
 def build_recipe(args):
     """The recipe file (if any) with the command-line flags applied on top."""
-    from ..config import _validate
+    from ..config import validate_settings
     from .recipes import Recipe, load_recipe
     from .schedule import Stage, parse_stages
 
@@ -166,7 +166,7 @@ def build_recipe(args):
         w = args.w_bits if args.w_bits is not None else 4
         a = args.a_bits if args.a_bits is not None else w
         data["stages"] = [Stage(w_bits=w, a_bits=a).model_dump()]
-    return _validate(Recipe, data, "qat settings")
+    return validate_settings(Recipe, data, "qat settings")
 
 
 def run(args) -> int:

@@ -96,10 +96,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _settings(args):
-    from ..config import _validate
+    from ..config import validate_settings
     from .sdq import SDQSettings
 
-    return _validate(SDQSettings, dict(
+    return validate_settings(SDQSettings, dict(
         min_bits=args.min_bits, max_bits=args.max_bits, a_bits=args.a_bits,
         first_last=args.first_last, per_channel=not args.per_tensor, observer=args.observer,
         steps=args.steps,
@@ -125,10 +125,10 @@ def _train_loader(spec, args):
 def _retrain_config(args):
     """The sweep's retraining flags as a QAT ``TrainConfig``: one lr for weights and LSQ steps
     and no weight decay (as the sweep always retrained), no step log (it keeps only the score)."""
-    from ..config import _validate
+    from ..config import validate_settings
     from ..qat.trainer import TrainConfig
 
-    return _validate(TrainConfig, dict(
+    return validate_settings(TrainConfig, dict(
         epochs=args.retrain_epochs, max_steps_per_epoch=args.retrain_steps,
         optimizer=args.retrain_optimizer, lr=args.retrain_lr, quant_lr=None,
         weight_decay=0.0, grad_clip=args.retrain_grad_clip,
