@@ -27,7 +27,8 @@ from common import RESULTS, load_rows, protocol_data, provenance, save_rows, wei
 SETTINGS = {"W4A4": (4, 4), "W2A4": (2, 4)}
 FIELDS = ["model", "method", "w_bits", "a_bits", "iters", "lowbit_top1", "user_top1",
           "difference", "difference_se", "agreement", "lowbit_units", "user_units",
-          "eval_images", "calib_images", "threads", "seconds", "torch", "commit", "command"]
+          "eval_images", "calib_images", "threads", "seconds", "torch", "commit", "command",
+          "note"]
 
 
 class UserBlock(nn.Module):
