@@ -127,7 +127,8 @@ def test_pareto_front_and_sweep(digits, tmp_path):
     assert isinstance(sweep, ParetoResult) and len(sweep.rows) == 2
     assert all(r["on_front"] for r in sweep.rows)  # more bits, more (fake) accuracy
     lines = (tmp_path / "pareto.csv").read_text().splitlines()
-    assert lines[0].startswith("label,budget_kind") and len(lines) == 3
+    assert lines[0].startswith("label,method,budget_kind") and len(lines) == 3
+    assert all(line.split(",")[1] == "sdq" for line in lines[1:])
     assert len(list(tmp_path.glob("0*/config.yaml"))) == 2
 
 
