@@ -201,7 +201,9 @@ def _config_from_args(args):
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .outputs import check_outputs
 
+    check_outputs(folders={"--output-dir": args.output_dir})
     run_demo(args.output_dir, epochs=args.epochs, qat_epochs=args.qat_epochs,
              recon_iters=args.recon_iters, quick_iters=args.quick_iters,
              sdq_steps=args.sdq_steps, seed=args.seed,

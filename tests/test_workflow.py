@@ -55,7 +55,7 @@ def weights(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["o-under-file", "o-is-folder", "save-is-file", "same-path",
-                                  "eval-o", "info-json"])
+                                  "eval-o", "info-json", "demo"])
 def test_bad_output_paths_exit_2_before_any_work(case, tmp_path, capsys, no_model_loading):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -70,6 +70,7 @@ def test_bad_output_paths_exit_2_before_any_work(case, tmp_path, capsys, no_mode
                    "is a file, not a folder"),
         "info-json": (["info", "-m", "digits_cnn", "--json", tmp_path / "a_folder"],
                       "is a folder"),
+        "demo": (["demo", "--output-dir", blocker], "is a file, not a folder"),
     }[case]
     before = listing(tmp_path)
     rc, _, err = run(capsys, *argv)
