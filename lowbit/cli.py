@@ -388,7 +388,7 @@ def cmd_ptq(args) -> int:
         print(f"quantized model saved to {args.save}")
     if args.output:
         write_json(args.output, {
-            "model": args.model, "weights": args.weights, "method": args.method,
+            "model": args.model, "weights": weights_record(args.weights), "method": args.method,
             "options": opts, "config": config.to_dict(), "protocol": data.protocol,
             "protocol_info": data.protocol_info, "calib_coverage": coverage,
             "ptq_seconds": ptq_seconds,

@@ -164,7 +164,7 @@ def run(args) -> int:
 
         recipe = load_sdq_recipe(args.recipe)
         check_weights_given(recipe.model, recipe.weights, args.random_init)
-        out_dir = run_folder(args, "sdq", recipe.model, checkpoints=("search/checkpoint.pt",))
+        out_dir = run_folder(args, "search", recipe.model, checkpoints=("search/checkpoint.pt",))
         print(f"run folder: {out_dir}")
         run_sdq_recipe(recipe, data_root=args.data_root, output_dir=out_dir,
                        plot=False if args.no_plot else None, resume=args.resume)
