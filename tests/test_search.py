@@ -179,6 +179,11 @@ eval_size: 100
     assert res["search"]["met"] and 0 <= res["top1"] <= 100
     assert {"loss_kd", "loss_ebr"} <= set(res["history"][-1])
     assert (out / "search" / "config.yaml").is_file() and (out / "model" / "config.yaml").is_file()
+    assert json.loads((out / "model" / "meta.json").read_text())["weights"] == str(weights)
+    assert main(["search", "--recipe", str(recipe), "-o", str(out)]) == 2  # never reused
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["search", "--recipe", str(recipe), "-o", str(tmp_path / "new"), "--resume"]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_retrain_scorer_with_loss_plugins(digits):
