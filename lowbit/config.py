@@ -89,7 +89,7 @@ class QuantizerSpec(BaseModel):
         data.update(overrides or {})
         if bits is not None:
             data["bits"] = bits
-        return _validate(QuantizerSpec, data, "layer rule")
+        return validate_settings(QuantizerSpec, data, "layer rule")
 
 
 class EdgePolicy(str, Enum):
@@ -205,7 +205,7 @@ class QuantConfig(BaseModel):
         2 bits that is the difference between ternary weights ``{-1, 0, 1}`` and four levels
         ``{-2, -1, 0, 1}`` (LSQ's and BRECQ's 2-bit grids have four).
         """
-        weight = _validate(
+        weight = validate_settings(
             QuantizerSpec,
             dict(kind=kind, bits=w_bits, signed=True, symmetric=True, per_channel=per_channel,
                  narrow_range=narrow_weights, observer=observer),
@@ -213,7 +213,7 @@ class QuantConfig(BaseModel):
         )
         act = None
         if a_bits is not None:
-            act = _validate(
+            act = validate_settings(
                 QuantizerSpec,
                 dict(kind=kind, bits=a_bits, signed=None, symmetric=kind != "uniform",
                      observer=observer),
@@ -223,7 +223,7 @@ class QuantConfig(BaseModel):
         if dw_act_per_channel and act is not None:
             rule = {"match": f"type:{DEPTHWISE}", "act": {"per_channel": True, "ch_axis": 1}}
             kwargs["layers"] = [rule, *kwargs.get("layers", [])]
-        return _validate(
+        return validate_settings(
             cls, dict(weight=weight, act=act, first_layer=policy, last_layer=policy, **kwargs),
             "config",
         )
@@ -305,10 +305,10 @@ def load_yaml_model(model: type[BaseModel], path: str | Path, what: str, hint: s
         raise ConfigError(f"{what} {path} is not valid YAML/JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a mapping, got {type(data).__name__}")
-    return _validate(model, data, f"{what} {path}")
+    return validate_settings(model, data, f"{what} {path}")
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any], where: str):
+def validate_settings(model: type[BaseModel], data: dict[str, Any], where: str):
     """Validate with pydantic, re-raising as a one-paragraph :class:`ConfigError`."""
     try:
         return model.model_validate(data)

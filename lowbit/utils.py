@@ -23,10 +23,17 @@ def atomic_write(path: str | Path, writer) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are for sharing
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -36,3 +43,13 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def batch_inputs(batch):
+    """The model input of a data batch: a tensor, the first item of ``(input, target)``, or the
+    ``input``/``image`` entry of a dict."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, dict):
+        return batch.get("input", batch.get("image"))
+    return batch

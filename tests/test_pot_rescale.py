@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import randomize_bn
@@ -131,13 +133,13 @@ def test_every_pair_with_one_factor_where_the_activation_is_per_tensor():
         assert r["error_after"] <= r["error_before"]
 
 
-def test_a_tensor_also_used_outside_modules_is_left_alone():
+def test_a_tensor_also_used_outside_modules_is_seen_by_the_graph_and_left_alone():
     x = _data()
     q = _pot(_model(HiddenUse), x)
     before = _float_out(q, x)
     w = q.dw.weight.detach().clone()
     rep = rescale_pairs(q, x, mode="all")
-    assert rep.rescaled == {} and "changed the float model" in rep.skipped["dw"]
+    assert rep.rescaled == {} and "act is used by more than this layer" in rep.skipped["dw"]
     assert isinstance(q.act, nn.ReLU6) and torch.equal(q.dw.weight, w)
     assert torch.equal(_float_out(q, x), before)
     with pytest.raises(ConfigError, match="nothing to rescale"):
@@ -189,10 +191,19 @@ def test_rapq_with_rescaling_saves_and_reloads_exactly(tmp_path):
                    pot_rescale="all", progress=False)
     assert len(q.lowbit_rapq["pot_rescale"]["rescaled"]) == 5
     save_quantized(q, tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "meta.json").read_text())
+    clamps = {t["module"] for t in meta["lowbit_transforms"] if t["op"] == "channel_clamp"}
+    assert "features.2.conv.0.2" in clamps
+    assert all(isinstance(q.get_submodule(m), ChannelClamp) for m in clamps)
     again = load_quantized(model, tmp_path / "q", x[:2])
     assert isinstance(again.features[2].conv[0][2], ChannelClamp)
     with torch.no_grad():
         assert torch.equal(again(x), q(x))
+    # a folder saved before swaps were recorded: the ChannelClamps are inferred from the state
+    del meta["lowbit_transforms"]
+    (tmp_path / "q" / "meta.json").write_text(json.dumps(meta))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(model, tmp_path / "q", x[:2])(x), q(x))
 
 
 @settings(max_examples=25, deadline=None)

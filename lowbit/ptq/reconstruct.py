@@ -481,6 +481,8 @@ def reconstruct(
         report.units.append(
             reconstruct_unit(unit, q_args, fp_out, opts, pot=pot, bn=unit_bn, name=name)
         )
+        log.info("reconstructed unit %d/%d %s (%.1f s)", len(report.units), len(units), name,
+                 report.units[-1].seconds)
 
     walk_units(graph, units, fp_model, qmodel, inputs, on_unit, chunk=opts.chunk)
     total = time.perf_counter() - t0
