@@ -149,7 +149,7 @@ def _names(value: str | None) -> list[str] | None:
 
 
 def _dqss_settings(args):
-    from ..config import _validate
+    from ..config import validate_settings
     from .dqss import DQSSSettings
 
     given = dict(
@@ -164,7 +164,7 @@ def _dqss_settings(args):
         w_candidates=_names(args.w_candidates) or _names(args.candidates),
         a_candidates=_names(args.a_candidates) or _names(args.candidates),
     )
-    return _validate(DQSSSettings, {k: v for k, v in given.items() if v is not None},
+    return validate_settings(DQSSSettings, {k: v for k, v in given.items() if v is not None},
                      "dqss options")
 
 
