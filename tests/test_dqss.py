@@ -13,7 +13,7 @@ from lowbit.models import get_model, get_spec
 from lowbit.prepare import quant_layers
 from lowbit.ptq import ptq
 from lowbit.quant import MixtureQuantizer
-from lowbit.search import DQSSResult, dqss_search, run_search, search_names
+from lowbit.search import DQSSResult, DQSSSettings, dqss_search, run_search, search_names
 from lowbit.train import train_epochs
 
 W = ["minmax", "lsq", "qil"]
@@ -95,6 +95,11 @@ def test_search_on_a_mixed_precision_config_keeps_its_bits(digits, tmp_path):
     bits = {n: m.w_bits for n, m in quant_layers(prepare(model, r.config, ex))}
     assert bits["features.3"] == 2 and bits["features.6"] == 5
     assert {n: m.w_bits for n, m in quant_layers(r.model)} == bits
+
+
+def test_qat_default_weight_candidates_leave_out_qil():
+    assert "qil" in DQSSSettings().w_candidates
+    assert "qil" not in DQSSSettings(mode="qat").w_candidates
 
 
 def test_bad_input_is_a_clear_error(digits):

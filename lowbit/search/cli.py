@@ -90,7 +90,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated strategies for weights and activations alike, e.g. "
                    "mse,lsq,pact (names: minmax, percentile, mse, a quantizer kind, KIND:OBSERVER)")
     q.add_argument("--w-candidates", default=None, metavar="LIST",
-                   help="weight strategies (default minmax,mse,lsq,qil)")
+                   help="weight strategies (default minmax,mse,lsq,qil; qat: pact for qil)")
     q.add_argument("--a-candidates", default=None, metavar="LIST",
                    help="activation strategies (default percentile,mse,lsq,pact)")
     q.add_argument("--base-config", default=None, metavar="FILE",
@@ -203,6 +203,9 @@ def _run_dqss(args) -> int:
     weights = f" -w {args.weights}" if args.weights else ""
     print(f"calibrate with it: lowbit ptq -m {args.model}{weights} --config {files['config']} "
           "--method mse (a calibration method keeps each layer's kind and observer)")
+    if settings.mode == "qat":
+        print("the searched model was trained with its choice (--finetune-steps trains it "
+              "further); 'lowbit qat --config' takes one quantizer kind, see docs/dqss.md")
     return 0
 
 

@@ -48,7 +48,7 @@ from .registry import register_search
 from .result import SearchResult
 from .sdq import _train_config
 
-W_CANDIDATES = ["minmax", "mse", "lsq", "qil"]
+W_CANDIDATES = {"ptq": ["minmax", "mse", "lsq", "qil"], "qat": ["minmax", "mse", "lsq", "pact"]}
 A_CANDIDATES = ["percentile", "mse", "lsq", "pact"]
 
 
@@ -60,7 +60,9 @@ class DQSSSettings(BaseModel):
     mode: Literal["ptq", "qat"] = Field("ptq", description="calibration data only, or training")
     w_bits: int = Field(4, description="weight bits of every searched layer")
     a_bits: int | None = Field(4, description="activation bits (None: float activations)")
-    w_candidates: list[str] = Field(default_factory=lambda: list(W_CANDIDATES))
+    w_candidates: list[str] | None = Field(
+        None, description="weight strategies (None: minmax, mse, lsq and qil for ptq; pact in "
+        "place of qil for qat, whose Adam steps collapse QIL intervals of narrow channels)")
     a_candidates: list[str] = Field(default_factory=lambda: list(A_CANDIDATES))
     observer: str = Field("mse", description="observer of kind-only strategies and fixed layers")
     per_channel: bool = True
@@ -92,6 +94,8 @@ class DQSSSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> DQSSSettings:
+        if self.w_candidates is None:
+            self.w_candidates = list(W_CANDIDATES[self.mode])
         check_bits(self.w_bits)
         if self.a_bits is not None:
             check_bits(self.a_bits)
@@ -99,7 +103,7 @@ class DQSSSettings(BaseModel):
                             ("a_candidates", self.a_candidates)):
             if not names:
                 raise ConfigError(f"{side} is empty: give at least one strategy, e.g. "
-                                  f"{W_CANDIDATES if side[0] == 'w' else A_CANDIDATES}")
+                                  f"{W_CANDIDATES[self.mode] if side[0] == 'w' else A_CANDIDATES}")
             if len(set(names)) != len(names):
                 raise ConfigError(f"{side} names a strategy twice: {names}")
             for n in names:
