@@ -158,7 +158,7 @@ def _dqss_settings(args):
         base_config=args.base_config, temperature=args.temperature,
         final_temperature=args.final_temperature, warmup=args.warmup, arch_lr=args.arch_lr,
         quant_lr=args.quant_lr, iters=args.iters, finetune_iters=args.finetune_iters,
-        batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+        steps=args.steps, lr=args.lr,
         calib_batches=args.calib_batches, check_every=args.check_every,
         finetune_steps=args.finetune_steps, seed=args.seed,
         w_candidates=_names(args.w_candidates) or _names(args.candidates),
