@@ -293,9 +293,9 @@ class QuantConfig(BaseModel):
         return load_yaml_model(cls, path, "config file")
 
 
-def load_yaml_model(model: type[BaseModel], path: str | Path, what: str, hint: str = ""):
-    """Read a YAML/JSON file into a pydantic ``model``; every failure is a :class:`ConfigError`
-    naming the file (``what`` says what the file is, ``hint`` where to find good ones)."""
+def read_yaml_mapping(path: str | Path, what: str, hint: str = "") -> dict[str, Any]:
+    """The mapping a YAML/JSON file holds; every failure is a :class:`ConfigError` naming the
+    file (``what`` says what the file is, ``hint`` where to find good ones)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist{hint}")
@@ -305,16 +305,30 @@ def load_yaml_model(model: type[BaseModel], path: str | Path, what: str, hint: s
         raise ConfigError(f"{what} {path} is not valid YAML/JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a mapping, got {type(data).__name__}")
-    return _validate(model, data, f"{what} {path}")
+    return data
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any], where: str):
+def load_yaml_model(model: type[BaseModel], path: str | Path, what: str, hint: str = ""):
+    """Read a YAML/JSON file into a pydantic ``model`` (errors as :func:`read_yaml_mapping`)."""
+    return validate_model(model, read_yaml_mapping(path, what, hint), f"{what} {path}")
+
+
+def validation_message(e: ValidationError, where: str) -> str:
+    """One paragraph naming ``where`` and each field pydantic refused, with the reason."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: "
+        f"{err['msg'].removeprefix('Value error, ')}"
+        for err in e.errors()
+    )
+    return f"invalid {where}: {problems}"
+
+
+def validate_model(model: type[BaseModel], data: dict[str, Any], where: str):
     """Validate with pydantic, re-raising as a one-paragraph :class:`ConfigError`."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-            for err in e.errors()
-        )
-        raise ConfigError(f"invalid {where}: {problems}") from None
+        raise ConfigError(validation_message(e, where)) from None
+
+
+_validate = validate_model  # the name search/ and qat/ import
