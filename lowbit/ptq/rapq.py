@@ -1,6 +1,7 @@
 """RAPQ: power-of-two post-training quantization (after Yao et al., IJCAI 2022).
 
-Four registered methods, all on the same prepared model and calibration tensor:
+Four registered methods, one handler each (their options: :mod:`lowbit.ptq.configs`), built
+from the same steps on the same prepared model and calibration tensor:
 
 * ``pot``: naive baseline, each calibrated scale rounded to the nearest power of two.
 * ``rapq-quick``: network-wide scale adjustment. Every weight and activation log2 scale is
@@ -10,9 +11,9 @@ Four registered methods, all on the same prepared model and calibration tensor:
   exponents (straight-through) before they are fixed. It starts from the least-error
   exponent per channel; if the result is worse than that start on the calibration set, the
   start is kept.
-* ``rapq``: quick, then BN-guided block reconstruction (AdaRound-style rounding, PoT scales
-  learned with straight-through exponents, loss = block output error + the mismatch of
-  pre-activation statistics against the float model's BatchNorm statistics).
+* ``rapq``: BN-guided block reconstruction (each unit's exponent search, AdaRound-style
+  rounding, loss = block output error + the mismatch of pre-activation statistics against the
+  float model's BatchNorm statistics); the network-wide adjustment first only when asked.
 * ``brecq``: the same reconstruction with float scales, as a comparison.
 
 The exported exponents and zero-points are integers by construction (see
@@ -40,6 +41,7 @@ from .blocks import run_chunked
 from .configs import BrecqConfig, PotConfig, RapqConfig, RapqQuickConfig
 from .pot_rescale import rescale_pairs
 from .reconstruct import (
+    N_EVAL,
     ReconOptions,
     bn_targets,
     output_error,
@@ -52,7 +54,6 @@ from .registry import ptq, register_ptq
 log = logging.getLogger("lowbit")
 
 MIN_CALIB, MAX_CALIB = 8, 16384
-N_EVAL = 256  # calibration images on which a step is checked against the one before
 CHUNK = 64  # images per forward pass outside the optimisation steps (methods without ``chunk``)
 QUICK_LR = 0.01  # Adam's learning rate of the log2 scales in the network-wide adjustment
 
