@@ -279,18 +279,20 @@ class QuantConfig(BaseModel):
 
     def save(self, path: str | Path) -> Path:
         """Write YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
-        path = Path(path)
-        text = (
-            yaml.safe_dump(self.to_dict(), sort_keys=False)
-            if path.suffix in {".yaml", ".yml"}
-            else json.dumps(self.to_dict(), indent=2)
-        )
-        atomic_write_text(path, text)
-        return path
+        return write_yaml_or_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> QuantConfig:
         return load_yaml_model(cls, path, "config file")
+
+
+def write_yaml_or_json(data: dict[str, Any], path: str | Path) -> Path:
+    """Write ``data`` as YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
+    path = Path(path)
+    text = (yaml.safe_dump(data, sort_keys=False) if path.suffix in {".yaml", ".yml"}
+            else json.dumps(data, indent=2))
+    atomic_write_text(path, text)
+    return path
 
 
 def read_yaml_mapping(path: str | Path, what: str, hint: str = "") -> dict[str, Any]:

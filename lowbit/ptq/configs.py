@@ -13,11 +13,9 @@ fields.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -28,22 +26,18 @@ from pydantic import (
     model_validator,
 )
 
-from ..config import read_yaml_mapping, validate_model, validation_message
+from ..config import read_yaml_mapping, validate_model, validation_message, write_yaml_or_json
 from ..errors import ConfigError
 from ..quant.observers import OBSERVERS
-from ..utils import atomic_write_text
 from .pot_rescale import MODES as PAIR_MODES
 from .reconstruct import ReconOptions
 
-# Images per scale-adjustment step, at every input size. 8 at 224 px is about 4x faster
-# (264 s vs 1,138 s on MobileNetV2), but MobileNetV2 W4A8 RAPQ then reached 24.99 % against
-# 71.87 % (CPU) and 71.11 % (GPU) with 32 (benchmarks/results/rapq*.json).
+# Images per scale-adjustment step at every input size: fewer are faster at 224 px but broke
+# MobileNetV2 W4A8 (docs/rapq.md, options).
 QUICK_BATCH = 32
-# Scale-adjustment steps of rapq-quick. Full rapq skips the adjustment by default: its exponent
-# search fits each unit's exponents on the quantized inputs the unit really gets, and with it
-# the network error after reconstruction came out the same within 2 % with or without the
-# adjustment (MobileNetV2 1,067 vs 1,069, EfficientNet-Lite0 510 vs 519), which at 224 px took
-# 1,563-1,710 s at one thread, a third of the run (benchmarks/results/rapq*.json).
+# Steps of rapq-quick's adjustment. Full rapq skips it by default: its exponent search refits
+# each unit's exponents on the inputs the unit really gets, and the adjustment before it did
+# not change the error after reconstruction (docs/rapq.md, "Quick mode").
 QUICK_ITERS = 300
 
 
@@ -71,12 +65,7 @@ class MethodConfig(BaseModel):
 
     def save(self, path: str | Path) -> Path:
         """Write YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
-        path = Path(path)
-        data = self.to_dict()
-        text = (yaml.safe_dump(data, sort_keys=False) if path.suffix in {".yaml", ".yml"}
-                else json.dumps(data, indent=2))
-        atomic_write_text(path, text)
-        return path
+        return write_yaml_or_json(self.to_dict(), path)
 
 
 def _known_observer(v: str) -> str:
