@@ -251,3 +251,19 @@ def test_every_benchmark_config_loads_into_a_typed_config():
     assert row_config({"method": "rapq", "config": "rapq-dw"}) == "rapq-dw"
     with pytest.raises(ConfigError, match=re.escape("no benchmark config 'rapq+dw'")):
         load_recipe("rapq+dw")
+
+
+def test_every_committed_ptq_row_names_an_existing_config():
+    """benchmarks/configs/README.md: each committed row's old '+' label is a config's name
+    with '-' (the stream-rescaling row excepted: that method was removed)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_configs import config_names, row_config
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    names, labels = set(config_names()), set()
+    for path in (BENCHMARKS / "results").glob("rapq*.json"):
+        labels |= {r["method"] for r in json.loads(path.read_text())["rows"]}
+    assert {"rapq+dw+rs", "brecq+dw", "pot+bc"} <= labels
+    missing = {m for m in labels if row_config({"method": m}) not in names}
+    assert missing == {"rapq+dw+rs+st"}
