@@ -29,7 +29,8 @@ def main() -> None:
     rows = data["rows"] if isinstance(data, dict) else data
     if rows and "w_bits" in rows[0] and "method" in rows[0]:
         rows.sort(key=lambda r: (r["model"], -r["w_bits"], -r["a_bits"],
-                                 ORDER.get(r["method"].split("+")[0], 9), r["method"]))
+                                 ORDER.get(r["method"].split("+")[0], 9),
+                                 r.get("config") or r["method"]))
         for r in rows:
             r["W/A"] = ("32/32" if str(r["method"]).startswith("float")
                         else f"W{r['w_bits']}A{r['a_bits']}")

@@ -30,6 +30,7 @@ from .exponent_search import search_unit_exponents
 
 log = logging.getLogger("lowbit")
 
+N_EVAL = 256  # calibration images on which a unit's (and a step's) error is judged
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
 ZETA, GAMMA = 1.1, -0.1
 
@@ -314,9 +315,9 @@ def output_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _eval_error(unit: nn.Module, args: tuple, target: torch.Tensor, n_eval: int, chunk: int):
+def _eval_error(unit: nn.Module, args: tuple, target: torch.Tensor, chunk: int):
     n = target.shape[0]
-    m = min(n, n_eval)
+    m = min(n, N_EVAL)
     sub = tuple(a[:m] if isinstance(a, torch.Tensor) and a.shape[:1] == (n,) else a for a in args)
     out = run_chunked(unit, sub, {}, m, chunk)
     return output_error(out, target[:m]).item()
@@ -331,7 +332,6 @@ def reconstruct_unit(
     pot: bool,
     bn: dict[nn.Module, BNTarget] | None = None,
     name: str = "",
-    n_eval: int = 256,
 ) -> UnitReport:
     """Learn the rounding of ``unit``'s weights and its scales so that, fed the quantized
     inputs ``q_args``, it reproduces the float outputs ``target`` (plus the BN term)."""
@@ -342,14 +342,14 @@ def reconstruct_unit(
     # that helped; the unit then keeps the search alone. The reconstruction itself starts from
     # the better of the first two.
     kept: dict[str, tuple[float, dict]] = {}
-    err_before = _eval_error(unit, q_args, target, n_eval, opts.chunk)
+    err_before = _eval_error(unit, q_args, target, opts.chunk)
     kept["start"] = (err_before, copy.deepcopy(unit.state_dict()))
     moved = 0
     recon_from = "start"
     if pot and opts.exponent_search:
         moved = sum(search_unit_exponents(unit, q_args, chunk=opts.chunk).values())
         if moved:
-            kept["search"] = (_eval_error(unit, q_args, target, n_eval, opts.chunk),
+            kept["search"] = (_eval_error(unit, q_args, target, opts.chunk),
                               copy.deepcopy(unit.state_dict()))
             # The search judges each layer on its own output; when that raised the unit's
             # error, the rounding is learned from the start's exponents instead.
@@ -360,7 +360,7 @@ def reconstruct_unit(
     err_recon = None
     if opts.iters > 0:  # iters=0: the exponent search alone, no learned rounding
         _optimise_unit(unit, q_args, target, opts, pot=pot, bn=bn, name=name)
-        err_recon = _eval_error(unit, q_args, target, n_eval, opts.chunk)
+        err_recon = _eval_error(unit, q_args, target, opts.chunk)
     best = min(kept, key=lambda k: kept[k][0])
     if err_recon is not None and err_recon <= kept[best][0]:
         best, err_after = "reconstruction", err_recon
