@@ -81,15 +81,13 @@ def gather_inputs(calib_data: Iterable, num_batches: int | None = None) -> torch
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-# Images per scale-adjustment step, at every input size. 8 at 224 px is about 4x faster
-# (264 s vs 1,138 s on MobileNetV2), but MobileNetV2 W4A8 RAPQ then reached 24.99 % against
-# 71.87 % (CPU) and 71.11 % (GPU) with 32 (benchmarks/results/rapq*.json).
+# Images per scale-adjustment step, at every input size. Fewer are much faster at 224 px, but
+# with 8 the adjustment was noisy enough to wreck MobileNetV2 W4A8 (docs/notes/rapq.md).
 QUICK_BATCH = 32
 # Scale-adjustment steps of rapq-quick. Full rapq skips the adjustment by default: its exponent
-# search fits each unit's exponents on the quantized inputs the unit really gets, and with it
-# the network error after reconstruction came out the same within 2 % with or without the
-# adjustment (MobileNetV2 1,067 vs 1,069, EfficientNet-Lite0 510 vs 519), which at 224 px took
-# 1,563-1,710 s at one thread, a third of the run (benchmarks/results/rapq*.json).
+# search fits each unit's exponents on the quantized inputs the unit really gets, so the
+# network-wide fit before it is largely redone, at a third of a 224 px run's time
+# (docs/notes/rapq.md).
 QUICK_ITERS = 300
 
 
