@@ -73,31 +73,27 @@ def _uniform8(model: str) -> Entry:
                  Pick(file, {"model": model, "method": "mse", "w_bits": 8, "a_bits": 8}))
 
 
+# ResNet-20 only: (setting, recipe, results file, run name) of QAT, (setting, file) of SDQ
+QAT = [("W4A4 QAT", "QIL, 3 epochs, distillation", "qat_runs_long", "qil_w4a4_kd"),
+       ("W3A3 QAT", "QIL, 6 epochs, distillation T=1", "qat_runs_long6", "qil_w3a3_kd"),
+       ("W2A2 QAT", "QIL 4/4 → 3/3 → 2/2, re-calibrated stages, BN trained", "qat_runs_bntrain",
+        "qil_w2a2_progressive_bntrain_equal2_recal")]
+SDQ = [("mixed, BitOPs of W3A4", "sdq_a4_w3"), ("mixed, BitOPs of W2A4", "sdq_a4_w2"),
+       ("mixed W, 3 bits avg, float A", "sdq_float_w3"),
+       ("mixed W, 2 bits avg, float A", "sdq_float_w2")]
+
+
 def _entries() -> list[Entry]:
     out = []
     for model in ("resnet20", "resnet56", *IMAGENET):
-        dw = model == "mobilenet_v2_tflite"
-        out.append(_uniform8(model))
-        out += [_pot(model, 8, 8), _pot(model, 4, 8),
-                _pot(model, 4, 4, "rapq+dw+rs" if dw else "rapq"),
-                _pot(model, 2, 4, "rapq+dw+rs" if dw else "rapq")]
+        dw = "rapq+dw+rs" if model == "mobilenet_v2_tflite" else "rapq"
+        out += [_uniform8(model), _pot(model, 8, 8), _pot(model, 4, 8), _pot(model, 4, 4, dw),
+                _pot(model, 2, 4, dw)]
         if model == "resnet20":
-            out += [
-                Entry(model, "W4A4 QAT", "QIL, 3 epochs, distillation",
-                      Pick("qat_runs_long", {"run": "qil_w4a4_kd"})),
-                Entry(model, "W3A3 QAT", "QIL, 6 epochs, distillation T=1",
-                      Pick("qat_runs_long6", {"run": "qil_w3a3_kd"})),
-                Entry(model, "W2A2 QAT", "QIL 4/4 → 3/3 → 2/2, re-calibrated stages, BN trained",
-                      Pick("qat_runs_bntrain", {"run": "qil_w2a2_progressive_bntrain_equal2_recal"})),
-                Entry(model, "mixed, BitOPs of W3A4", "SDQ search + 1 epoch",
-                      Pick("sdq_a4_w3", {"arm": "sdq"})),
-                Entry(model, "mixed, BitOPs of W2A4", "SDQ search + 1 epoch",
-                      Pick("sdq_a4_w2", {"arm": "sdq"})),
-                Entry(model, "mixed W, 3 bits avg, float A", "SDQ search + 1 epoch",
-                      Pick("sdq_float_w3", {"arm": "sdq"})),
-                Entry(model, "mixed W, 2 bits avg, float A", "SDQ search + 1 epoch",
-                      Pick("sdq_float_w2", {"arm": "sdq"})),
-            ]
+            out += [Entry(model, setting, recipe, Pick(file, {"run": run}))
+                    for setting, recipe, file, run in QAT]
+            out += [Entry(model, setting, "SDQ search + 1 epoch", Pick(file, {"arm": "sdq"}))
+                    for setting, file in SDQ]
     return out
 
 
