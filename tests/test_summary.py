@@ -105,3 +105,10 @@ def test_check_and_rewrite_keep_the_rest_of_the_document(results, tmp_path, caps
     assert "stale" not in text and "| resnet20" in text
     assert summary.main([*args, "--check"]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def test_committed_summary_is_current():
+    """BENCHMARKS.md's block is what the committed result files give (else: run the script)."""
+    doc = summary.DOC.read_text()
+    assert summary.START in doc and doc.index(summary.START) < doc.index("\n## ")
+    assert summary.rewrite(doc, summary.block()) == doc, "run python benchmarks/summary.py"
