@@ -8,7 +8,7 @@ method exist, the plain method's row is shown; where it has none, the best row o
 its configs (such as rapq-dw-rs, benchmarks/configs/), named, so every cell names the row it
 comes from; markers say which
 rows ran on the GPU, before the exponent search, with learned activation scales before the
-fix of their gradients (2ffa2ca), or with the rounding learning rate of 60a373c.
+fix of their gradients, or with the current rounding learning rate (docs/notes/rapq.md).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_configs import bias_corrected, row_config  # noqa: E402
 from common import MODELS, RESULTS  # noqa: E402
 from rapq import SETTINGS  # noqa: E402
+from report import unpadded  # noqa: E402
 
 from lowbit.report import format_table  # noqa: E402
 
@@ -93,14 +94,14 @@ def table() -> list[dict]:
 
 
 def main() -> None:
-    print(format_table(table(), ["model", "W/A", "float", *COLUMNS.values(), "Brevitas PoT"],
-                       markdown=True))
-    print("\nᴳ: GPU row (rapq_gpu.json); *: measured before the exponent search (c3a1f22); "
-          f"†: learned activation scales before their gradient fix ({GRAD_FIX}); "
-          "§: rounding learning rate min(0.1, 30 / steps) (60a373c; unmarked reconstruction "
-          "rows ran 3e-3); "
+    print(unpadded(format_table(table(), ["model", "W/A", "float", *COLUMNS.values(),
+                                          "Brevitas PoT"], markdown=True)))
+    print("\nᴳ: GPU row (rapq_gpu.json); *: measured before the exponent search; "
+          "†: learned activation scales measured before their gradient fix; "
+          "§: the default rounding learning rate min(0.1, 30 / steps) (unmarked reconstruction "
+          "rows ran the old 3e-3); "
           "config in brackets (only where the plain method has no row): benchmarks/configs/; "
-          "bias-corrected rows left out.")
+          "bias-corrected rows left out. What each change was: docs/notes/rapq.md.")
 
 
 if __name__ == "__main__":

@@ -114,8 +114,8 @@ class TrainableQuant(nn.Module):
             if not self.log2_scale.requires_grad:
                 # A fixed scale (power-of-two activations in reconstruction): the plain kernels
                 # give the same values and input gradient without the learnable ones' scale
-                # and zero-point reductions (10-18 % of a MobileNetV2 unit's time on a CPU,
-                # benchmarks/recon_speed.py).
+                # and zero-point reductions, a noticeable share of a unit's time on a CPU
+                # (docs/notes/rapq.md).
                 zpi = torch.round(zp).to(torch.int32)
                 if s.numel() == 1:
                     return torch.fake_quantize_per_tensor_affine(
@@ -227,8 +227,8 @@ ROUND_TRAVEL = 30.0  # lr_round * iters of the default: 0.1 at 300 steps, 0.03 a
 def default_lr_round(iters: int) -> float:
     """The rounding learning rate for ``iters`` steps: ``ROUND_TRAVEL / iters``, at most 0.1.
 
-    Measured on ResNet-20 W2A4 (benchmarks/round_weight.py): 300 steps reach 88.74 % at 0.1
-    against 80.51 % at BRECQ-like 3e-3; 1,000 steps 89.04 % at 0.03 against 86.37 %.
+    A logit must travel past about +-2.4 for its offset to settle, and Adam moves it by about
+    the learning rate per step; the measurements are in docs/notes/rapq.md.
     """
     return min(0.1, ROUND_TRAVEL / max(1, iters))
 
@@ -244,7 +244,7 @@ class ReconOptions:
     :func:`default_lr_round` for ``iters``. Adam moves a logit by about this much per step,
     and an offset is decided (0 or 1) only once its logit passes about +-2.4, so
     ``lr_round * iters`` must be well above that: BRECQ's 1e-3 suits its 20,000 steps, not the
-    hundreds a CPU affords (docs/rapq.md, "Learning rate of the rounding").
+    hundreds a CPU affords (docs/rapq.md, "Design rationale").
 
     ``learn_a_scale``: learn activation scales by gradient; ``None`` does for float scales and
     not for power-of-two ones, whose straight-through exponent jumps by a factor of two only
