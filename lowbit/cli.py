@@ -135,11 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(pq)
     _quant_args(pq)
     pq.add_argument(
-        "--method", default="mse",
+        "--method", default=None,
         help="PTQ method: minmax, percentile or mse (range calibration; default mse); pot, "
         "rapq-quick, rapq (power-of-two scales) or brecq (reconstruction, float scales)",
     )
-    pq.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
+    pq.add_argument(
+        "--method-config", default=None, metavar="FILE",
+        help="the method and all its options from a YAML/JSON file: a method config "
+        "('method: rapq' and its fields), or a results JSON of 'lowbit ptq -o' (its "
+        "method_config), which reruns that run; the option flags below override its fields",
+    )
+    pq.add_argument("--percentile", type=float, default=None,
+                    help="for --method percentile (default: the config's, 99.99)")
     pq.add_argument("--iters", type=int, default=None,
                     help="rapq/brecq: reconstruction steps per block (default 1000; rapq: 0 runs "
                     "each block's exponent search alone)")
@@ -160,13 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="re-centre each quantized layer's output mean on the float model's "
                     "(empirical bias correction, last step; any method)")
     pq.add_argument("--pot-rescale", nargs="?", const="depthwise", default=None,
-                    choices=["depthwise", "all", "streams", "depthwise+streams", "all+streams"],
+                    choices=["depthwise", "all"],
                     help="pot/rapq-quick/rapq: before the scale search, rescale each conv -> "
-                    "ReLU6 -> depthwise conv pair ('all': every conv -> ReLU6 -> conv pair; "
-                    "'streams', experimental, measured worse: each linear residual stream by one "
-                    "factor; '+' joins them) so "
-                    "their power-of-two grids fit better, the float model unchanged; pairs are "
-                    "best with --dw-act-per-channel")
+                    "ReLU6 -> depthwise conv pair ('all': every conv -> ReLU6 -> conv pair) so "
+                    "their power-of-two grids fit better, the float model unchanged; best with "
+                    "--dw-act-per-channel")
     pq.add_argument("--output", "-o", default=None, help="write results JSON here")
     pq.add_argument("--save", default=None,
                     help="save the quantized model to this folder (model.safetensors, "
@@ -310,25 +315,32 @@ def cmd_eval(args) -> int:
 
 
 def _ptq_options(args) -> dict:
-    """Method options given on the command line, refused when the method does not take them."""
-    import inspect
-
-    from .ptq import PTQ_METHODS
-
+    """Method options given on the command line (flags left out are not in it)."""
     bn = {"auto": None, "on": True, "off": False}
     given = {"iters": args.iters, "round_weight": args.round_weight,
-             "lr_round": args.lr_round,
-             "quick_iters": args.quick_iters,
+             "lr_round": args.lr_round, "quick_iters": args.quick_iters,
              "bn_guided": bn[args.bn_guided] if args.bn_guided else None,
              "bias_correction": True if args.bias_correction else None,
-             "pot_rescale": args.pot_rescale}
-    opts = {k: v for k, v in given.items() if v is not None or (k == "bn_guided" and args.bn_guided)}
-    params = inspect.signature(PTQ_METHODS[args.method]).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+             "pot_rescale": args.pot_rescale, "percentile": args.percentile}
+    return {k: v for k, v in given.items() if v is not None or (k == "bn_guided" and args.bn_guided)}
+
+
+def _method_config(args, opts: dict):
+    """The typed method config: ``--method-config``'s (if given) with the flags' options over
+    it; a flag the method does not take is refused."""
+    from .ptq import PTQ_METHODS, load_method_config, method_config
+
+    start = load_method_config(args.method_config) if args.method_config else None
+    name = args.method or (start.method if start else "mse")
+    if start is not None and name != start.method:
+        raise LowbitError(f"--method {name} disagrees with --method-config {args.method_config} "
+                          f"(method {start.method}); give one of them")
+    if name not in PTQ_METHODS:
+        raise LowbitError(f"unknown --method {name!r}; choose one of {sorted(PTQ_METHODS)}")
     for k in opts:
-        if k not in params and not takes_any:
-            raise LowbitError(f"--{k.replace('_', '-')} does not apply to --method {args.method}")
-    return opts
+        if k not in PTQ_METHODS[name].config.model_fields:
+            raise LowbitError(f"--{k.replace('_', '-')} does not apply to --method {name}")
+    return method_config(start or name, **opts)
 
 
 def cmd_ptq(args) -> int:
@@ -339,19 +351,14 @@ def cmd_ptq(args) -> int:
     from .models import check_weights_given, get_model, get_spec
     from .outputs import check_outputs
     from .pipeline import build_data, save_quantized, weights_record
-    from .ptq import PTQ_METHODS, ptq
+    from .ptq import ptq
     from .report import format_table, write_json
 
-    if args.method not in PTQ_METHODS:
-        raise LowbitError(f"unknown --method {args.method!r}; choose one of {sorted(PTQ_METHODS)}")
+    opts = _ptq_options(args)
+    mc = _method_config(args, opts)
     check_outputs(files={"--output/-o": args.output}, folders={"--save": args.save})
     check_weights_given(args.model, args.weights, args.random_init)
     config = _config_from_args(args)
-    if args.method == "percentile":
-        config = config.model_copy(update={
-            side: getattr(config, side).model_copy(update={"percentile": args.percentile})
-            for side in ("weight", "act") if getattr(config, side) is not None
-        })
     spec = get_spec(args.model)
     model = get_model(args.model, args.weights).to(memory_format=torch.channels_last)
     data = build_data(spec, args.dataset, args.data_root, calib_dataset=args.calib_dataset,
@@ -360,9 +367,8 @@ def cmd_ptq(args) -> int:
                       workers=args.workers, seed=args.seed)
     progress = not args.no_progress
     t0 = time.perf_counter()
-    opts = _ptq_options(args)
-    log.info("ptq %s: calibrating on %d images", args.method, len(data.calib.dataset))
-    qmodel = ptq(model, args.method, data.calib, config, data.example, progress=progress, **opts)
+    log.info("ptq %s: calibrating on %d images", mc.method, len(data.calib.dataset))
+    qmodel = ptq(model, mc, data.calib, config, data.example, progress=progress)
     ptq_seconds = time.perf_counter() - t0
     print(qmodel.lowbit_report.summary())
     cov = qmodel.lowbit_report.calib_coverage
@@ -373,7 +379,7 @@ def cmd_ptq(args) -> int:
     rows = [
         dict(model="float", top1=float_res.top1, top5=float_res.top5, agree=100.0,
              size_KiB=fcost.size_bytes / 1024, GBitOPs=fcost.bitops / 1e9),
-        dict(model=f"{args.method} W{args.w_bits}A{args.a_bits or 'float'}", top1=q_res.top1,
+        dict(model=f"{mc.method} W{args.w_bits}A{args.a_bits or 'float'}", top1=q_res.top1,
              top5=q_res.top5, agree=q_res.agreement, size_KiB=qcost.size_bytes / 1024,
              GBitOPs=qcost.bitops / 1e9),
     ]
@@ -384,12 +390,14 @@ def cmd_ptq(args) -> int:
         save_quantized(qmodel, args.save, {"model": args.model,
                                             "weights": weights_record(args.weights),
                                             "random_init": args.weights is None,
-                                            "method": args.method, "protocol": data.protocol})
+                                            "method": mc.method, "method_config": mc.to_dict(),
+                                            "protocol": data.protocol})
         print(f"quantized model saved to {args.save}")
     if args.output:
         write_json(args.output, {
-            "model": args.model, "weights": weights_record(args.weights), "method": args.method,
-            "options": opts, "config": config.to_dict(), "protocol": data.protocol,
+            "model": args.model, "weights": weights_record(args.weights), "method": mc.method,
+            "options": opts, "method_config": mc.to_dict(), "config": config.to_dict(),
+            "protocol": data.protocol,
             "protocol_info": data.protocol_info, "calib_coverage": coverage,
             "ptq_seconds": ptq_seconds,
             "float": float_res.to_dict(), "quantized": q_res.to_dict(),

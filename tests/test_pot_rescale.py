@@ -158,7 +158,7 @@ def test_per_tensor_depthwise_inputs_get_one_factor():
 
 def test_bad_options_are_refused():
     x = _data()
-    with pytest.raises(ConfigError, match="float scales"):
+    with pytest.raises(ConfigError, match="'brecq' takes no option pot_rescale"):
         lowbit.ptq(_model(), "brecq", [x], QuantConfig.uniform(4, 4), x[:2], pot_rescale=True,
                    progress=False)
     with pytest.raises(ConfigError, match="pot_rescale must be"):

@@ -138,7 +138,7 @@ def _config_method(path: str) -> str | None:
 
 def build_recipe(args):
     """The recipe file (if any) with the command-line flags applied on top."""
-    from ..config import validate_settings
+    from ..config import validate_model
     from .recipes import Recipe, load_recipe
     from .schedule import Stage, parse_stages
 
@@ -173,7 +173,7 @@ def build_recipe(args):
         w = args.w_bits if args.w_bits is not None else 4
         a = args.a_bits if args.a_bits is not None else w
         data["stages"] = [Stage(w_bits=w, a_bits=a).model_dump()]
-    return validate_settings(Recipe, data, "qat settings")
+    return validate_model(Recipe, data, "qat settings")
 
 
 def run_folder(args, command: str, model: str, checkpoints=("checkpoint.pt",)):

@@ -130,10 +130,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _settings(args):
-    from ..config import validate_settings
+    from ..config import validate_model
     from .sdq import SDQSettings
 
-    return validate_settings(SDQSettings, dict(
+    return validate_model(SDQSettings, dict(
         min_bits=args.min_bits, max_bits=args.max_bits, a_bits=args.a_bits,
         first_last=args.first_last, per_channel=not args.per_tensor, observer=args.observer,
         steps=args.steps,
@@ -223,10 +223,10 @@ def _train_loader(spec, args):
 def _retrain_config(args):
     """The sweep's retraining flags as a QAT ``TrainConfig``: one lr for weights and LSQ steps
     and no weight decay (as the sweep always retrained), no step log (it keeps only the score)."""
-    from ..config import validate_settings
+    from ..config import validate_model
     from ..qat.trainer import TrainConfig
 
-    return validate_settings(TrainConfig, dict(
+    return validate_model(TrainConfig, dict(
         epochs=args.retrain_epochs, max_steps_per_epoch=args.retrain_steps,
         optimizer=args.retrain_optimizer, lr=args.retrain_lr, quant_lr=None,
         weight_decay=0.0, grad_clip=args.retrain_grad_clip,
