@@ -149,7 +149,7 @@ def _names(value: str | None) -> list[str] | None:
 
 
 def _dqss_settings(args):
-    from ..config import validate_settings
+    from ..config import validate_model
     from .dqss import DQSSSettings
 
     given = dict(
@@ -164,14 +164,15 @@ def _dqss_settings(args):
         w_candidates=_names(args.w_candidates) or _names(args.candidates),
         a_candidates=_names(args.a_candidates) or _names(args.candidates),
     )
-    return validate_settings(DQSSSettings, {k: v for k, v in given.items() if v is not None},
+    return validate_model(DQSSSettings, {k: v for k, v in given.items() if v is not None},
                      "dqss options")
 
 
 def _run_dqss(args) -> int:
     """``--method dqss``: one search, its files, and the command that applies the config."""
     from ..errors import ConfigError
-    from ..models import get_model, get_spec
+    from ..models import check_weights_given, get_model, get_spec
+    from ..qat.cli import run_folder
     from .registry import run_search
 
     if args.budget:
@@ -180,6 +181,9 @@ def _run_dqss(args) -> int:
     if not args.model:
         raise LowbitError("give --model (and --mode ptq|qat)")
     settings = _dqss_settings(args)
+    check_weights_given(args.model, args.weights, args.random_init)
+    run_folder(args, "search", args.model)
+    print(f"run folder: {args.output_dir}")
     spec = get_spec(args.model)
     model = get_model(args.model, args.weights)
     train = _train_loader(spec, args)

@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from ..config import EdgePolicy, LayerRule, QuantConfig, validate_settings
+from ..config import EdgePolicy, LayerRule, QuantConfig, validate_model
 from ..cost.model import measure
 from ..errors import ConfigError
 from ..prepare import calibrate, prepare, quant_layers
@@ -265,9 +265,9 @@ def dqss_search(
         raise ConfigError("DQSS chooses each layer's quantizer at given bits and takes no budget; "
                           "set the bits with w_bits/a_bits (or base_config, e.g. SDQ's result)")
     if settings is None:
-        settings = validate_settings(DQSSSettings, overrides, "DQSS settings")
+        settings = validate_model(DQSSSettings, overrides, "DQSS settings")
     elif overrides:
-        settings = validate_settings(DQSSSettings, {**settings.model_dump(), **overrides}, "DQSS settings")
+        settings = validate_model(DQSSSettings, {**settings.model_dump(), **overrides}, "DQSS settings")
     t0 = time.perf_counter()
     torch.manual_seed(settings.seed)
     base = base_config(settings)
