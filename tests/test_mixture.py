@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lowbit import ConfigError, calibrate
@@ -118,3 +120,21 @@ def test_strategy_names():
     assert strategy_fields("pact:percentile", "mse") == {"kind": "pact", "observer": "percentile"}
     with pytest.raises(ConfigError, match="unknown observer"):
         strategy_fields("lsq:oops", "mse")
+
+
+@settings(max_examples=20, deadline=None)
+@given(logits=st.lists(st.floats(-5, 5), min_size=3, max_size=3),
+       temperature=st.floats(0.05, 5.0), seed=st.integers(0, 2**16))
+def test_the_mixture_is_a_convex_combination_of_its_candidates(logits, temperature, seed):
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(seed)).relu()
+    aq = UniformQuantizer(bits=3, signed=None, symmetric=True)
+    mix = mixture_like(aq, A_NAMES, "minmax", temperature=temperature)
+    calibrate(mix, [x], progress=False)
+    with torch.no_grad():
+        mix.logits.copy_(torch.tensor(logits))
+    outs = torch.stack([c.quantize(x) for c in mix.candidates])
+    with torch.no_grad():
+        y, p = mix(x), mix.probabilities()
+    assert abs(float(p.sum()) - 1) < 1e-5 and bool((p >= 0).all())
+    assert bool((y >= outs.min(0).values - 1e-5).all() & (y <= outs.max(0).values + 1e-5).all())
+    assert torch.allclose(y, (p.view(-1, 1, 1, 1, 1) * outs).sum(0), atol=1e-5)
