@@ -12,6 +12,7 @@ from lowbit.data import load_dataset, make_loader, subset
 from lowbit.models import get_model, get_spec
 from lowbit.prepare import quant_layers
 from lowbit.ptq import ptq
+from lowbit.qat import TrainHook
 from lowbit.quant import MixtureQuantizer
 from lowbit.search import DQSSResult, DQSSSettings, dqss_search, run_search, search_names
 from lowbit.train import train_epochs
@@ -155,3 +156,29 @@ def test_first_last_same_searches_the_edges_too(digits):
                                                 "finetune_iters": 2})
     assert list(r.choices) == ["features.0", "features.3", "features.6", "fc"]
     assert {n: m.w_bits for n, m in quant_layers(r.model)}["fc"] == 3
+
+
+class Interrupt(TrainHook):
+    """Simulates a kill after ``at`` search steps."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, ctx):
+        if ctx.step + 1 == self.at:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_qat_search_resumes_to_the_uninterrupted_result(digits, tmp_path):
+    model, loader, ex = digits
+    fresh = lambda: make_loader(loader.dataset, 64, shuffle=True, seed=3)  # noqa: E731
+    opts = {**QAT, "steps": 10, "check_every": 2}
+    full = dqss_search(model, fresh(), None, ex, output_dir=tmp_path / "a", **opts)
+    with pytest.raises(KeyboardInterrupt):
+        dqss_search(model, fresh(), None, ex, output_dir=tmp_path / "b",
+                    hooks=[Interrupt(len(loader) + 2)], **opts)
+    resumed = dqss_search(model, fresh(), None, ex, output_dir=tmp_path / "b", resume=True,
+                          **opts)
+    assert resumed.choices == full.choices and resumed.history == full.history
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
