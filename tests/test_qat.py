@@ -325,3 +325,20 @@ def test_hook_stops_the_run_and_owns_a_parameter_group(tmp_path):
     t2.fit(resume=True)  # a stopped run trains no further
     assert t2.global_step == 8
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in q.state_dict().items())
+
+
+def test_qat_trains_a_config_that_mixes_kinds_per_layer():
+    """A DQSS result names a quantizer kind per layer; QAT retrains it as it is."""
+    from lowbit.config import LayerRule
+    from lowbit.prepare import quantizers
+
+    base = method_config("lsq", 4, 4)
+    cfg = base.model_copy(update={"layers": [LayerRule(
+        match="3", weight={"kind": "qil"}, act={"kind": "pact"})]})
+    res = qat(net(), "lsq", loader(), calib_data=[dataset().tensors[0][:32]],
+              example_inputs=dataset().tensors[0][:8], config=cfg,
+              train=TrainConfig(**{**CFG, "epochs": 1}))
+    kinds = {q.name: q.kind for q in quantizers(res.model)}
+    assert kinds["3.weight_quant"] == "qil" and kinds["3.input_quant"] == "pact"
+    assert kinds["0.weight_quant"] == "lsq" or kinds["0.weight_quant"] == "uniform"
+    assert len(res.history) == 1 and res.history[0]["loss"] == res.history[0]["loss"]

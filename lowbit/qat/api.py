@@ -82,7 +82,8 @@ def qat(
 
     ``stages`` (e.g. ``"5/5,4/4,3/3"``) runs progressive fine-tuning; otherwise one stage at
     ``w_bits``/``a_bits``. ``config`` replaces the method's default QuantConfig for a
-    single-stage run (e.g. a mixed-precision result). ``config_options`` are passed to
+    single-stage run (e.g. a mixed-precision result, or per-layer quantizer kinds found by
+    DQSS: its kinds may differ from ``method``, which then only names the run). ``config_options`` are passed to
     :func:`method_config` (``per_channel``, ``first_last``, ``observer``, ``learn_gamma``).
     ``resume=True`` continues from ``output_dir/checkpoint.pt`` if it exists.
     """
@@ -106,13 +107,12 @@ def qat(
     if dist_ctx is not None:
         model = model.to(dist_ctx.device)
     qmodel = prepare(model, first, example_inputs)
-    if any(q.kind != method for q in quantizers(qmodel)):
-        raise ConfigError(f"the config's quantizer kinds do not match method {method!r}")
     calibrate(qmodel, calib_data, num_batches=calib_batches, progress=train.progress)
     if eval_fn is None and eval_data is not None:
         def eval_fn(m):
             return {"top1": evaluate(m, eval_data, progress=False).top1}
     run_info = {"model": model_name or type(model).__name__, "method": method,
+                "kinds": sorted({q.kind for q in quantizers(qmodel)}),
                 "quant": first.to_dict(), "options": {k: str(v) for k, v in opts.items()}}
     history = run_stages(qmodel, stages, stage_config, train_data, train, hooks=hooks,
                          output_dir=output_dir, run_info=run_info, eval_fn=eval_fn,
