@@ -1,0 +1,1 @@
+"""Export: integer-only reference, ONNX QCDQ for onnxruntime, packed low-bit weights."""

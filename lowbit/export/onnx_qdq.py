@@ -1,0 +1,414 @@
+"""ONNX QCDQ (quantize - clip - dequantize) for onnxruntime, written with ``onnx.helper``.
+
+torch's exporters refuse fake-quant ranges other than 8 bits, so the graph is written from
+lowbit's graph and each quantizer's grid directly. Per layer: the input codes in a uint8/int8
+container (``QuantizeLinear``; a ``Clip`` to the b-bit code range when b < 8, merged with any
+activation clamp), ``DequantizeLinear`` -> ``Conv``/``Gemm`` with int8 weights dequantized per
+output channel (explicit ``axis=0``: onnxruntime's default axis 1 mis-scales square convs) and
+the int32 bias at ``s_x * s_w``, then ``QuantizeLinear`` onto the grid the integer reference
+requantizes to. onnxruntime fuses that pattern into QLinearConv/QGemm; a b-bit container with
+a Clip still fuses (its int4 QDQ types would fall back to float).
+
+What has no integer grid (a layer whose output is not requantized before the next op, a
+per-channel activation grid, a layer kept float) is written in dequantized float form and listed
+in the export report, never dropped. The graph's input is the float tensor the torch model
+takes (normalised NCHW, dynamic batch), its output the float output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .integer import Grid, IntegerModel
+from .ops import ExportError, Op
+
+OPSET = 21
+
+
+@dataclass
+class _Float:
+    name: str
+
+
+@dataclass
+class _Codes:
+    name: str
+    grid: Grid
+    lo: int
+    hi: int
+
+
+@dataclass
+class ExportReport:
+    """What was exported as integers, what stayed float and why."""
+
+    integer: list[str] = field(default_factory=list)
+    dequantized: dict[str, str] = field(default_factory=dict)
+    bits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    shifts_only: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"integer layers: {len(self.integer)}"]
+        for name in self.integer:
+            w, a = self.bits.get(name, ("?", "?"))
+            lines.append(f"  {name}: W{w}A{a}")
+        for name, why in self.dequantized.items():
+            lines.append(f"dequantized (float): {name}: {why}")
+        if self.shifts_only is not None:
+            lines.append(f"power-of-two requantization (shifts only): {self.shifts_only}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"integer": self.integer, "dequantized": self.dequantized,
+                "bits": {k: list(v) for k, v in self.bits.items()},
+                "shifts_only": self.shifts_only, **self.extra}
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError:
+        from ..errors import ConfigError
+
+        raise ConfigError("ONNX export needs the onnx package: pip install lowbit[export]") \
+            from None
+    return onnx
+
+
+class _Writer:
+    def __init__(self, im: IntegerModel, example: torch.Tensor):
+        self.onnx = _onnx()
+        self.h = self.onnx.helper
+        self.im = im
+        self.nodes: list = []
+        self.inits: list = []
+        self.counter = 0
+        self.report = ExportReport()
+        self.shapes = _shapes(im, example)
+
+    # -- small builders --------------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        self.counter += 1
+        return f"{base.replace('.', '_')}_{self.counter}"
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op_type: str, inputs: list[str], base: str, **attrs) -> str:
+        out = self.fresh(base)
+        self.nodes.append(self.h.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def container(self, grid: Grid):
+        return np.int8 if grid.signed else np.uint8
+
+    def grid_consts(self, grid: Grid, base: str) -> tuple[str, str, dict]:
+        dtype = self.container(grid)
+        per_channel = grid.scale.numel() > 1
+        scale = grid.scale.numpy().astype(np.float32)
+        zp = grid.zero_point.numpy().astype(dtype)
+        if not per_channel:
+            scale, zp = scale.reshape(()), zp.reshape(())
+        attrs = {"axis": 1} if per_channel else {}
+        return self.const(base + "_scale", scale), self.const(base + "_zp", zp), attrs
+
+    # -- value conversions -----------------------------------------------------------------
+    def quantize(self, v, grid: Grid, base: str) -> _Codes:
+        if isinstance(v, _Codes):
+            if v.grid.same(grid):
+                return v
+            v = self.as_float(v)
+        s, z, attrs = self.grid_consts(grid, base + "_q")
+        out = self.node("QuantizeLinear", [v.name, s, z], base + "_q", **attrs)
+        return _Codes(out, grid, grid.qmin, grid.qmax)
+
+    def materialize(self, v: _Codes) -> str:
+        """The codes tensor with its pending Clip (b-bit range and clamps) applied."""
+        info = np.iinfo(self.container(v.grid))
+        if (v.lo, v.hi) == (info.min, info.max):
+            return v.name
+        dtype = self.container(v.grid)
+        lo = self.const("clip_lo", np.array(v.lo, dtype=dtype))
+        hi = self.const("clip_hi", np.array(v.hi, dtype=dtype))
+        name = self.node("Clip", [v.name, lo, hi], "clip")
+        v.name, v.lo, v.hi = name, int(info.min), int(info.max)
+        return name
+
+    def as_float(self, v) -> _Float:
+        if isinstance(v, _Float):
+            return v
+        codes = self.materialize(v)
+        s, z, attrs = self.grid_consts(v.grid, "dq")
+        return _Float(self.node("DequantizeLinear", [codes, s, z], "dq", **attrs))
+
+    def requant_out(self, node: fx.Node, y: _Float, base: str):
+        q = self.im.targets.get(node)
+        if q is None:
+            return y
+        return self.quantize(y, Grid.of(q), base)
+
+    # -- ops -------------------------------------------------------------------------------
+    def layer(self, op: Op, v):
+        lf = self.im.layers[op.name]
+        mod = op.module
+        x = self.quantize(v, lf.input_grid, op.name)
+        xf = self.as_float(x)
+        w_codes = lf.weight_codes.numpy().astype(np.int8)
+        w = self.const(op.name + "_w", w_codes)
+        ws = self.const(op.name + "_w_scale", lf.weight_scale.numpy().astype(np.float32))
+        wz = self.const(op.name + "_w_zp", np.zeros(w_codes.shape[0], np.int8))
+        wf = self.node("DequantizeLinear", [w, ws, wz], op.name + "_wdq", axis=0)
+        inputs = [xf.name, wf]
+        if lf.bias is not None:
+            b = self.const(op.name + "_b", lf.bias.numpy().astype(np.int32))
+            bs = self.const(op.name + "_b_scale", lf.acc_scale.numpy().astype(np.float32))
+            bz = self.const(op.name + "_b_zp", np.zeros(lf.bias.numel(), np.int32))
+            inputs.append(self.node("DequantizeLinear", [b, bs, bz], op.name + "_bdq", axis=0))
+        if isinstance(mod, nn.Conv2d):
+            y = self.node("Conv", inputs, op.name, **_conv_attrs(mod))
+        else:
+            y = self.node("Gemm", inputs, op.name, transB=1)
+        out = self.requant_out(op.node, _Float(y), op.name)
+        self.report.bits[op.name] = (mod.w_bits, mod.a_bits)
+        why = None
+        if lf.input_grid.scale.numel() > 1:
+            why = "per-channel activation scales (onnxruntime has no per-channel QLinearConv input)"
+        elif isinstance(out, _Float):
+            why = ("its output is not requantized before the next op (no output grid): insert "
+                   "output/add quantization points (lowbit.nn.points) to run it on integers")
+        if why:
+            self.report.dequantized[op.name] = why
+        else:
+            self.report.integer.append(op.name)
+        return out
+
+    def qadd(self, op: Op, a, b):
+        grid = Grid.of(op.module.quant)
+        fa = self.as_float(self.quantize(a, grid, op.name + "_a"))
+        fb = self.as_float(self.quantize(b, grid, op.name + "_b"))
+        y = _Float(self.node("Add", [fa.name, fb.name], op.name))
+        return self.requant_out(op.node, y, op.name)
+
+    def add(self, op: Op, a, b):
+        both = isinstance(a, _Codes) and isinstance(b, _Codes)
+        y = _Float(self.node("Add", [self.as_float(a).name, self.as_float(b).name], op.name))
+        out = self.requant_out(op.node, y, op.name)
+        if not (both and isinstance(out, _Codes)):
+            self.report.dequantized[op.name] = (
+                "residual add in float: its inputs or output have no shared integer grid "
+                "(a QAdd point, lowbit.nn.points, gives them one)")
+        return out
+
+    def clamp(self, op: Op, v):
+        lo, hi = op.attrs["lo"], op.attrs["hi"]
+        if isinstance(v, _Codes) and v.grid.scale.numel() == 1 and not isinstance(hi, torch.Tensor):
+            s, z = float(v.grid.scale), int(v.grid.zero_point)
+            if lo is not None:
+                v.lo = max(v.lo, z + int(torch.round(torch.tensor(lo / s, dtype=torch.float64))))
+            if hi is not None:
+                v.hi = min(v.hi, z + int(torch.round(torch.tensor(hi / s, dtype=torch.float64))))
+            return _Codes(v.name, v.grid, v.lo, v.hi)
+        x = self.as_float(v)
+        if isinstance(hi, torch.Tensor):
+            zero = self.const("zero", np.zeros((), np.float32))
+            up = self.const("upper", hi.numpy().astype(np.float32).reshape(1, -1, 1, 1))
+            return _Float(self.node("Min", [self.node("Max", [x.name, zero], "max"), up], "min"))
+        if lo == 0.0 and hi is None:
+            return _Float(self.node("Relu", [x.name], op.name))
+        ins = [x.name, self.const("lo", np.array(lo, np.float32)) if lo is not None else "",
+               self.const("hi", np.array(hi, np.float32)) if hi is not None else ""]
+        return _Float(self.node("Clip", ins, op.name))
+
+    def avgpool(self, op: Op, v):
+        x = self.as_float(v)
+        if op.attrs["global"]:
+            y = self.node("GlobalAveragePool", [x.name], op.name)
+        else:
+            a = op.attrs
+            y = self.node("AveragePool", [x.name], op.name, kernel_shape=list(a["kernel"]),
+                          strides=list(a["stride"]), pads=list(a["padding"]) * 2,
+                          count_include_pad=1)
+        out = self.requant_out(op.node, _Float(y), op.name)
+        if op.attrs.get("squeeze"):
+            out = self.on_tensor(out, lambda n: self.node("Flatten", [n], "flatten", axis=1))
+        return out
+
+    def on_tensor(self, v, make):
+        """Apply a type-agnostic op (reshape, slice, pad...) to codes or floats alike."""
+        if isinstance(v, _Codes):
+            return _Codes(make(self.materialize(v)), v.grid, v.lo, v.hi)
+        return _Float(make(v.name))
+
+    def maxpool(self, op: Op, v):
+        a = op.attrs
+        return self.on_tensor(v, lambda n: self.node(
+            "MaxPool", [n], op.name, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+            pads=list(a["padding"]) * 2))
+
+    def flatten(self, op: Op, v):
+        start, end = op.attrs["start"], op.attrs["end"]
+        rank = len(self.shapes[op.args[0]])
+        if end not in (-1, rank - 1):
+            raise ExportError(f"{op.name}: flatten that keeps trailing dims is not exported")
+        return self.on_tensor(v, lambda n: self.node("Flatten", [n], op.name, axis=start % rank))
+
+    def reshape(self, op: Op, v, shape):
+        dims = [0 if isinstance(d, _Batch) else int(d) for d in shape]
+        c = self.const("shape", np.array(dims, np.int64))
+        return self.on_tensor(v, lambda n: self.node("Reshape", [n, c], op.name))
+
+    def pad(self, op: Op, v):
+        pad = list(op.attrs["pad"])
+        rank = len(self.shapes[op.args[0]])
+        begins, ends = [0] * rank, [0] * rank
+        for i in range(len(pad) // 2):
+            d = rank - 1 - i
+            begins[d], ends[d] = pad[2 * i], pad[2 * i + 1]
+        pads = self.const("pads", np.array(begins + ends, np.int64))
+        if isinstance(v, _Codes):
+            if v.grid.scale.numel() > 1:
+                v = self.as_float(v)
+            else:
+                value = self.const("pad_value", np.array(int(v.grid.zero_point),
+                                                         self.container(v.grid)))
+                name = self.node("Pad", [self.materialize(v), pads, value], op.name)
+                return _Codes(name, v.grid, v.lo, v.hi)
+        return _Float(self.node("Pad", [v.name, pads], op.name))
+
+    def slice(self, op: Op, v):
+        idx = op.attrs["index"]
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        starts, ends, axes, steps = [], [], [], []
+        for axis, s in enumerate(idx):
+            if s is Ellipsis:
+                raise ExportError(f"{op.name}: slicing with ... is not exported")
+            if s == slice(None):
+                continue
+            starts.append(s.start or 0)
+            ends.append(s.stop if s.stop is not None else 2**62)
+            axes.append(axis)
+            steps.append(s.step or 1)
+        cs = [self.const(n, np.array(a, np.int64)) for n, a in
+              (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))]
+        return self.on_tensor(v, lambda n: self.node("Slice", [n, *cs], op.name))
+
+    def float_module(self, op: Op, v):
+        mod = op.module
+        x = self.as_float(v)
+        self.report.dequantized[op.name] = f"kept float ({type(mod).__name__})"
+        if isinstance(mod, nn.Conv2d):
+            ins = [x.name, self.const(op.name + "_w", mod.weight.detach().numpy())]
+            if mod.bias is not None:
+                ins.append(self.const(op.name + "_b", mod.bias.detach().numpy()))
+            return _Float(self.node("Conv", ins, op.name, **_conv_attrs(mod)))
+        if isinstance(mod, nn.Linear):
+            ins = [x.name, self.const(op.name + "_w", mod.weight.detach().numpy())]
+            if mod.bias is not None:
+                ins.append(self.const(op.name + "_b", mod.bias.detach().numpy()))
+            return _Float(self.node("Gemm", ins, op.name, transB=1))
+        g = mod.weight.detach() if mod.affine else torch.ones_like(mod.running_mean)
+        b = mod.bias.detach() if mod.affine else torch.zeros_like(mod.running_mean)
+        ins = [x.name] + [self.const(op.name + k, t.numpy().astype(np.float32)) for k, t in
+                          (("_g", g), ("_b", b), ("_m", mod.running_mean),
+                           ("_v", mod.running_var))]
+        return _Float(self.node("BatchNormalization", ins, op.name, epsilon=mod.eps))
+
+    # -- the walk --------------------------------------------------------------------------
+    def write(self):
+        h, tp = self.h, self.onnx.TensorProto
+        env: dict = {}
+        inputs, output = [], None
+        for op in self.im.ops:
+            if op.kind == "input":
+                if inputs:
+                    raise ExportError("ONNX export takes models with one input tensor")
+                shape = list(self.shapes[op.node])
+                env[op.node] = _Float("input")
+                inputs.append(h.make_tensor_value_info("input", tp.FLOAT, ["batch", *shape[1:]]))
+                continue
+            if op.kind == "output":
+                output = op.args[0]
+                break
+            env[op.node] = self.step(op, env)
+        res = env[output]
+        if not isinstance(res, (_Float, _Codes)):
+            raise ExportError("ONNX export takes models with one output tensor")
+        final = self.as_float(res).name
+        self.nodes.append(h.make_node("Identity", [final], ["output"], name="output"))
+        out_shape = list(self.shapes[output])
+        outputs = [h.make_tensor_value_info("output", tp.FLOAT, ["batch", *out_shape[1:]])]
+        graph = h.make_graph(self.nodes, "lowbit", inputs, outputs, self.inits)
+        model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)],
+                             producer_name="lowbit")
+        model.ir_version = 10
+        self.onnx.checker.check_model(model, full_check=True)
+        return model
+
+    def step(self, op: Op, env: dict):
+        def val(a):
+            if isinstance(a, fx.Node):
+                return env[a]
+            if isinstance(a, (tuple, list)):
+                return type(a)(val(x) for x in a)
+            return a
+
+        args = [val(a) for a in op.args]
+        k = op.kind
+        if k == "size":
+            shape = [_Batch()] + list(self.shapes[op.args[0]][1:])
+            return shape[args[1]] if len(args) > 1 else shape
+        if k == "getitem" and isinstance(args[0], list):
+            return args[0][op.attrs["index"]]
+        if k == "reshape":
+            return self.reshape(op, args[0], [val(s) for s in op.attrs["shape"]])
+        handler = {"layer": self.layer, "qadd": self.qadd, "add": self.add, "clamp": self.clamp,
+                   "avgpool": self.avgpool, "maxpool": self.maxpool, "flatten": self.flatten,
+                   "pad": self.pad, "slice": self.slice, "float": self.float_module,
+                   "identity": lambda op, v: v}.get(k)
+        if handler is None:
+            raise ExportError(f"{op.name}: {k!r} is not written to ONNX")
+        return handler(op, *args)
+
+
+class _Batch:
+    """The dynamic batch dimension (``size(0)``): reshapes copy it (ONNX shape value 0)."""
+
+
+def _conv_attrs(mod: nn.Conv2d) -> dict:
+    if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+        raise ExportError(f"conv padding {mod.padding!r}/{mod.padding_mode!r} is not exported; "
+                          "use explicit integer zero padding")
+    ph, pw = mod.padding
+    return {"kernel_shape": list(mod.kernel_size), "strides": list(mod.stride),
+            "pads": [ph, pw, ph, pw], "dilations": list(mod.dilation), "group": mod.groups}
+
+
+def _shapes(im: IntegerModel, example: torch.Tensor) -> dict:
+    """Static shapes of every node on the example (batch dim included)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = fx.GraphModule(im.model, im.graph)
+    ShapeProp(gm).propagate(example)
+    shapes = {}
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            shapes[node.name] = tuple(meta.shape)
+    return {n: shapes[n.name] for n in im.graph.nodes if n.name in shapes}
+
+
+def to_onnx(qmodel: nn.Module, example: torch.Tensor, im: IntegerModel | None = None):
+    """The ONNX QCDQ model (an ``onnx.ModelProto``) and its :class:`ExportReport`."""
+    im = im or IntegerModel(qmodel)
+    with torch.no_grad():
+        w = _Writer(im, example.detach().cpu())
+        model = w.write()
+    w.report.shifts_only = im.power_of_two or None
+    return model, w.report
