@@ -7,6 +7,7 @@ layers it cannot quantize in float and lists them in the returned model's ``lowb
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,11 +18,11 @@ from torch import nn
 from .config import DEPTHWISE, LayerPlan, QuantConfig
 from .coverage import ClassCounter, ClassCoverage, warn_if_narrow
 from .errors import CalibrationError, ConfigError
+from .graph import GraphTraceWarning, ModelGraph, bn_fold_plan, run_example, trace_graph
+from .graph.fold import BN_TYPES
 from .nn.layers import QUANT_LAYERS, QuantLayerMixin
 from .quant.base import Quantizer, QuantMode
-from .utils import model_device
-
-BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d)
+from .utils import batch_inputs, model_device
 
 
 @dataclass
@@ -31,13 +32,15 @@ class PrepareReport:
     quantized: dict[str, tuple[int, int]] = field(default_factory=dict)
     kept_float: dict[str, str] = field(default_factory=dict)
     folded: list[tuple[str, str]] = field(default_factory=list)
+    unfolded: dict[str, str] = field(default_factory=dict)  # BN name -> why folding was unsafe
     first_layer: str = ""
     last_layer: str = ""
     policy: dict[str, str] = field(default_factory=dict)
     calib_coverage: ClassCoverage | None = None  # set by ``calibrate`` for classifiers
 
     def summary(self) -> str:
-        lines = [f"quantized {len(self.quantized)} layers, folded {len(self.folded)} BatchNorms"]
+        lines = [f"quantized {len(self.quantized)} layers, folded {len(self.folded)} BatchNorms"
+                 + (f", left {len(self.unfolded)} unfolded" if self.unfolded else "")]
         lines.append(
             f"first layer {self.first_layer!r}: {self.policy.get('first', '')}; "
             f"last layer {self.last_layer!r}: {self.policy.get('last', '')}"
@@ -53,80 +56,36 @@ def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, mod
 
 
-def _run(model: nn.Module, example_inputs) -> None:
-    """One eval-mode forward pass on the example, restoring the train/eval state after."""
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    dev = model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args))
-    finally:
-        model.train(was_training)
+def execution_order(model: nn.Module, example_inputs=None, graph: ModelGraph | None = None
+                    ) -> list[str]:
+    """Leaf module names in the order forward() first calls them.
 
-
-def execution_order(model: nn.Module, example_inputs=None) -> list[str]:
-    """Leaf module names in the order forward() first calls them (registration order if no input)."""
+    Read from the traced graph; a model fx cannot trace is followed with forward hooks on the
+    example (registration order without one). Leaves never called come last.
+    """
     leaves = list(_leaf_modules(model))
-    if example_inputs is None:
+    g = graph if graph is not None else trace_graph(model, warn=False)
+    if g.traced:
+        called = [n for n in g.order() if n in dict(leaves)]
+    elif example_inputs is not None:
+        called = []
+        handles = [m.register_forward_hook(lambda mod, i, o, n=n: called.append(n))
+                   for n, m in leaves]
+        try:
+            run_example(model, example_inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        called = list(dict.fromkeys(called))
+    else:
         return [n for n, _ in leaves]
-    order: list[str] = []
-    seen: set[str] = set()
-
-    def record(n: str) -> None:
-        if n not in seen:
-            seen.add(n)
-            order.append(n)
-
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: record(n)) for n, m in leaves]
-    try:
-        _run(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return order + [n for n, _ in leaves if n not in seen]
+    return called + [n for n, _ in leaves if n not in set(called)]
 
 
 def find_conv_bn_pairs(model: nn.Module, example_inputs=None) -> list[tuple[str, str]]:
-    """Pairs (conv, bn) where the BN consumes the conv's output directly.
-
-    With an example input this follows real tensors through forward hooks, so it works for any
-    model; without one it falls back to a conv followed by a BN of matching width in the same
-    parent (the layout of torchvision-style and Sequential models).
-    """
-    mods = dict(model.named_modules())
-    if example_inputs is None:
-        pairs = []
-        for pname, parent in model.named_modules():
-            kids = list(parent.named_children())
-            for (a, ma), (b, mb) in zip(kids, kids[1:], strict=False):
-                if isinstance(ma, (nn.Conv2d, nn.Linear)) and isinstance(mb, BN_TYPES):
-                    width = ma.out_channels if isinstance(ma, nn.Conv2d) else ma.out_features
-                    if width == mb.num_features:
-                        pre = f"{pname}." if pname else ""
-                        pairs.append((pre + a, pre + b))
-        return pairs
-    producers: dict[int, str] = {}
-    pairs: list[tuple[str, str]] = []
-    handles = []
-    for name, mod in mods.items():
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            handles.append(mod.register_forward_hook(
-                lambda m, i, o, n=name: producers.__setitem__(id(o), n)))
-        elif isinstance(mod, BN_TYPES):
-            def bn_hook(m, inputs, o, n=name):
-                src = producers.get(id(inputs[0]))
-                if src is not None and (src, n) not in pairs:
-                    pairs.append((src, n))
-            handles.append(mod.register_forward_hook(bn_hook))
-    try:
-        _run(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    used = [c for c, _ in pairs]
-    return [(c, b) for c, b in pairs if used.count(c) == 1]
+    """Conv/linear -> BN pairs that fold without changing the float function (read from the
+    model's graph; see :func:`lowbit.graph.fold.foldable_bn` for the rule)."""
+    return bn_fold_plan(trace_graph(model, warn=False), example_inputs)[0]
 
 
 @torch.no_grad()
@@ -152,12 +111,17 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def fold_batchnorm(model: nn.Module, example_inputs=None) -> list[tuple[str, str]]:
-    """Fold every conv→BN pair in place; the BN becomes ``nn.Identity``. Returns the pairs."""
+    """Fold every safe conv->BN pair in place; the BN becomes ``nn.Identity``. Returns the pairs
+    (BNs that are not safe to fold are left as they are; ``prepare`` reports why)."""
     pairs = find_conv_bn_pairs(model, example_inputs)
+    _fold(model, pairs)
+    return pairs
+
+
+def _fold(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
     for conv_name, bn_name in pairs:
         fold_bn_into(model.get_submodule(conv_name), model.get_submodule(bn_name))
         _set_submodule(model, bn_name, nn.Identity())
-    return pairs
 
 
 def type_label(mod: nn.Module, cls: type | None = None) -> str:
@@ -170,12 +134,12 @@ def type_label(mod: nn.Module, cls: type | None = None) -> str:
     return name
 
 
-def _why_float(mod: nn.Module) -> str | None:
+def _why_float(mod: nn.Module, unfolded: str | None = None) -> str | None:
     """Reason a parameterised leaf stays float, or None if it has no parameters."""
     if not any(True for _ in mod.parameters(recurse=False)):
         return None
     if isinstance(mod, BN_TYPES):
-        return "BatchNorm not folded"
+        return f"BatchNorm not folded: {unfolded}" if unfolded else "BatchNorm not folded"
     return f"unsupported layer type {type(mod).__name__}"
 
 
@@ -198,9 +162,15 @@ def prepare(
     if not inplace:
         model = copy.deepcopy(model)
     report = PrepareReport()
+    graph = trace_graph(model, warn=False)
+    if config.fold_bn and not graph.traced and any(isinstance(m, BN_TYPES)
+                                                   for m in model.modules()):
+        warnings.warn(f"{graph.why}; its BatchNorms are left unfolded (kept in float)",
+                      GraphTraceWarning, stacklevel=2)
     if config.fold_bn:
-        report.folded = fold_batchnorm(model, example_inputs)
-    order = execution_order(model, example_inputs)
+        report.folded, report.unfolded = bn_fold_plan(graph, example_inputs)
+        _fold(model, report.folded)
+    order = execution_order(model, example_inputs, graph)
     leaves = dict(_leaf_modules(model))
     quantizable = [(n, type_label(leaves[n])) for n in order if type(leaves[n]) in QUANT_LAYERS]
     plans: dict[str, LayerPlan] = config.resolve(quantizable)
@@ -211,7 +181,7 @@ def prepare(
         mod = leaves[name]
         plan = plans.get(name)
         if plan is None:
-            why = _why_float(mod)
+            why = _why_float(mod, report.unfolded.get(name))
             if why is not None:
                 report.kept_float[name] = why
             continue
@@ -270,14 +240,6 @@ def float_mode(model: nn.Module):
             q.mode = m
 
 
-def _inputs(batch):
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    if isinstance(batch, dict):
-        return batch.get("input", batch.get("image"))
-    return batch
-
-
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -308,7 +270,7 @@ def calibrate(
         for batch in tqdm(data, total=total, desc="calibrate", disable=not progress, leave=False):
             if num_batches is not None and seen >= num_batches:
                 break
-            counter.update(model(_inputs(batch).to(dev)))
+            counter.update(model(batch_inputs(batch).to(dev)))
             seen += 1
         if seen == 0:
             raise CalibrationError(

@@ -36,3 +36,13 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def batch_inputs(batch):
+    """The model input of a data batch: a tensor, the first item of ``(input, target)``, or the
+    ``input``/``image`` entry of a dict."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, dict):
+        return batch.get("input", batch.get("image"))
+    return batch

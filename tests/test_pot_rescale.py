@@ -131,13 +131,13 @@ def test_every_pair_with_one_factor_where_the_activation_is_per_tensor():
         assert r["error_after"] <= r["error_before"]
 
 
-def test_a_tensor_also_used_outside_modules_is_left_alone():
+def test_a_tensor_also_used_outside_modules_is_seen_by_the_graph_and_left_alone():
     x = _data()
     q = _pot(_model(HiddenUse), x)
     before = _float_out(q, x)
     w = q.dw.weight.detach().clone()
     rep = rescale_pairs(q, x, mode="all")
-    assert rep.rescaled == {} and "changed the float model" in rep.skipped["dw"]
+    assert rep.rescaled == {} and "act is used by more than this layer" in rep.skipped["dw"]
     assert isinstance(q.act, nn.ReLU6) and torch.equal(q.dw.weight, w)
     assert torch.equal(_float_out(q, x), before)
     with pytest.raises(ConfigError, match="nothing to rescale"):

@@ -26,8 +26,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..errors import ConfigError
+from ..graph import run_example
 from ..nn.layers import QuantLayerMixin
-from ..prepare import _run
 from . import counts
 
 FLOAT_BITS = 32
@@ -228,7 +228,7 @@ def measure(model: nn.Module, example_inputs, batch: int | None = None) -> CostR
             continue
         handles.append(mod.register_forward_hook(hook, with_kwargs=True))
     try:
-        _run(model, example_inputs)
+        run_example(model, example_inputs)
     finally:
         for h in handles:
             h.remove()

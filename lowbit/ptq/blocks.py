@@ -1,7 +1,7 @@
 """Reconstruction units and the cache that feeds them without re-running the network.
 
-A *unit* is what block reconstruction optimises at once: a residual or inverted-residual
-block when the model has one, otherwise a single quantized layer (stem, head, classifier).
+A *unit* is what block reconstruction optimises at once: a residual block found in the
+model's graph when it has one, otherwise a single quantized layer (stem, head, classifier).
 The model is traced once with ``torch.fx``, units kept as leaves, so the glue between units
 (activations, pooling, padding, additions) becomes a short list of graph nodes. Walking that
 list over the whole calibration set once, with every intermediate freed after its last use,
@@ -17,62 +17,38 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.efficientnet_lite import MBConvBlock
-from ..models.mobilenetv2 import ConvBNAct, InvertedResidual
-from ..models.resnet import BasicBlock as ImageNetBasicBlock
-from ..models.resnet_cifar import BasicBlock as CifarBasicBlock
-from ..nn.layers import QuantLayerMixin
-
-DEFAULT_BLOCK_TYPES: tuple[type[nn.Module], ...] = (
-    CifarBasicBlock, ImageNetBasicBlock, InvertedResidual, MBConvBlock, ConvBNAct,
-)
-
-
-def _has_quant_layer(mod: nn.Module) -> bool:
-    return any(isinstance(m, QuantLayerMixin) for m in mod.modules())
+from ..graph import trace_graph
 
 
 def find_units(
     model: nn.Module, block_types: Iterable[type[nn.Module]] | None = None
 ) -> list[str]:
-    """Names of reconstruction units: outermost blocks of ``block_types`` holding quantized
-    layers, plus every quantized layer outside such a block (registration order)."""
-    types = tuple(block_types) if block_types is not None else DEFAULT_BLOCK_TYPES
-    units: list[str] = []
-    for name, mod in model.named_modules():
-        if not name or any(name.startswith(u + ".") for u in units):
-            continue
-        if isinstance(mod, types) and _has_quant_layer(mod) or isinstance(mod, QuantLayerMixin):
-            units.append(name)
-    return units
-
-
-class _UnitTracer(fx.Tracer):
-    def __init__(self, units: set[str]):
-        super().__init__()
-        self.units = units
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.units or super().is_leaf_module(m, qualname)
+    """Names of reconstruction units, read from the model's graph (registration order): the
+    residual blocks and their neighbours in the same container, ``block_types`` instances, and
+    every quantized layer outside them (see :mod:`lowbit.graph.regions`)."""
+    return trace_graph(model).units(tuple(block_types or ()))
 
 
 def trace_units(model: nn.Module, units: list[str]) -> fx.Graph:
     """fx graph of ``model`` with every unit as one ``call_module`` node."""
-    try:
-        graph = _UnitTracer(set(units)).trace(model)
-    except Exception as exc:  # fx raises many types for untraceable control flow
+    g = trace_graph(model, leaf_names=units, warn=False)
+    if not g.traced:
         raise ConfigError(
-            f"block reconstruction needs a model torch.fx can trace between blocks, and "
-            f"tracing {type(model).__name__} failed ({type(exc).__name__}: {exc}); use "
-            "method 'rapq-quick' (no reconstruction) or make forward() traceable"
-        ) from None
-    called = {n.target for n in graph.nodes if n.op == "call_module"}
-    missing = [u for u in units if u not in called]
+            f"block reconstruction needs a model torch.fx can trace between blocks: {g.why}; "
+            "or use method 'rapq-quick' (no reconstruction)"
+        )
+    missing = [u for u in units if not g.calls(u)]
     if missing:
         raise ConfigError(
             f"units {missing[:3]} are never called by forward(); they cannot be reconstructed"
         )
-    return graph
+    twice = [u for u in units if len(g.calls(u)) > 1]
+    if twice:
+        raise ConfigError(
+            f"units {twice[:3]} are called more than once by forward(); a unit shared by two "
+            "places cannot be fitted to both: give each use its own module"
+        )
+    return g.graph
 
 
 def run_chunked(fn: Callable, args: tuple, kwargs: dict, n: int, chunk: int):

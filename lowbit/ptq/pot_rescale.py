@@ -31,26 +31,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import DEPTHWISE
 from ..errors import ConfigError
-from ..nn.layers import ChannelClamp, QuantLayerMixin
-from ..prepare import float_mode, type_label
+from ..graph import Chain, trace_graph
+from ..nn.layers import ChannelClamp
+from ..prepare import float_mode
 from ..quant.pot import choose_exponent, round_exponent
 
-PASS_THROUGH = (nn.Identity, nn.ZeroPad2d, nn.ConstantPad2d)
 MODES = ("depthwise", "all")
 EXPONENT_TRIES = 5  # exponents tried below the one that covers the largest value, inclusive
 CHANNEL_CHUNK = 64  # rows evaluated at once (bounds the [rows, factors, samples] tensor)
-
-
-@dataclass
-class Chain:
-    """One ``producer -> act -> consumer`` pattern found in a prepared model."""
-
-    producer: str
-    act: str
-    consumer: str
-    depthwise: bool
 
 
 @dataclass
@@ -66,113 +55,14 @@ class RescaleReport:
         return "\n".join(lines)
 
 
-def _units(model: nn.Module) -> dict[str, nn.Module]:
-    """Leaf modules, with a quantized layer counted as one (its quantizers are inside it)."""
-    units: dict[str, nn.Module] = {}
-    inside = None  # prefix of the quantized layer whose submodules are being listed
-    for name, mod in model.named_modules():  # pre-order: a layer's submodules follow it
-        if not name or (inside is not None and name.startswith(inside)):
-            continue
-        if isinstance(mod, QuantLayerMixin):
-            inside = name + "."
-            units[name] = mod
-        elif not any(True for _ in mod.children()):
-            units[name] = mod
-    return units
-
-
-def _homogeneous_act(mod: nn.Module) -> bool:
-    """ReLU, ReLU6 (or a Hardtanh clipping at 0 from below): act(x / f) = act'(x) / f."""
-    if isinstance(mod, (nn.ReLU, ChannelClamp)):
-        return True
-    return isinstance(mod, nn.Hardtanh) and mod.min_val == 0.0 and mod.max_val > 0.0
-
-
-def _in_channels(mod: nn.Module) -> int | None:
-    if isinstance(mod, nn.Conv2d):
-        return mod.in_channels
-    return mod.in_features if isinstance(mod, nn.Linear) else None
-
-
-@torch.no_grad()
-def find_chains(qmodel: nn.Module, example: torch.Tensor,
+def find_chains(qmodel: nn.Module, example: torch.Tensor | None = None,
                 mode: str = "depthwise") -> tuple[list[Chain], dict[str, str]]:
-    """Follow tensors through one float forward pass (hooks on every leaf) and return the
-    ``producer -> act -> consumer`` chains (into depthwise convs only, unless ``mode="all"``) in
-    execution order, and why other quantized layers do not qualify."""
+    """The ``producer -> act -> consumer`` chains of the model's graph (into depthwise convs
+    only, unless ``mode="all"``) in execution order, and why other quantized layers do not
+    qualify. ``example`` is accepted for compatibility; the graph needs no input."""
     if mode not in MODES:
         raise ConfigError(f"rescale mode must be one of {MODES}, got {mode!r}")
-    leaves = _units(qmodel)
-    made_by: dict[int, str] = {}
-    fed_from: dict[str, int] = {}
-    uses: dict[int, int] = {}
-    order: list[str] = []
-    keep: list[torch.Tensor] = []  # holds every tensor so that no id() is reused in the pass
-
-    def hook(mod, inputs, out, name):
-        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-        if len(tensors) == 1 and out is tensors[0]:
-            return  # an identity (e.g. a folded BatchNorm) hands on the same tensor
-        order.append(name)
-        for t in tensors:
-            uses[id(t)] = uses.get(id(t), 0) + 1
-        if len(tensors) == 1:
-            fed_from[name] = id(tensors[0])
-        if isinstance(out, torch.Tensor):
-            made_by[id(out)] = name
-            keep.append(out)
-        keep.extend(tensors)
-
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
-               for n, m in leaves.items()]
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
-        with float_mode(qmodel):
-            qmodel(example)
-    finally:
-        for h in handles:
-            h.remove()
-        qmodel.train(was_training)
-
-    def upstream(name: str) -> tuple[str | None, bool]:
-        """The module feeding ``name`` and whether that tensor has no other module consumer."""
-        tid = fed_from.get(name)
-        if tid is None:
-            return None, False
-        return made_by.get(tid), uses.get(tid, 0) == 1
-
-    chains, skipped = [], {}
-    for name in dict.fromkeys(order):
-        mod = leaves[name]
-        if not isinstance(mod, QuantLayerMixin):
-            continue
-        depthwise = type_label(mod, nn.Conv2d) == DEPTHWISE
-        if mode == "depthwise" and not depthwise:
-            continue
-        if getattr(mod, "groups", 1) != 1 and not depthwise:
-            skipped[name] = "grouped (not depthwise) convs are not rescaled"
-            continue
-        src, single = upstream(name)
-        while src is not None and single and isinstance(leaves[src], PASS_THROUGH):
-            src, single = upstream(src)
-        if src is None or not _homogeneous_act(leaves[src]):
-            skipped[name] = "its input is not a ReLU/ReLU6 output"
-            continue
-        if not single:
-            skipped[name] = f"the output of {src} is used by more than this layer"
-            continue
-        act = src
-        src, single = upstream(act)
-        while src is not None and single and isinstance(leaves[src], nn.Identity):
-            src, single = upstream(src)
-        prod = leaves.get(src) if src is not None else None
-        if not (single and isinstance(prod, nn.Conv2d) and prod.out_channels == _in_channels(mod)):
-            skipped[name] = ("no conv (with its BatchNorm folded) produces its input alone; "
-                             "rescaling needs fold_bn and a conv -> ReLU/ReLU6 -> layer chain")
-            continue
-        chains.append(Chain(src, act, name, depthwise))
-    return chains, skipped
+    return trace_graph(qmodel).chains(depthwise_only=mode == "depthwise")
 
 
 def relative_pot_error(values: torch.Tensor, factors: torch.Tensor, qmin: int,

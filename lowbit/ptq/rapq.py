@@ -32,9 +32,9 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..errors import CalibrationError, ConfigError
-from ..prepare import _inputs, calibrate, float_mode, prepare, quantizers
+from ..prepare import calibrate, float_mode, prepare, quantizers
 from ..quant.pot import round_exponent
-from ..utils import model_device
+from ..utils import batch_inputs, model_device
 from .bias_correction import correct_bias, float_output_means
 from .blocks import run_chunked
 from .pot_rescale import MODES as PAIR_MODES
@@ -62,7 +62,7 @@ def gather_inputs(calib_data: Iterable, num_batches: int | None = None) -> torch
     for i, batch in enumerate(calib_data):
         if num_batches is not None and i >= num_batches:
             break
-        x = _inputs(batch)
+        x = batch_inputs(batch)
         if not isinstance(x, torch.Tensor):
             raise ConfigError(f"calibration batch {i} holds no tensor input: {type(x).__name__}")
         if not bool(torch.isfinite(x).all()):
