@@ -1,8 +1,8 @@
 """ONNX QCDQ (quantize - clip - dequantize) for onnxruntime, written with ``onnx.helper``.
 
 torch's exporters refuse fake-quant ranges other than 8 bits, so the graph is written from
-lowbit's graph and each quantizer's grid directly. Per layer: the input codes in a uint8/int8
-container (``QuantizeLinear``; a ``Clip`` to the b-bit code range when b < 8, merged with any
+lowbit's graph and each quantizer's grid directly. Per layer: the input codes in a uint8
+container (signed grids shifted by 128) (``QuantizeLinear``; a ``Clip`` to the b-bit code range when b < 8, merged with any
 activation clamp), ``DequantizeLinear`` -> ``Conv``/``Gemm`` with int8 weights dequantized per
 output channel (explicit ``axis=0``: onnxruntime's default axis 1 mis-scales square convs) and
 the int32 bias at ``s_x * s_w``, then ``QuantizeLinear`` onto the grid the integer reference
@@ -98,7 +98,7 @@ class _Writer:
 
     def const(self, base: str, array: np.ndarray) -> str:
         name = self.fresh(base)
-        self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(self.onnx.numpy_helper.from_array(np.array(array, order="C"), name))
         return name
 
     def node(self, op_type: str, inputs: list[str], base: str, **attrs) -> str:
@@ -107,13 +107,13 @@ class _Writer:
         return out
 
     def container(self, grid: Grid):
-        return np.int8 if grid.signed else np.uint8
+        return np.uint8
 
     def grid_consts(self, grid: Grid, base: str) -> tuple[str, str, dict]:
         dtype = self.container(grid)
         per_channel = grid.scale.numel() > 1
         scale = grid.scale.numpy().astype(np.float32)
-        zp = grid.zero_point.numpy().astype(dtype)
+        zp = (grid.zero_point + _offset(grid)).numpy().astype(dtype)
         if not per_channel:
             scale, zp = scale.reshape(()), zp.reshape(())
         attrs = {"axis": 1} if per_channel else {}
@@ -127,7 +127,7 @@ class _Writer:
             v = self.as_float(v)
         s, z, attrs = self.grid_consts(grid, base + "_q")
         out = self.node("QuantizeLinear", [v.name, s, z], base + "_q", **attrs)
-        return _Codes(out, grid, grid.qmin, grid.qmax)
+        return _Codes(out, grid, grid.qmin + _offset(grid), grid.qmax + _offset(grid))
 
     def materialize(self, v: _Codes) -> str:
         """The codes tensor with its pending Clip (b-bit range and clamps) applied."""
@@ -209,7 +209,7 @@ class _Writer:
     def clamp(self, op: Op, v):
         lo, hi = op.attrs["lo"], op.attrs["hi"]
         if isinstance(v, _Codes) and v.grid.scale.numel() == 1 and not isinstance(hi, torch.Tensor):
-            s, z = float(v.grid.scale), int(v.grid.zero_point)
+            s, z = float(v.grid.scale), int(v.grid.zero_point) + _offset(v.grid)
             if lo is not None:
                 v.lo = max(v.lo, z + int(torch.round(torch.tensor(lo / s, dtype=torch.float64))))
             if hi is not None:
@@ -276,8 +276,8 @@ class _Writer:
             if v.grid.scale.numel() > 1:
                 v = self.as_float(v)
             else:
-                value = self.const("pad_value", np.array(int(v.grid.zero_point),
-                                                         self.container(v.grid)))
+                value = self.const("pad_value", np.array(
+                    int(v.grid.zero_point) + _offset(v.grid), self.container(v.grid)))
                 name = self.node("Pad", [self.materialize(v), pads, value], op.name)
                 return _Codes(name, v.grid, v.lo, v.hi)
         return _Float(self.node("Pad", [v.name, pads], op.name))
@@ -375,6 +375,12 @@ class _Writer:
         if handler is None:
             raise ExportError(f"{op.name}: {k!r} is not written to ONNX")
         return handler(op, *args)
+
+
+def _offset(grid: Grid) -> int:
+    """Activation codes travel in uint8 (onnxruntime's fast U8S8 kernels): a signed grid's
+    codes and zero-point move up by 128, the real values stay the same."""
+    return 128 if grid.signed else 0
 
 
 class _Batch:

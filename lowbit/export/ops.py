@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import ConfigError
+from ..graph import trace_graph
 from ..nn.layers import ChannelClamp, QuantLayerMixin
 from ..quant.base import Quantizer
 
@@ -47,25 +48,12 @@ class Op:
         return str(self.node.target) if self.node.op == "call_module" else self.node.name
 
 
-class _Tracer(fx.Tracer):
-    """lowbit's layers, quantizers and torch.nn built-ins are leaves; user modules are traced."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (QuantLayerMixin, Quantizer, ChannelClamp)):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
 def trace(model: nn.Module) -> fx.Graph:
-    """The model's fx graph (to be replaced by :func:`lowbit.graph.trace_graph` once it lands)."""
-    try:
-        return _Tracer().trace(model)
-    except Exception as exc:  # fx raises many types; the message is what helps
-        raise ExportError(
-            f"cannot trace the model with torch.fx ({type(exc).__name__}: {exc}); export needs "
-            "a traceable forward (no data-dependent control flow); wrap untraceable parts in a "
-            "module of their own and keep them float"
-        ) from None
+    """The model's fx graph, from the one graph reader (:func:`lowbit.graph.trace_graph`)."""
+    g = trace_graph(model, warn=False)
+    if not g.traced:
+        raise ExportError(f"export needs the model's graph: {g.why}")
+    return g.graph
 
 
 def _clamp_bounds(mod: nn.Module) -> tuple[float | None, float | None]:
@@ -203,6 +191,8 @@ def _method_op(node: fx.Node) -> Op:
     if m == "flatten":
         start = node.kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
         return Op("flatten", node, args[:1], {"start": start, "end": -1})
+    if m in ("add", "add_") and len(args) == 2:
+        return Op("add", node, args)
     if m in ("contiguous",):
         return Op("identity", node, args[:1])
     if m == "relu":
@@ -247,6 +237,8 @@ def input_quantizer(op: Op) -> Quantizer | None:
     """The quantizer whose grid an op requantizes its input to, if it is one that does."""
     if op.kind == "layer":
         return op.module.input_quant
+    if op.kind == "qadd":
+        return op.module.quant
     return None
 
 
@@ -270,6 +262,6 @@ def requant_target(node: fx.Node, modules: dict[str, nn.Module]) -> Quantizer | 
             cur = users[0]
             continue
         q = input_quantizer(op)
-        if q is not None and op.args and op.args[0] is cur:
+        if q is not None and cur in op.args[: 2 if op.kind == "qadd" else 1]:
             return q
         return None

@@ -18,10 +18,15 @@ class QuantLayerMixin:
 
     weight_quant: Quantizer | None
     input_quant: Quantizer | None
+    # quantization points an integer model needs (lowbit.nn.points), None unless inserted
+    output_quant: Quantizer | None
+    bias_quant: nn.Module | None
 
     def _init_quant(self, weight_quant: Quantizer | None, input_quant: Quantizer | None) -> None:
         self.weight_quant = weight_quant
         self.input_quant = input_quant
+        self.output_quant = None
+        self.bias_quant = None
 
     @property
     def w_bits(self) -> int:
@@ -37,6 +42,16 @@ class QuantLayerMixin:
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_quant(x) if self.input_quant is not None else x
+
+    def quant_bias(self) -> torch.Tensor | None:
+        bq = getattr(self, "bias_quant", None)
+        if bq is None or self.bias is None:
+            return self.bias
+        return bq(self.bias, self.input_quant, self.weight_quant)
+
+    def quant_output(self, y: torch.Tensor) -> torch.Tensor:
+        oq = getattr(self, "output_quant", None)
+        return oq(y) if oq is not None else y
 
 
 class QConv2d(QuantLayerMixin, nn.Conv2d):
@@ -62,7 +77,8 @@ class QConv2d(QuantLayerMixin, nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+        y = self._conv_forward(self.quant_input(x), self.quant_weight(), self.quant_bias())
+        return self.quant_output(y)
 
 
 class QLinear(QuantLayerMixin, nn.Linear):
@@ -86,7 +102,7 @@ class QLinear(QuantLayerMixin, nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+        return self.quant_output(F.linear(self.quant_input(x), self.quant_weight(), self.quant_bias()))
 
 
 QUANT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
