@@ -20,6 +20,7 @@ from .errors import (
     TrainingError,
 )
 from .evaluate import EvalResult, evaluate
+from .export import export  # the function; lowbit.export.* modules import as usual
 from .prepare import calibrate, float_mode, fold_batchnorm, prepare, quantizers, set_mode
 from .ptq import ptq, register_ptq
 from .quant import Quantizer, QuantMode, register_quantizer
@@ -43,6 +44,7 @@ __all__ = [
     "TrainingError",
     "calibrate",
     "evaluate",
+    "export",
     "float_mode",
     "fold_batchnorm",
     "measure",

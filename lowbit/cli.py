@@ -169,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     from .search.cli import add_parser as add_search_parser
 
     add_search_parser(sub)
+    ex = sub.add_parser("export", help="export a saved quantized model as integers: ONNX QCDQ "
+                        "for onnxruntime, an integer model folder or packed low-bit weights")
+    ex.add_argument("--quantized", required=True, help="folder written by 'lowbit ptq --save'")
+    ex.add_argument("--format", default="onnx", choices=["onnx", "int", "packed"],
+                    help="onnx (a file), int or packed (folders); default onnx")
+    ex.add_argument("--output", "-o", required=True, help="output file (onnx) or new folder")
+    ex.add_argument("--model", "-m", default=None, help="model name (default: from meta.json)")
+    ex.add_argument("--weights", "-w", default=None, help="float weights (default: meta.json)")
+    ex.add_argument("--no-check", action="store_true",
+                    help="skip running onnxruntime against the integer reference")
+    ex.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 
 
@@ -358,8 +369,14 @@ def cmd_search(args) -> int:
     return run(args)
 
 
+def cmd_export(args) -> int:
+    from .export.cli import run
+
+    return run(args)
+
+
 COMMANDS = {"demo": cmd_demo, "info": cmd_info, "eval": cmd_eval, "ptq": cmd_ptq, "qat": cmd_qat,
-            "search": cmd_search}
+            "search": cmd_search, "export": cmd_export}
 
 
 _default_showwarning = warnings.showwarning

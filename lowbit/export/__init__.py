@@ -1,1 +1,15 @@
-"""Export: integer-only reference, ONNX QCDQ for onnxruntime, packed low-bit weights."""
+"""Export a calibrated lowbit model as integers that run.
+
+* :func:`export` (also ``lowbit.export``): ONNX QCDQ for onnxruntime, an integer model folder
+  or packed low-bit weights;
+* :mod:`lowbit.export.integer`: the integer-only reference the formats are checked against;
+* :mod:`lowbit.export.onnx_qdq`, :mod:`lowbit.export.packed`: the writers.
+
+onnx and onnxruntime are optional (``pip install lowbit[export]``) and imported only when used.
+"""
+
+from .api import FORMATS, export
+from .onnx_qdq import ExportReport
+from .ops import ExportError
+
+__all__ = ["FORMATS", "ExportError", "ExportReport", "export"]

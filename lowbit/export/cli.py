@@ -1,0 +1,54 @@
+"""``lowbit export``: a folder written by ``lowbit ptq/qat --save`` to an integer model file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ModelError
+from .api import FORMATS, _need, check_output
+
+SAVED = ("config.yaml", "model.safetensors")
+
+
+def _saved_folder(directory: str) -> tuple[Path, dict]:
+    path = Path(directory).expanduser()
+    missing = [f for f in SAVED if not (path / f).is_file()]
+    if not path.is_dir() or missing:
+        raise ModelError(f"{path} is not a folder written by 'lowbit ptq --save' (missing "
+                         f"{', '.join(missing) if path.is_dir() else 'the folder'}); pass the "
+                         "folder given to --save")
+    meta_path = path / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return path, meta
+
+
+def run(args) -> int:
+    from ..errors import ConfigError
+
+    if args.format not in FORMATS:
+        raise ConfigError(f"unknown --format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    folder, meta = _saved_folder(args.quantized)
+    out = check_output(args.output, directory=args.format != "onnx")
+    if args.format == "onnx":
+        _need("onnx", "ONNX export")
+        if not args.no_check:
+            _need("onnxruntime", "checking the ONNX export (--no-check skips it)")
+    name = args.model or meta.get("model")
+    if not name:
+        raise ModelError(f"{folder}/meta.json does not name the model; give --model")
+    weights = args.weights if args.weights is not None else meta.get("weights")
+    from ..models import get_model, get_spec
+    from ..pipeline import example_input, load_quantized
+    from .api import export
+
+    spec = get_spec(name)
+    example = example_input(spec, batch=2)
+    qmodel = load_quantized(get_model(name, weights), folder, example)
+    report = export(qmodel, example, args.format, out, check=not args.no_check)
+    print(report.summary())
+    diff = report.extra.get("ort_vs_integer_max_abs")
+    if diff is not None:
+        print(f"onnxruntime against the integer reference on the example: max |diff| {diff:.3g}")
+    print(f"wrote {out} ({report.extra['bytes']} bytes)")
+    return 0
