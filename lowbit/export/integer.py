@@ -355,6 +355,8 @@ class IntegerModel:
             return self._layer(op, args[0])
         if k == "qadd":
             return self._qadd(op, args[0], args[1])
+        if k == "quant":
+            return self._codes_for(args[0], Grid.of(op.module), op.module)
         if k == "float":
             return self._float(op, args)
         if k == "size":

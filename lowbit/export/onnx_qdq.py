@@ -368,7 +368,8 @@ class _Writer:
             return args[0][op.attrs["index"]]
         if k == "reshape":
             return self.reshape(op, args[0], [val(s) for s in op.attrs["shape"]])
-        handler = {"layer": self.layer, "qadd": self.qadd, "add": self.add, "clamp": self.clamp,
+        handler = {"layer": self.layer, "qadd": self.qadd,
+                   "quant": lambda op, v: self.quantize(v, Grid.of(op.module), op.name), "add": self.add, "clamp": self.clamp,
                    "avgpool": self.avgpool, "maxpool": self.maxpool, "flatten": self.flatten,
                    "pad": self.pad, "slice": self.slice, "float": self.float_module,
                    "identity": lambda op, v: v}.get(k)

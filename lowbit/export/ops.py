@@ -75,6 +75,8 @@ def _module_op(node: fx.Node, mod: nn.Module) -> Op:
     args = list(node.args)
     if isinstance(mod, QuantLayerMixin):
         return Op("layer", node, args, module=mod)
+    if isinstance(mod, Quantizer):
+        return Op("quant", node, args, module=mod)
     if type(mod).__name__ == "QAdd":
         return Op("qadd", node, args, module=mod)
     if isinstance(mod, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
@@ -239,29 +241,35 @@ def input_quantizer(op: Op) -> Quantizer | None:
         return op.module.input_quant
     if op.kind == "qadd":
         return op.module.quant
+    if op.kind == "quant":
+        return op.module
     return None
 
 
-def requant_target(node: fx.Node, modules: dict[str, nn.Module]) -> Quantizer | None:
-    """Where the accumulator made at ``node`` is requantized, if it can be done right there:
-    the value goes, through ops that commute with rounding, to exactly one quantizer (the
-    input quantizer of a layer, or an output quantizer), and to nothing else."""
-    own = getattr(modules.get(node.target), "output_quant", None) if node.op == "call_module" \
-        else None
-    if own is not None:
-        return own
+def chain_end(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node, Op | None]:
+    """Follow ``node``'s value through single-user ops that commute with rounding; returns the
+    last node of that chain and the op that reads it (None when several ops or none do)."""
     cur = node
     while True:
         users = list(cur.users)
         if len(users) != 1:
-            return None
+            return cur, None
         op = describe(users[0], modules)
-        if op.kind in COMMUTING and op.args and op.args[0] is cur:
-            if op.kind == "clamp" and isinstance(op.attrs.get("hi"), torch.Tensor):
-                return None
-            cur = users[0]
-            continue
-        q = input_quantizer(op)
-        if q is not None and cur in op.args[: 2 if op.kind == "qadd" else 1]:
-            return q
+        commutes = op.kind in COMMUTING and op.args and op.args[0] is cur and not (
+            op.kind == "clamp" and isinstance(op.attrs.get("hi"), torch.Tensor))
+        if not commutes:
+            return cur, op
+        cur = users[0]
+
+
+def requant_target(node: fx.Node, modules: dict[str, nn.Module]) -> Quantizer | None:
+    """Where the accumulator made at ``node`` is requantized, if it can be done right there:
+    the value goes, through ops that commute with rounding, to exactly one quantizer (a
+    layer's input quantizer, a quantization point, a QAdd) and to nothing else."""
+    end, op = chain_end(node, modules)
+    if op is None:
         return None
+    q = input_quantizer(op)
+    if q is not None and end in op.args[: 2 if op.kind == "qadd" else 1]:
+        return q
+    return None

@@ -18,14 +18,11 @@ class QuantLayerMixin:
 
     weight_quant: Quantizer | None
     input_quant: Quantizer | None
-    # quantization points an integer model needs (lowbit.nn.points), None unless inserted
-    output_quant: Quantizer | None
-    bias_quant: nn.Module | None
+    bias_quant: nn.Module | None  # int32 bias point (lowbit.nn.points), None unless inserted
 
     def _init_quant(self, weight_quant: Quantizer | None, input_quant: Quantizer | None) -> None:
         self.weight_quant = weight_quant
         self.input_quant = input_quant
-        self.output_quant = None
         self.bias_quant = None
 
     @property
@@ -48,10 +45,6 @@ class QuantLayerMixin:
         if bq is None or self.bias is None:
             return self.bias
         return bq(self.bias, self.input_quant, self.weight_quant)
-
-    def quant_output(self, y: torch.Tensor) -> torch.Tensor:
-        oq = getattr(self, "output_quant", None)
-        return oq(y) if oq is not None else y
 
 
 class QConv2d(QuantLayerMixin, nn.Conv2d):
@@ -77,8 +70,7 @@ class QConv2d(QuantLayerMixin, nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._conv_forward(self.quant_input(x), self.quant_weight(), self.quant_bias())
-        return self.quant_output(y)
+        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.quant_bias())
 
 
 class QLinear(QuantLayerMixin, nn.Linear):
@@ -102,7 +94,7 @@ class QLinear(QuantLayerMixin, nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_output(F.linear(self.quant_input(x), self.quant_weight(), self.quant_bias()))
+        return F.linear(self.quant_input(x), self.quant_weight(), self.quant_bias())
 
 
 QUANT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: QConv2d, nn.Linear: QLinear}

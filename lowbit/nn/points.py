@@ -55,23 +55,22 @@ class QAdd(nn.Module):
     def __init__(self, quant: Quantizer):
         super().__init__()
         self.quant = quant
-        self.output_quant: Quantizer | None = None
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        y = self.quant(a) + self.quant(b)
-        return self.output_quant(y) if self.output_quant is not None else y
+        return self.quant(a) + self.quant(b)
 
 
 @dataclass
 class PointsReport:
-    """Which points were inserted where."""
+    """Which points were inserted where: biased layers, output quantizers (module name: the
+    node whose value it quantizes), QAdd modules."""
 
     biases: list[str] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
     adds: list[str] = field(default_factory=list)
 
     def new_quantizers(self, model: nn.Module) -> list[Quantizer]:
-        qs = [model.get_submodule(n).output_quant for n in self.outputs]
+        qs = [model.get_submodule(n) for n in self.outputs]
         return qs + [model.get_submodule(n).quant for n in self.adds]
 
 
@@ -83,85 +82,117 @@ def _spec(model: nn.Module, bits: int):
     return config.act.model_copy(update={"bits": bits, "per_channel": False, "ch_axis": 0})
 
 
-def _with_adds(model: nn.Module, graph: fx.Graph, adds: list[fx.Node], spec) -> nn.Module:
-    """The model as an fx GraphModule whose residual adds call :class:`QAdd` modules (the
-    other submodules keep their names, so their state-dict keys are unchanged)."""
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    for i, node in enumerate(adds):
-        name = f"qadd{i}"
-        q = spec.build()
-        q.name = f"{name}.quant"
-        gm.add_submodule(name, QAdd(q.to(_device(model))))
-        with graph.inserting_before(node):
-            new = graph.call_module(name, tuple(node.args[:2]))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-    gm.recompile()
-    for attr in ("lowbit_report", "lowbit_config"):
-        if hasattr(model, attr):
-            setattr(gm, attr, getattr(model, attr))
-    return gm
-
-
 def _device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
     return torch.device("cpu")
 
 
+def _add_module(gm: fx.GraphModule, name: str, mod: nn.Module) -> str:
+    gm.add_submodule(name, mod.to(_device(gm)))
+    return name
+
+
 def insert_points(model: nn.Module, *, bias: bool = True, outputs: bool = True,
                   adds: bool = True, bits: int = 8) -> tuple[nn.Module, PointsReport]:
-    """Add the integer model's quantization points to a prepared (not yet calibrated, or see
-    :func:`calibrate_points`) model, in place where possible.
+    """Add the integer model's quantization points to a prepared model (before calibration,
+    or see :func:`calibrate_points`).
 
-    ``adds`` turns every residual add into a :class:`QAdd` (the model becomes an fx
-    GraphModule with the same submodule names); ``outputs`` gives an output quantizer of
-    ``bits`` bits to each quantized layer or QAdd whose output is not requantized straight into
-    a quantizer (it feeds two branches, a pool, or the model output); ``bias`` quantizes biases
-    to int32 at ``s_x * s_w``. Returns the model and what was inserted.
+    The model becomes an fx GraphModule with the same submodule names (state-dict keys kept,
+    the points' added). ``adds`` turns every residual add into a :class:`QAdd`; ``outputs``
+    puts a ``bits``-bit quantizer (``outq<i>``) wherever a quantized layer's or QAdd's output,
+    after the activations that follow it, is not read by exactly one quantizer (it forks into
+    two branches, reaches a pool or the model output); ``bias`` quantizes biases to int32 at
+    ``s_x * s_w``. Returns the model and what was inserted.
     """
-    from ..export.ops import describe, requant_target, trace
+    from ..export.ops import chain_end, describe, requant_target
     from ..graph import trace_graph
 
     report = PointsReport()
     spec = _spec(model, bits)
+    g = trace_graph(model, warn=False)
+    if not g.traced:
+        raise ConfigError(f"quantization points need the model's graph: {g.why}")
+    graph = g.graph
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     if adds:
-        g = trace_graph(model, warn=False)
-        if not g.traced:
-            raise ConfigError(f"add quantization points need the model's graph: {g.why}")
-        merges = [n for n in g.nodes if g.is_add(n)]
-        if merges:
-            model = _with_adds(model, g.graph, merges, spec)
-            report.adds = [f"qadd{i}" for i in range(len(merges))]
+        for node in [n for n in g.nodes if g.is_add(n)]:
+            name = f"qadd{len(report.adds)}"
+            q = spec.build()
+            q.name = f"{name}.quant"
+            _add_module(gm, name, QAdd(q))
+            with graph.inserting_before(node):
+                new = graph.call_module(name, tuple(node.args[:2]))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            report.adds.append(name)
+    if outputs:
+        modules = dict(gm.named_modules())
+        for node in list(graph.nodes):
+            if node.op != "call_module":
+                continue
+            op = describe(node, modules)
+            if op.kind == "layer" and (op.module.weight_quant is None
+                                       or op.module.input_quant is None):
+                continue
+            if op.kind not in ("layer", "qadd") or requant_target(node, modules) is not None:
+                continue
+            end, _ = chain_end(node, modules)
+            name = f"outq{len(report.outputs)}"
+            q = spec.build()
+            q.name = name
+            _add_module(gm, name, q)
+            modules[name] = q
+            with graph.inserting_after(end):
+                new = graph.call_module(name, (end,))
+            end.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+            report.outputs[name] = end.name
     if bias:
-        for name, mod in model.named_modules():
+        for name, mod in gm.named_modules():
             if isinstance(mod, QuantLayerMixin) and mod.bias is not None \
                     and mod.weight_quant is not None and mod.input_quant is not None:
                 mod.bias_quant = BiasQuant()
                 report.biases.append(name)
-    if outputs:
-        graph = trace(model)
-        modules = dict(model.named_modules())
-        for node in graph.nodes:
-            op = describe(node, modules) if node.op == "call_module" else None
-            if op is None or op.kind not in ("layer", "qadd") or op.name in report.outputs:
+    gm.recompile()
+    for attr in ("lowbit_report", "lowbit_config"):
+        if hasattr(model, attr):
+            setattr(gm, attr, getattr(model, attr))
+    return gm, report
+
+
+def share_grids(model: nn.Module, report: PointsReport) -> list[str]:
+    """Give each output point the grid of a layer that reads its value with the same kind and
+    bits, so the stored tensor has one grid and that layer needs no requantization (what
+    calibrating both on the same values gives; after a PTQ method moved the layer's grid, this
+    keeps the layer's). Returns the points changed."""
+    from ..export.ops import COMMUTING, describe
+
+    graph = model.graph
+    modules = dict(model.named_modules())
+    changed = []
+    for name in report.outputs:
+        point = modules[name]
+        node = next(n for n in graph.nodes if n.op == "call_module" and n.target == name)
+        stack = list(node.users)
+        while stack:
+            op = describe(stack.pop(), modules)
+            if op.kind in COMMUTING and op.kind != "clamp":
+                stack.extend(op.node.users)
                 continue
-            if op.kind == "layer" and (op.module.weight_quant is None
-                                       or op.module.input_quant is None):
-                continue
-            if requant_target(node, modules) is None:
-                q = spec.build()
-                q.name = f"{op.name}.output_quant"
-                op.module.output_quant = q.to(_device(model))
-                report.outputs.append(op.name)
-    return model, report
+            q = op.module.input_quant if op.kind == "layer" else None
+            if q is not None and q.kind == point.kind and q.bits == point.bits \
+                    and q.calibrated and not q.per_channel and q.signed == point.signed:
+                point.load_params(q.params())
+                changed.append(name)
+                break
+    return changed
 
 
 @torch.no_grad()
 def calibrate_points(model: nn.Module, report: PointsReport, data: Iterable,
-                     num_batches: int | None = None) -> nn.Module:
+                     num_batches: int | None = None, share: bool = True) -> nn.Module:
     """Calibrate only the quantizers :func:`insert_points` added, the others as they are (e.g.
-    a model loaded from ``lowbit ptq --save``)."""
+    a model loaded from ``lowbit ptq --save``); ``share`` then applies :func:`share_grids`."""
     new = report.new_quantizers(model)
     if not new:
         return model
@@ -187,4 +218,6 @@ def calibrate_points(model: nn.Module, report: PointsReport, data: Iterable,
         raise
     finally:
         model.train(was_training)
+    if share:
+        share_grids(model, report)
     return model
