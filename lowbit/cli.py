@@ -170,15 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_search_parser(sub)
     ex = sub.add_parser("export", help="export a saved quantized model as integers: ONNX QCDQ "
-                        "for onnxruntime, an integer model folder or packed low-bit weights")
+                        "for onnxruntime, QONNX, an integer model folder or packed weights")
     ex.add_argument("--quantized", required=True, help="folder written by 'lowbit ptq --save'")
-    ex.add_argument("--format", default="onnx", choices=["onnx", "int", "packed"],
-                    help="onnx (a file), int or packed (folders); default onnx")
+    ex.add_argument("--format", default="onnx", choices=["onnx", "qonnx", "int", "packed"],
+                    help="onnx or qonnx (a file), int or packed (folders); default onnx")
     ex.add_argument("--output", "-o", required=True, help="output file (onnx) or new folder")
     ex.add_argument("--model", "-m", default=None, help="model name (default: from meta.json)")
     ex.add_argument("--weights", "-w", default=None, help="float weights (default: meta.json)")
     ex.add_argument("--no-check", action="store_true",
-                    help="skip running onnxruntime against the integer reference")
+                    help="skip running the file against the integer reference")
     ex.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 

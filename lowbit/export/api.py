@@ -23,13 +23,14 @@ from ..utils import atomic_write, atomic_write_text
 from .integer import IntegerModel, dyadic
 from .onnx_qdq import ExportReport
 
-FORMATS = ("onnx", "int", "packed")
+FORMATS = ("onnx", "qonnx", "int", "packed")
+FILE_FORMATS = ("onnx", "qonnx")
 EXTRA = "pip install lowbit[export]"
 
 
-def _need(module: str, why: str) -> None:
+def _need(module: str, why: str, extra: str = EXTRA) -> None:
     if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"{why} needs the {module} package, which is not installed: {EXTRA}")
+        raise ConfigError(f"{why} needs the {module} package, which is not installed: {extra}")
 
 
 def check_output(path: str | Path, directory: bool) -> Path:
@@ -46,6 +47,16 @@ def check_output(path: str | Path, directory: bool) -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConfigError(f"cannot write {path}: {parent} is not writable; choose another path")
     return path
+
+
+def need_packages(format: str, check: bool) -> None:
+    """The optional packages a format needs (named with the extra that installs them)."""
+    if format in FILE_FORMATS:
+        _need("onnx", f"{format.upper()} export")
+    if format == "onnx" and check:
+        _need("onnxruntime", "checking the ONNX export against the integer reference")
+    if format == "qonnx" and check:
+        _need("qonnx", "checking the QONNX export", "pip install lowbit[qonnx] (or check=False)")
 
 
 def check_calibrated(qmodel: nn.Module) -> None:
@@ -96,40 +107,59 @@ def _write_folder(path: Path, fill) -> None:
         raise
 
 
-def _ort_check(model_bytes: bytes, im: IntegerModel, example: torch.Tensor) -> dict:
-    """Run the written ONNX model with onnxruntime on the example and compare it with the
-    integer reference."""
+def _ort_check(model, im: IntegerModel, example: torch.Tensor) -> dict:
+    """Run the ONNX model with onnxruntime on the example against the integer reference."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
     got = torch.from_numpy(sess.run(None, {"input": example.numpy()})[0])
-    ref = im.run(example)
-    return {"ort_vs_integer_max_abs": float((got - ref).abs().max())}
+    return {"runtime_vs_integer_max_abs": float((got - im.run(example)).abs().max())}
+
+
+def run_qonnx(model, x: torch.Tensor) -> torch.Tensor:
+    """Execute a QONNX model with the qonnx package's executor (static shapes: the batch of
+    ``x``)."""
+    import copy
+
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    model = copy.deepcopy(model)
+    for v in (model.graph.input[0], model.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = len(x)
+    mw = ModelWrapper(model).transform(InferShapes())
+    return torch.from_numpy(execute_onnx(mw, {"input": x.numpy()})["output"])
+
+
+def _qonnx_check(model, im: IntegerModel, example: torch.Tensor) -> dict:
+    got = run_qonnx(model, example)
+    return {"runtime_vs_integer_max_abs": float((got - im.run(example)).abs().max())}
 
 
 def export(qmodel: nn.Module, example: torch.Tensor, format: str = "onnx",
            path: str | Path | None = None, *, check: bool = True) -> ExportReport:
     """Export a calibrated lowbit model.
 
-    ``format``: ``onnx`` (QCDQ for onnxruntime, a file), ``int`` (a folder: int8 weight codes,
+    ``format``: ``onnx`` (QCDQ for onnxruntime, a file), ``qonnx`` (a file: ``Quant`` nodes
+    with the true bit-widths, for FINN/hls4ml), ``int`` (a folder: int8 weight codes,
     int32 biases, dyadic requantization multipliers and shifts, ``manifest.json``) or
     ``packed`` (a folder: 1/2/4/8-bit codes packed into bytes and ``manifest.json``).
     ``example`` is one input batch (its shape fixes all but the batch dimension). ``check``
-    runs onnxruntime on the example against the integer reference (ONNX only). Returns the
+    runs the file (onnxruntime, or qonnx's executor) on the example against the integer
+    reference. Returns the
     export report: what runs on integers, what stayed float and why.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if path is None:
         raise ConfigError("give the output path")
-    out = check_output(path, directory=format != "onnx")
-    if format == "onnx":
-        _need("onnx", "ONNX export")
-        if check:
-            _need("onnxruntime", "checking the ONNX export (check=True)")
+    out = check_output(path, directory=format not in FILE_FORMATS)
+    need_packages(format, check)
     check_calibrated(qmodel)
     example = example.detach().cpu()
     was_training = qmodel.training
@@ -142,13 +172,14 @@ def export(qmodel: nn.Module, example: torch.Tensor, format: str = "onnx",
 
 def _export(qmodel, example, format, out: Path, check: bool) -> ExportReport:
     im = IntegerModel(qmodel)
-    if format == "onnx":
-        from .onnx_qdq import to_onnx
+    if format in FILE_FORMATS:
+        from .onnx_qdq import to_onnx, to_qonnx
 
-        model, report = to_onnx(qmodel, example, im)
+        model, report = (to_onnx if format == "onnx" else to_qonnx)(qmodel, example, im)
         data = model.SerializeToString()
         if check:
-            report.extra.update(_ort_check(data, im, example))
+            run = _ort_check if format == "onnx" else _qonnx_check
+            report.extra.update(run(model, im, example))
         atomic_write(out, lambda p: (Path(p).write_bytes(data), _readable(Path(p), 0o666)))
     else:
         from safetensors.torch import save_file

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import ModelError
-from .api import FORMATS, _need, check_output
+from .api import FILE_FORMATS, FORMATS, check_output, need_packages
 
 SAVED = ("config.yaml", "model.safetensors")
 
@@ -29,11 +29,8 @@ def run(args) -> int:
     if args.format not in FORMATS:
         raise ConfigError(f"unknown --format {args.format!r}; choose one of {', '.join(FORMATS)}")
     folder, meta = _saved_folder(args.quantized)
-    out = check_output(args.output, directory=args.format != "onnx")
-    if args.format == "onnx":
-        _need("onnx", "ONNX export")
-        if not args.no_check:
-            _need("onnxruntime", "checking the ONNX export (--no-check skips it)")
+    out = check_output(args.output, directory=args.format not in FILE_FORMATS)
+    need_packages(args.format, not args.no_check)
     name = args.model or meta.get("model")
     if not name:
         raise ModelError(f"{folder}/meta.json does not name the model; give --model")
@@ -47,8 +44,9 @@ def run(args) -> int:
     qmodel = load_quantized(get_model(name, weights), folder, example)
     report = export(qmodel, example, args.format, out, check=not args.no_check)
     print(report.summary())
-    diff = report.extra.get("ort_vs_integer_max_abs")
+    diff = report.extra.get("runtime_vs_integer_max_abs")
     if diff is not None:
-        print(f"onnxruntime against the integer reference on the example: max |diff| {diff:.3g}")
+        runtime = "onnxruntime" if args.format == "onnx" else "qonnx"
+        print(f"{runtime} against the integer reference on the example: max |diff| {diff:.3g}")
     print(f"wrote {out} ({report.extra['bytes']} bytes)")
     return 0

@@ -154,23 +154,30 @@ class _Writer:
             return y
         return self.quantize(y, Grid.of(q), base)
 
+    def weight(self, lf, name: str) -> str:
+        """int8 weight codes dequantized per output channel (axis 0)."""
+        w_codes = lf.weight_codes.numpy().astype(np.int8)
+        w = self.const(name + "_w", w_codes)
+        ws = self.const(name + "_w_scale", lf.weight_scale.numpy().astype(np.float32))
+        wz = self.const(name + "_w_zp", np.zeros(w_codes.shape[0], np.int8))
+        return self.node("DequantizeLinear", [w, ws, wz], name + "_wdq", axis=0)
+
+    def bias(self, lf, name: str) -> str:
+        """The int32 bias at ``s_x * s_w``, dequantized per output channel."""
+        b = self.const(name + "_b", lf.bias.numpy().astype(np.int32))
+        bs = self.const(name + "_b_scale", lf.acc_scale.numpy().astype(np.float32))
+        bz = self.const(name + "_b_zp", np.zeros(lf.bias.numel(), np.int32))
+        return self.node("DequantizeLinear", [b, bs, bz], name + "_bdq", axis=0)
+
     # -- ops -------------------------------------------------------------------------------
     def layer(self, op: Op, v):
         lf = self.im.layers[op.name]
         mod = op.module
         x = self.quantize(v, lf.input_grid, op.name)
         xf = self.as_float(x)
-        w_codes = lf.weight_codes.numpy().astype(np.int8)
-        w = self.const(op.name + "_w", w_codes)
-        ws = self.const(op.name + "_w_scale", lf.weight_scale.numpy().astype(np.float32))
-        wz = self.const(op.name + "_w_zp", np.zeros(w_codes.shape[0], np.int8))
-        wf = self.node("DequantizeLinear", [w, ws, wz], op.name + "_wdq", axis=0)
-        inputs = [xf.name, wf]
+        inputs = [xf.name, self.weight(lf, op.name)]
         if lf.bias is not None:
-            b = self.const(op.name + "_b", lf.bias.numpy().astype(np.int32))
-            bs = self.const(op.name + "_b_scale", lf.acc_scale.numpy().astype(np.float32))
-            bz = self.const(op.name + "_b_zp", np.zeros(lf.bias.numel(), np.int32))
-            inputs.append(self.node("DequantizeLinear", [b, bs, bz], op.name + "_bdq", axis=0))
+            inputs.append(self.bias(lf, op.name))
         if isinstance(mod, nn.Conv2d):
             y = self.node("Conv", inputs, op.name, **_conv_attrs(mod))
         else:
@@ -208,7 +215,8 @@ class _Writer:
 
     def clamp(self, op: Op, v):
         lo, hi = op.attrs["lo"], op.attrs["hi"]
-        if isinstance(v, _Codes) and v.grid.scale.numel() == 1 and not isinstance(hi, torch.Tensor):
+        if isinstance(v, _Codes) and v.grid.scale.numel() == 1 and not isinstance(hi, torch.Tensor) \
+                and self.integer_clamps:
             s, z = float(v.grid.scale), int(v.grid.zero_point) + _offset(v.grid)
             if lo is not None:
                 v.lo = max(v.lo, z + int(torch.round(torch.tensor(lo / s, dtype=torch.float64))))
@@ -264,6 +272,8 @@ class _Writer:
         c = self.const("shape", np.array(dims, np.int64))
         return self.on_tensor(v, lambda n: self.node("Reshape", [n, c], op.name))
 
+    integer_clamps = True  # clamps on codes become a Clip of the integer tensor
+
     def pad(self, op: Op, v):
         pad = list(op.attrs["pad"])
         rank = len(self.shapes[op.args[0]])
@@ -273,7 +283,7 @@ class _Writer:
             begins[d], ends[d] = pad[2 * i], pad[2 * i + 1]
         pads = self.const("pads", np.array(begins + ends, np.int64))
         if isinstance(v, _Codes):
-            if v.grid.scale.numel() > 1:
+            if v.grid.scale.numel() > 1 or not self.integer_clamps:
                 v = self.as_float(v)
             else:
                 value = self.const("pad_value", np.array(
@@ -345,11 +355,15 @@ class _Writer:
         out_shape = list(self.shapes[output])
         outputs = [h.make_tensor_value_info("output", tp.FLOAT, ["batch", *out_shape[1:]])]
         graph = h.make_graph(self.nodes, "lowbit", inputs, outputs, self.inits)
-        model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)],
+        model = h.make_model(graph, opset_imports=[h.make_opsetid(d, v) for d, v in self.opsets],
                              producer_name="lowbit")
         model.ir_version = 10
-        self.onnx.checker.check_model(model, full_check=True)
+        if self.check:
+            self.onnx.checker.check_model(model, full_check=True)
         return model
+
+    opsets = (("", OPSET),)
+    check = True
 
     def step(self, op: Op, env: dict):
         def val(a):
@@ -409,6 +423,72 @@ def _shapes(im: IntegerModel, example: torch.Tensor) -> dict:
         if meta is not None and hasattr(meta, "shape"):
             shapes[node.name] = tuple(meta.shape)
     return {n: shapes[n.name] for n in im.graph.nodes if n.name in shapes}
+
+
+QONNX_DOMAIN = "qonnx.custom_op.general"
+
+
+class _QonnxWriter(_Writer):
+    """QONNX: every grid is a ``Quant`` node with the true bit-width, signedness and narrow
+    range (what FINN and hls4ml read); values between them are float on the grid."""
+
+    opsets = (("", OPSET), (QONNX_DOMAIN, 1))
+    check = False  # the checker does not know the Quant op's domain
+    integer_clamps = False
+
+    def quant(self, x: str, scale: np.ndarray, zp: np.ndarray, bits: int, signed: bool,
+              narrow: bool, base: str) -> str:
+        ins = [x, self.const(base + "_scale", scale.astype(np.float32)),
+               self.const(base + "_zp", zp.astype(np.float32)),
+               self.const(base + "_bits", np.array(bits, np.float32))]
+        out = self.fresh(base + "_quant")
+        self.nodes.append(self.h.make_node("Quant", ins, [out], name=out, domain=QONNX_DOMAIN,
+                                           signed=int(signed), narrow=int(narrow),
+                                           rounding_mode="ROUND"))
+        return out
+
+    def quantize(self, v, grid: Grid, base: str) -> _Codes:
+        if isinstance(v, _Codes) and v.grid.same(grid):
+            return v
+        x = self.as_float(v).name
+        scale, zp = grid.scale.numpy(), grid.zero_point.numpy()
+        if scale.size > 1:
+            scale, zp = scale.reshape(1, -1, 1, 1), zp.reshape(1, -1, 1, 1)
+        else:
+            scale, zp = scale.reshape(()), zp.reshape(())
+        narrow = grid.signed and grid.bits > 1 and grid.qmin > -(2 ** (grid.bits - 1))
+        out = self.quant(x, scale, zp, grid.bits, grid.signed, narrow, base)
+        return _Codes(out, grid, grid.qmin, grid.qmax)
+
+    def materialize(self, v: _Codes) -> str:
+        return v.name
+
+    def as_float(self, v) -> _Float:
+        return v if isinstance(v, _Float) else _Float(v.name)
+
+    def weight(self, lf, name: str) -> str:
+        form = lf.weight_form
+        shape = [-1] + [1] * (lf.weight_codes.dim() - 1)
+        scale = lf.weight_scale.reshape(shape)
+        w = self.const(name + "_w", (lf.weight_codes.double() * scale.double()).float().numpy())
+        binary = form.bits == 1 and form.signed
+        return self.quant(w, scale.numpy(), np.zeros(()), form.bits, form.signed,
+                          form.narrow_range and not binary, name + "_w")
+
+    def bias(self, lf, name: str) -> str:
+        """The int32 bias values as float (exact): a 32-bit Quant would block qonnx's QCDQ
+        conversion, which stops at 8 bits."""
+        return self.const(name + "_b", (lf.bias.double() * lf.acc_scale.double()).float().numpy())
+
+
+def to_qonnx(qmodel: nn.Module, example: torch.Tensor, im: IntegerModel | None = None):
+    """The QONNX model (Quant nodes with the true bit-widths) and its :class:`ExportReport`."""
+    im = im or IntegerModel(qmodel)
+    with torch.no_grad():
+        w = _QonnxWriter(im, example.detach().cpu())
+        model = w.write()
+    w.report.shifts_only = im.power_of_two or None
+    return model, w.report
 
 
 def to_onnx(qmodel: nn.Module, example: torch.Tensor, im: IntegerModel | None = None):
