@@ -59,6 +59,27 @@ class Residual(nn.Module):
         return self.fc(self.ap(x).flatten(1))
 
 
+class Padded(nn.Module):
+    """TF-style "SAME" padding as an explicit ZeroPad2d before a strided depthwise conv (as in
+    MobileNetV2), a channel of dead weights with a large bias, and a residual module add."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 1)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, groups=8)
+        self.c2 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.c2.weight[3] = 0.0
+            self.c2.bias[3] = 50.0
+
+    def forward(self, x):
+        y = nn.functional.relu6(self.dw(self.pad(nn.functional.relu6(self.c1(x)))))
+        y = y + self.c2(y)
+        return self.fc(y.mean((2, 3)))
+
+
 CONFIGS = {
     "w8a8": lambda: lowbit.QuantConfig.uniform(8, 8),
     "w4a4": lambda: lowbit.QuantConfig.uniform(4, 4),
@@ -171,7 +192,7 @@ def _ort(model, tmp_path):
     return sess, [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
 
 
-@pytest.mark.parametrize("model_cls", [Plain, Residual])
+@pytest.mark.parametrize("model_cls", [Plain, Residual, Padded])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_onnxruntime_equals_the_integer_reference(model_cls, config, tmp_path):
     pytest.importorskip("onnx")
@@ -361,6 +382,13 @@ def test_unknown_ops_are_named():
     q = lowbit.prepare(Odd(), CONFIGS["w8a8"](), x[:2])
     lowbit.calibrate(q, [x], progress=False)
     with pytest.raises(ExportError, match="'act' .SiLU. is not known"):
+        IntegerModel(q)
+
+
+def test_forward_hooks_are_refused():
+    q, x = quantized(Plain, "w8a8", points=False)
+    q.get_submodule("c3").register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(ExportError, match="'c3' has forward hooks"):
         IntegerModel(q)
 
 

@@ -197,13 +197,34 @@ def layer_form(name: str, mod: nn.Module) -> LayerForm:
                 f"layer {name!r}: per-channel input scales are integer-runnable only on a "
                 "depthwise conv (one input channel per output channel); use per-tensor "
                 "activation scales here")
+    if mod.bias is not None:
+        w_scale = _fit_bias(mod.bias.detach(), x_scale, w_scale, codes)
     acc_scale = (x_scale * w_scale).float()
     bias = None
     if mod.bias is not None:
         bias = round_half_even(mod.bias.detach().double() / acc_scale.double()).to(torch.int64)
-        if bool((bias.abs() > INT32_MAX).any()):
-            raise ExportError(f"layer {name!r}: the bias does not fit int32 at s_x * s_w")
+        over = bias.abs() > INT32_MAX
+        if bool(over.any()):
+            c = int(over.nonzero()[0])
+            raise ExportError(
+                f"layer {name!r}: the bias of {int(over.sum())} output channel(s) (first: "
+                f"{c}) does not fit int32 at s_x * s_w = {float(acc_scale[c]):.3g}; that "
+                "channel's input or weight range is nearly zero (a dead channel calibrated "
+                "to a tiny scale); use per-tensor activation scales there or recalibrate")
     return LayerForm(name, mod, grid, codes, w_scale, acc_scale, bias, form)
+
+
+def _fit_bias(bias: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+              codes: torch.Tensor) -> torch.Tensor:
+    """Weight scales for which the int32 bias fits: a channel whose weight codes are all zero
+    (a dead channel; its output is its bias) may take any scale, so it gets one large enough.
+    Live channels keep theirs (an overflow there is reported by the caller)."""
+    dead = (codes.reshape(codes.shape[0], -1) == 0).all(dim=1)
+    need = bias.double().abs() / (x_scale.double() * 2**30)
+    grow = dead & (w_scale.double() < need)
+    if not bool(grow.any()):
+        return w_scale
+    return torch.where(grow, need.float(), w_scale)
 
 
 def _exact(t: torch.Tensor) -> torch.Tensor:

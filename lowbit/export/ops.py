@@ -49,7 +49,14 @@ class Op:
 
 
 def trace(model: nn.Module) -> fx.Graph:
-    """The model's fx graph, from the one graph reader (:func:`lowbit.graph.trace_graph`)."""
+    """The model's fx graph, from the one graph reader (:func:`lowbit.graph.trace_graph`).
+    Hooks change what a module computes without appearing in the graph, so they are refused."""
+    hooked = [n or type(model).__name__ for n, m in model.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks]
+    if hooked:
+        raise ExportError(f"module {hooked[0]!r} has forward hooks, which the exported graph "
+                          "would silently drop; express what they do as modules or ops in "
+                          "forward() and remove them")
     g = trace_graph(model, warn=False)
     if not g.traced:
         raise ExportError(f"export needs the model's graph: {g.why}")
@@ -103,6 +110,8 @@ def _module_op(node: fx.Node, mod: nn.Module) -> Op:
     if isinstance(mod, nn.AvgPool2d):
         return _avgpool(node, args, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
                         mod.count_include_pad, mod.divisor_override)
+    if isinstance(mod, (nn.ZeroPad2d, nn.ConstantPad2d)) and float(mod.value) == 0.0:
+        return Op("pad", node, args, {"pad": tuple(mod.padding)})
     if isinstance(mod, FLOAT_LAYERS):
         return Op("float", node, args, module=mod)
     raise ExportError(
