@@ -179,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--weights", "-w", default=None, help="float weights (default: meta.json)")
     ex.add_argument("--no-check", action="store_true",
                     help="skip running the file against the integer reference")
+    ex.add_argument("--points", action="store_true",
+                    help="add the integer model's quantization points (int32 bias, QAdd, "
+                    "output grids; docs/export.md) and calibrate them on --calib-size images "
+                    "of --dataset/--data-root, so every layer runs on integer kernels")
+    ex.add_argument("--dataset", "-d", default=None, help="calibration dataset for --points")
+    ex.add_argument("--data-root", default=None, help="its folder (as for 'lowbit ptq')")
+    ex.add_argument("--calib-size", type=int, default=256,
+                    help="calibration images for --points (default 256)")
     ex.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 

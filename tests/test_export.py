@@ -413,8 +413,12 @@ def test_cli_exports_a_saved_folder(tmp_path, capsys):
                  "-o", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "x").exists()
     if pytest.importorskip("onnxruntime"):
+        assert main(["export", "--quantized", str(tmp_path / "saved"), "--points",
+                     "--calib-size", "32", "-o", str(tmp_path / "m.onnx")]) == 0
+        assert "quantization points: 0 QAdd, 2 output grids, 4 int32 biases" \
+            in capsys.readouterr().out
         assert main(["export", "--quantized", str(tmp_path / "saved"),
-                     "-o", str(tmp_path / "m.onnx")]) == 0
+                     "-o", str(tmp_path / "m2.onnx")]) == 0
         assert "onnxruntime against the integer reference on the example: max |diff| 0" \
             in capsys.readouterr().out
 

@@ -42,6 +42,8 @@ def run(args) -> int:
     spec = get_spec(name)
     example = example_input(spec, batch=2)
     qmodel = load_quantized(get_model(name, weights), folder, example)
+    if args.points:
+        qmodel = _with_points(qmodel, spec, args)
     report = export(qmodel, example, args.format, out, check=not args.no_check)
     print(report.summary())
     diff = report.extra.get("runtime_vs_integer_max_abs")
@@ -50,3 +52,17 @@ def run(args) -> int:
         print(f"{runtime} against the integer reference on the example: max |diff| {diff:.3g}")
     print(f"wrote {out} ({report.extra['bytes']} bytes)")
     return 0
+
+
+def _with_points(qmodel, spec, args):
+    """Insert the integer model's quantization points and calibrate just them."""
+    from ..nn.points import calibrate_points, insert_points
+    from ..pipeline import build_data
+
+    data = build_data(spec, args.dataset, args.data_root, calib_size=args.calib_size,
+                      eval_size=1, batch_size=64)
+    qmodel, points = insert_points(qmodel)
+    calibrate_points(qmodel, points, data.calib)
+    print(f"quantization points: {len(points.adds)} QAdd, {len(points.outputs)} output grids, "
+          f"{len(points.biases)} int32 biases, calibrated on {len(data.calib.dataset)} images")
+    return qmodel
