@@ -9,6 +9,7 @@ The public API in one place::
     print(lowbit.measure(qmodel, example).table())
 """
 
+from . import export  # a package that is also callable: lowbit.export(qmodel, ...)
 from .config import EdgePolicy, LayerRule, QuantConfig, QuantizerSpec
 from .cost import CostReport, measure
 from .errors import (
@@ -20,7 +21,6 @@ from .errors import (
     TrainingError,
 )
 from .evaluate import EvalResult, evaluate
-from .export import export  # the function; lowbit.export.* modules import as usual
 from .prepare import calibrate, float_mode, fold_batchnorm, prepare, quantizers, set_mode
 from .ptq import ptq, register_ptq
 from .quant import Quantizer, QuantMode, register_quantizer

@@ -8,8 +8,22 @@
 onnx and onnxruntime are optional (``pip install lowbit[export]``) and imported only when used.
 """
 
+import sys
+import types
+
 from .api import FORMATS, export
 from .onnx_qdq import ExportReport
 from .ops import ExportError
 
 __all__ = ["FORMATS", "ExportError", "ExportReport", "export"]
+
+
+class _CallableModule(types.ModuleType):
+    """``lowbit.export(...)`` calls :func:`export` while ``lowbit.export`` stays this package,
+    so ``import lowbit.export.integer as m`` and friends keep working."""
+
+    def __call__(self, *args, **kwargs):
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -8,8 +8,8 @@ requantization: times a dyadic multiplier ``m * 2**-n``, one rounding rule (half
 ``torch.round`` and onnxruntime), plus the zero-point, clamped to the code range. The multiplier
 is the float32 ``s_acc / s_out`` that onnxruntime computes, decomposed exactly (``m < 2**24``),
 so the two agree bit for bit up to its float rounding; on power-of-two grids it is a pure shift
-(``m == 1``, checked). Residual adds without a quantization point add int32 accumulators at the
-finer of the two scales; average pools sum in int32 and fold ``1 / N`` into the next
+(``m == 1``, checked). Residual adds without a quantization point add int32 accumulators at one
+scale (:func:`_add` says which); average pools sum in int32 and fold ``1 / N`` into the next
 multiplier. Activation clamps clamp codes, bounds rounded onto the grid (exact, as rounding is
 monotone).
 
@@ -197,8 +197,7 @@ def layer_form(name: str, mod: nn.Module) -> LayerForm:
                 f"layer {name!r}: per-channel input scales are integer-runnable only on a "
                 "depthwise conv (one input channel per output channel); use per-tensor "
                 "activation scales here")
-    if mod.bias is not None:
-        w_scale = _fit_bias(mod.bias.detach(), x_scale, w_scale, codes)
+    w_scale = _dead_channel_scales(mod.bias, x_scale, w_scale, codes)
     acc_scale = (x_scale * w_scale).float()
     bias = None
     if mod.bias is not None:
@@ -214,17 +213,21 @@ def layer_form(name: str, mod: nn.Module) -> LayerForm:
     return LayerForm(name, mod, grid, codes, w_scale, acc_scale, bias, form)
 
 
-def _fit_bias(bias: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-              codes: torch.Tensor) -> torch.Tensor:
-    """Weight scales for which the int32 bias fits: a channel whose weight codes are all zero
-    (a dead channel; its output is its bias) may take any scale, so it gets one large enough.
-    Live channels keep theirs (an overflow there is reported by the caller)."""
+def _dead_channel_scales(bias, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                         codes: torch.Tensor) -> torch.Tensor:
+    """A channel whose weight codes are all zero (a dead channel: its output is its bias) may
+    take any weight scale; calibration leaves it a tiny one, which would make its int32 bias
+    overflow and its accumulator scale useless for residual adds. It gets the layer's largest
+    live scale, or more if its bias needs it. Live channels keep theirs."""
     dead = (codes.reshape(codes.shape[0], -1) == 0).all(dim=1)
-    need = bias.double().abs() / (x_scale.double() * 2**30)
-    grow = dead & (w_scale.double() < need)
-    if not bool(grow.any()):
+    if not bool(dead.any()):
         return w_scale
-    return torch.where(grow, need.float(), w_scale)
+    live = w_scale[~dead]
+    floor = live.max() if live.numel() else torch.ones((), dtype=w_scale.dtype)
+    want = torch.full_like(w_scale, float(floor)).double()
+    if bias is not None:
+        want = torch.maximum(want, bias.detach().double().abs() / (x_scale.double() * 2**30))
+    return torch.where(dead, want.float(), w_scale)
 
 
 def _exact(t: torch.Tensor) -> torch.Tensor:
@@ -284,11 +287,20 @@ def _slice_channels(t: torch.Tensor, index) -> torch.Tensor:
     return t
 
 
+ADD_HEADROOM = 2.0**-20  # codes rescaled by at most 2**20 stay far inside int32
+
+
 def _add(a: IntValue, b: IntValue, stats: Stats) -> IntValue:
-    """Int32 add at the finer of the two scales (each operand rescaled by a dyadic factor)."""
+    """Int32 add at one scale per channel, each operand rescaled by a dyadic factor: two
+    accumulators meet at the coarser scale (far finer than any grid after them, and neither
+    grows), otherwise at the finer one but at most ``2**20`` times finer than the other."""
     dims = max(a.data.dim(), b.data.dim())
     sa, sb = _dim1(a.scale.float(), dims), _dim1(b.scale.float(), dims)
-    fine = torch.minimum(sa, sb)
+    coarse = torch.maximum(sa, sb)
+    if a.grid is None and b.grid is None:
+        fine = coarse
+    else:
+        fine = torch.maximum(torch.minimum(sa, sb), coarse * ADD_HEADROOM)
     flat = fine.reshape(-1)
     acc = IntValue(torch.zeros(1, dtype=torch.int64), flat, _ZERO)
     out = None
@@ -426,8 +438,8 @@ class IntegerModel:
         out = F.pad(data, pad)  # zeros in real units: code zero_point
         scale, zp = x.scale, x.zero_point
         if len(pad) >= 6 and (pad[4] or pad[5]):  # channels padded: grids grow with them
-            if scale.numel() > 1:
-                scale = F.pad(scale, (pad[4], pad[5]), value=1.0)
+            if scale.numel() > 1:  # new channels hold zeros: any scale; the finest costs nothing
+                scale = F.pad(scale, (pad[4], pad[5]), value=float(scale.min()))
             if bool((zp != 0).any()) and zp.numel() > 1:
                 raise ExportError(f"{op.name}: padding channels of a per-channel grid with "
                                   "zero-points is not exported")
