@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from ..errors import CalibrationError
 from ..quant.base import Quantizer, int_range
-from .ops import ExportError, Op, describe, requant_target, trace
+from .ops import COMMUTING, ExportError, Op, describe, requant_target, trace
 
 INT32_MAX = 2**31 - 1
 _ZERO = torch.zeros(1, dtype=torch.int64)  # accumulators have no zero-point
@@ -516,4 +516,56 @@ def code_agreement(qmodel: nn.Module, x: torch.Tensor) -> dict[str, dict[str, fl
     for name, codes in im.stats.layer_inputs.items():
         d = (codes - sim[name]).abs()
         out[name] = {"off": float((d > 0).double().mean()), "max": int(d.max())}
+    return out
+
+
+@torch.no_grad()
+def requant_agreement(qmodel: nn.Module, x: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per quantized layer that is requantized straight into the next quantizer: that
+    quantizer's codes in the simulation against the integer model's requantization of the
+    layer's accumulator, both computed from the simulation's own input to the layer, so that
+    differences made earlier do not carry over (``code_agreement`` measures those too).
+    Returns the fraction of codes that differ and the largest difference, per layer."""
+    im = IntegerModel(qmodel)
+    seen: dict[int, list[torch.Tensor]] = {}
+    handles = []
+
+    def record(m, inputs):
+        seen.setdefault(id(m), []).append(inputs[0].detach())
+
+    pairs = []
+    for op in im.ops:
+        target = im.targets.get(op.node) if op.kind == "layer" else None
+        if target is None or sum(n.target == op.node.target for n in im.graph.nodes) != 1:
+            continue
+        pairs.append((op, target))
+        for m in (op.module, target):
+            if not any(h is m for h, _ in handles):
+                handles.append((m, m.register_forward_pre_hook(record)))
+    try:
+        qmodel(x)
+    finally:
+        for _, h in handles:
+            h.remove()
+    out = {}
+    for op, target in pairs:
+        if len(seen.get(id(op.module), [])) != 1 or len(seen.get(id(target), [])) != 1:
+            continue  # a quantizer read at several places (a QAdd's): no single answer
+        lf = im.layers[op.name]
+        xin = im._codes_for(seen[id(op.module)][0], lf.input_grid, op.module.input_quant)
+        acc = IntValue(_accumulate(lf, xin.centred()), lf.acc_scale, _ZERO)
+        env = {op.node: requantize(acc, Grid.of(target))}
+        cur = op.node
+        while len(cur.users) == 1:  # the ops between the layer and its target
+            nxt = describe(next(iter(cur.users)), im.modules)
+            if nxt.kind not in COMMUTING:
+                break
+            env[nxt.node] = im._step(nxt, env)
+            cur = nxt.node
+        ref = env[cur].data
+        sim = target.integer_form(seen[id(target)][0]).codes.to(torch.int64)
+        if ref.shape != sim.shape:
+            continue
+        d = (ref - sim).abs()
+        out[op.name] = {"off": float((d > 0).double().mean()), "max": int(d.max())}
     return out
