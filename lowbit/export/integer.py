@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from ..errors import CalibrationError
 from ..quant.base import Quantizer, int_range
-from .ops import COMMUTING, ExportError, Op, describe, requant_target, trace
+from .ops import COMMUTING, ExportError, Op, describe, requant_target, resolve, trace
 
 INT32_MAX = 2**31 - 1
 _ZERO = torch.zeros(1, dtype=torch.int64)  # accumulators have no zero-point
@@ -375,14 +375,7 @@ class IntegerModel:
         return op.module(*real)
 
     def _step(self, op: Op, env: dict):
-        def val(a):
-            if isinstance(a, fx.Node):
-                return env[a]
-            if isinstance(a, (tuple, list)):
-                return type(a)(val(x) for x in a)
-            return a
-
-        args = [val(a) for a in op.args]
+        args = [resolve(a, env) for a in op.args]
         k = op.kind
         if k == "layer":
             return self._layer(op, args[0])
@@ -407,7 +400,7 @@ class IntegerModel:
             return x
         if k in ("flatten", "reshape"):
             data = x.data.flatten(op.attrs["start"], op.attrs["end"]) if k == "flatten" \
-                else x.data.reshape([val(s) for s in op.attrs["shape"]])
+                else x.data.reshape([resolve(s, env) for s in op.attrs["shape"]])
             if x.scale.numel() > 1 and (data.dim() < 2 or data.shape[1] != x.scale.numel()):
                 raise ExportError(f"{op.name}: reshaping a tensor with per-channel scales "
                                   "mixes channels; requantize it first")

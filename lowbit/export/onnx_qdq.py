@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from .integer import Grid, IntegerModel
-from .ops import ExportError, Op
+from .ops import ExportError, Op, resolve
 
 OPSET = 21
 
@@ -366,14 +366,7 @@ class _Writer:
     check = True
 
     def step(self, op: Op, env: dict):
-        def val(a):
-            if isinstance(a, fx.Node):
-                return env[a]
-            if isinstance(a, (tuple, list)):
-                return type(a)(val(x) for x in a)
-            return a
-
-        args = [val(a) for a in op.args]
+        args = [resolve(a, env) for a in op.args]
         k = op.kind
         if k == "size":
             shape = [_Batch()] + list(self.shapes[op.args[0]][1:])
@@ -381,7 +374,7 @@ class _Writer:
         if k == "getitem" and isinstance(args[0], list):
             return args[0][op.attrs["index"]]
         if k == "reshape":
-            return self.reshape(op, args[0], [val(s) for s in op.attrs["shape"]])
+            return self.reshape(op, args[0], [resolve(s, env) for s in op.attrs["shape"]])
         handler = {"layer": self.layer, "qadd": self.qadd,
                    "quant": lambda op, v: self.quantize(v, Grid.of(op.module), op.name), "add": self.add, "clamp": self.clamp,
                    "avgpool": self.avgpool, "maxpool": self.maxpool, "flatten": self.flatten,
@@ -481,21 +474,21 @@ class _QonnxWriter(_Writer):
         return self.const(name + "_b", (lf.bias.double() * lf.acc_scale.double()).float().numpy())
 
 
-def to_qonnx(qmodel: nn.Module, example: torch.Tensor, im: IntegerModel | None = None):
-    """The QONNX model (Quant nodes with the true bit-widths) and its :class:`ExportReport`."""
+def _write(writer: type[_Writer], qmodel: nn.Module, example: torch.Tensor,
+           im: IntegerModel | None):
     im = im or IntegerModel(qmodel)
     with torch.no_grad():
-        w = _QonnxWriter(im, example.detach().cpu())
+        w = writer(im, example.detach().cpu())
         model = w.write()
     w.report.shifts_only = im.power_of_two or None
     return model, w.report
+
+
+def to_qonnx(qmodel: nn.Module, example: torch.Tensor, im: IntegerModel | None = None):
+    """The QONNX model (Quant nodes with the true bit-widths) and its :class:`ExportReport`."""
+    return _write(_QonnxWriter, qmodel, example, im)
 
 
 def to_onnx(qmodel: nn.Module, example: torch.Tensor, im: IntegerModel | None = None):
     """The ONNX QCDQ model (an ``onnx.ModelProto``) and its :class:`ExportReport`."""
-    im = im or IntegerModel(qmodel)
-    with torch.no_grad():
-        w = _Writer(im, example.detach().cpu())
-        model = w.write()
-    w.report.shifts_only = im.power_of_two or None
-    return model, w.report
+    return _write(_Writer, qmodel, example, im)

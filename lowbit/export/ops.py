@@ -219,6 +219,15 @@ def _method_op(node: fx.Node) -> Op:
                       "unsupported")
 
 
+def resolve(a, env: dict):
+    """An op argument with graph nodes replaced by their values in ``env`` (tuples too)."""
+    if isinstance(a, fx.Node):
+        return env[a]
+    if isinstance(a, (tuple, list)):
+        return type(a)(resolve(x, env) for x in a)
+    return a
+
+
 def describe(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
     """The :class:`Op` a node computes (raises :class:`ExportError` naming unknown ones)."""
     if node.op == "placeholder":
