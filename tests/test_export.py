@@ -493,3 +493,22 @@ def test_qonnx_export_file(tmp_path):
     report = lowbit.export(q, x[:2], "qonnx", tmp_path / "m.qonnx.onnx")
     assert (tmp_path / "m.qonnx.onnx").is_file()
     assert report.extra["runtime_vs_integer_max_abs"] <= 1e-6
+
+
+def test_per_channel_activation_scales_export_dequantized_and_listed(tmp_path):
+    pytest.importorskip("onnx")
+    from lowbit.export.onnx_qdq import to_onnx
+
+    torch.manual_seed(0)
+    model = randomize_bn(Plain())
+    x = torch.randn(24, 3, 16, 16)
+    q = lowbit.prepare(model, lowbit.QuantConfig.uniform(8, 8, dw_act_per_channel=True), x[:2])
+    lowbit.calibrate(q, [x[:16]], progress=False)
+    assert q.get_submodule("dw").input_quant.per_channel
+    model_proto, report = to_onnx(q, x[:2])
+    assert "per-channel" in report.dequantized["dw"] and "per-channel" in report.dequantized["c1"]
+    sess, _ = _ort(model_proto, tmp_path)
+    xs = on_grid(q, x[16:])
+    got = torch.from_numpy(sess.run(None, {"input": xs.numpy()})[0])
+    ref = IntegerModel(q).run(xs)
+    assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()

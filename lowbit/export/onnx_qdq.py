@@ -120,14 +120,30 @@ class _Writer:
         return self.const(base + "_scale", scale), self.const(base + "_zp", zp), attrs
 
     # -- value conversions -----------------------------------------------------------------
-    def quantize(self, v, grid: Grid, base: str) -> _Codes:
+    def quantize(self, v, grid: Grid, base: str) -> _Codes | _Float:
         if isinstance(v, _Codes):
             if v.grid.same(grid):
                 return v
             v = self.as_float(v)
+        if grid.scale.numel() > 1:
+            return self.fake_quantize(v, grid, base)
         s, z, attrs = self.grid_consts(grid, base + "_q")
         out = self.node("QuantizeLinear", [v.name, s, z], base + "_q", **attrs)
         return _Codes(out, grid, grid.qmin + _offset(grid), grid.qmax + _offset(grid))
+
+    def fake_quantize(self, v: _Float, grid: Grid, base: str) -> _Float:
+        """A per-channel grid in float ops (Div, Round half to even, Add, Clip, Sub, Mul):
+        onnxruntime would fuse a per-axis QuantizeLinear into kernels that take one
+        zero-point only, and fail; this runs everywhere and rounds as the integer model."""
+        shape = (1, -1, 1, 1)
+        s = self.const(base + "_pc_scale", grid.scale.numpy().astype(np.float32).reshape(shape))
+        z = self.const(base + "_pc_zp", grid.zero_point.numpy().astype(np.float32).reshape(shape))
+        lo = self.const(base + "_pc_lo", np.array(grid.qmin, np.float32))
+        hi = self.const(base + "_pc_hi", np.array(grid.qmax, np.float32))
+        q = self.node("Round", [self.node("Div", [v.name, s], base + "_div")], base + "_round")
+        q = self.node("Clip", [self.node("Add", [q, z], base + "_addzp"), lo, hi], base + "_clip")
+        return _Float(self.node("Mul", [self.node("Sub", [q, z], base + "_subzp"), s],
+                                base + "_fq"))
 
     def materialize(self, v: _Codes) -> str:
         """The codes tensor with its pending Clip (b-bit range and clamps) applied."""
@@ -185,8 +201,11 @@ class _Writer:
         out = self.requant_out(op.node, _Float(y), op.name)
         self.report.bits[op.name] = (mod.w_bits, mod.a_bits)
         why = None
+        target = self.im.targets.get(op.node)
         if lf.input_grid.scale.numel() > 1:
             why = "per-channel activation scales (onnxruntime has no per-channel QLinearConv input)"
+        elif target is not None and Grid.of(target).scale.numel() > 1:
+            why = "its output grid has per-channel scales (written as float ops)"
         elif isinstance(out, _Float):
             why = ("its output is not requantized before the next op (no output grid): insert "
                    "output/add quantization points (lowbit.nn.points) to run it on integers")
@@ -452,6 +471,20 @@ class _QonnxWriter(_Writer):
         narrow = grid.signed and grid.bits > 1 and grid.qmin > -(2 ** (grid.bits - 1))
         out = self.quant(x, scale, zp, grid.bits, grid.signed, narrow, base)
         return _Codes(out, grid, grid.qmin, grid.qmax)
+
+    def fake_quantize(self, v: _Float, grid: Grid, base: str) -> _Float:
+        """A per-channel grid in float ops (Div, Round half to even, Add, Clip, Sub, Mul):
+        onnxruntime would fuse a per-axis QuantizeLinear into kernels that take one
+        zero-point only, and fail; this runs everywhere and rounds as the integer model."""
+        shape = (1, -1, 1, 1)
+        s = self.const(base + "_pc_scale", grid.scale.numpy().astype(np.float32).reshape(shape))
+        z = self.const(base + "_pc_zp", grid.zero_point.numpy().astype(np.float32).reshape(shape))
+        lo = self.const(base + "_pc_lo", np.array(grid.qmin, np.float32))
+        hi = self.const(base + "_pc_hi", np.array(grid.qmax, np.float32))
+        q = self.node("Round", [self.node("Div", [v.name, s], base + "_div")], base + "_round")
+        q = self.node("Clip", [self.node("Add", [q, z], base + "_addzp"), lo, hi], base + "_clip")
+        return _Float(self.node("Mul", [self.node("Sub", [q, z], base + "_subzp"), s],
+                                base + "_fq"))
 
     def materialize(self, v: _Codes) -> str:
         return v.name
