@@ -44,7 +44,7 @@ def protocol_data(model: str, protocol: str, **kw):
     dataset = MODELS[model]["dataset"]
     spec = get_spec(model)
     if dataset == "cifar10":
-        return build_data(spec, "cifar10", data_root("cifar10"), workers=0, **kw)
+        return build_data(spec, "cifar10", data_root("cifar10"), **{**kw, "workers": 0})
     if protocol == "imagenette":
         return build_data(spec, "imagenette", data_root("imagenette"), **kw)
     diverse = data_root("imagenet-val-1300")

@@ -2,7 +2,8 @@
 
 Long runs write to their own ``--out`` (two jobs at once never write one file); this moves
 their rows in. A row replaces the row of the same model and setting (and method, where rows
-have one); the replaced row is kept in ``<into>_superseded.json`` with what replaced it.
+have one); the replaced row is kept in ``archive/<into>_superseded.json`` (beside ``<into>``)
+with what replaced it.
 
     python benchmarks/merge_rows.py /work/runs/mnv2_w4a8.json --into benchmarks/results/rapq \
         --note "default full rapq (no quick mode; exponent and zero-point search)"
@@ -33,6 +34,11 @@ def fields_of(out: Path, rows: list[dict]) -> list[str]:
     return fields
 
 
+def superseded_path(into: Path) -> Path:
+    """Where the rows replaced in ``into`` are kept: out of the current results, in archive/."""
+    return into.parent / "archive" / f"{into.name}_superseded"
+
+
 def merge(src: Path, into: Path, note: str | None) -> list[tuple]:
     """Merge and return the keys of the rows that replaced one."""
     new = load_rows(src.with_suffix(""))
@@ -49,7 +55,8 @@ def merge(src: Path, into: Path, note: str | None) -> list[tuple]:
     kept = [r for r in old if key(r) not in keys]
     save_rows(into, kept + new, fields_of(into, new))
     if replaced:
-        sup = into.with_name(into.name + "_superseded")
+        sup = superseded_path(into)
+        sup.parent.mkdir(parents=True, exist_ok=True)
         for r in replaced:
             r["superseded_by"] = next(n.get("command", "") for n in new if key(n) == key(r))
         save_rows(sup, load_rows(sup) + replaced, fields_of(sup, replaced))
@@ -64,7 +71,7 @@ def main() -> None:
     ap.add_argument("--note", default=None, help="text for the rows' note column")
     args = ap.parse_args()
     for k in merge(args.src, args.into.with_suffix(""), args.note):
-        print("replaced (kept in _superseded):", *[x for x in k if x is not None])
+        print(f"replaced (kept in {superseded_path(args.into.with_suffix(''))}):", *[x for x in k if x is not None])
 
 
 if __name__ == "__main__":

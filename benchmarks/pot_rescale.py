@@ -1,7 +1,6 @@
 """Power-of-two rescaling (``pot_rescale``): the network output error RAPQ starts from.
 
-For each model and rescaling mode (none, ``depthwise``, ``all``, ``streams``,
-``depthwise+streams``), the model is prepared with
+For each model and rescaling mode (none, ``depthwise``, ``all``), the model is prepared with
 power-of-two quantizers at the least-error exponents (RAPQ's start, no scale adjustment:
 ``rapq-quick`` with 0 steps) and its output error against the float model is measured on the
 calibration images; the same for float (non-PoT) MSE scales, the error a float-scale method
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODELS, RESULTS, data_root, weights  # noqa: E402
 
-MODES = ("none", "depthwise", "all", "streams", "depthwise+streams")
+MODES = ("none", "depthwise", "all")
 
 
 def measure(model_name: str, images: int, w_bits: int, a_bits: int, dw: bool,
@@ -47,7 +46,7 @@ def measure(model_name: str, images: int, w_bits: int, a_bits: int, dw: bool,
     for mode in modes:
         t = time.perf_counter()
         q = ptq(net, "rapq-quick", data.calib, config, data.example, quick_iters=0,
-                pot_rescale=False if mode == "none" else mode, progress=False)
+                pot_rescale=None if mode == "none" else mode, progress=False)
         rep = q.lowbit_rapq.get("pot_rescale") or {}
         rows.append(dict(base, scales="pot", rescale=mode,
                          start_error=q.lowbit_rapq["quick"]["naive_error"],

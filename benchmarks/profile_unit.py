@@ -1,17 +1,18 @@
 """Where one unit's reconstruction step spends its time: torch profiler, operators by self time.
 
-Runs ``rapq`` or ``brecq`` (with benchmarks/rapq.py's ``+dw`` / ``+rs`` flags) on random
+Runs a ``rapq`` or ``brecq`` config of benchmarks/configs/ (e.g. ``rapq-dw-rs``) on random
 calibration images; every unit but ``--unit`` gets one step, ``--unit`` gets three warm-up
 steps and then ``--steps`` profiled ones. Rows record the commit of the lowbit they imported,
 so an older checkout can be profiled through ``PYTHONPATH``.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/profile_unit.py --model mobilenet_v2_tflite \\
-        --unit features.2 --method rapq+dw+rs --setting W2A4
+        --unit features.2 --config rapq-dw-rs --setting W2A4
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -20,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODELS, RESULTS, load_rows, provenance, save_rows  # noqa: E402
 from rapq import SETTINGS  # noqa: E402
-from recon_speed import reconstruct_random  # noqa: E402
+from recon_speed import CONFIGS, reconstruct_random  # noqa: E402
 
-FIELDS = ["model", "method", "w_bits", "a_bits", "unit", "steps", "batch_size",
+FIELDS = ["model", "config", "w_bits", "a_bits", "unit", "steps", "batch_size",
           "seconds_per_step", "threads", "load_avg_start", "torch", "commit",
           "command"]
 
@@ -42,7 +43,7 @@ def one(args) -> dict:
 
     def profiled(unit, q_args, target, opts, *, pot, bn, name):
         def run(iters):
-            o = recon.ReconOptions(**{**opts.__dict__, "iters": iters})
+            o = dataclasses.replace(opts, iters=iters)
             optimise(unit, q_args, target, o, pot=pot, bn=bn, name=name)
 
         if name != args.unit:
@@ -62,11 +63,11 @@ def one(args) -> dict:
         ]
 
     recon._optimise_unit = profiled
-    reconstruct_random(args.model, args.method, w, a, args, iters=1)
+    reconstruct_random(args.model, args.config, w, a, args, iters=1)
     if "seconds_per_step" not in result:
         raise SystemExit(f"no unit named {args.unit!r} was reconstructed")
     return dict(
-        model=args.model, method=args.method, w_bits=w, a_bits=a, unit=args.unit,
+        model=args.model, config=args.config, w_bits=w, a_bits=a, unit=args.unit,
         steps=args.steps, batch_size=args.batch_size, **result,
         threads=torch.get_num_threads(), load_avg_start=load,
         **provenance(Path(lowbit.__file__).resolve().parent.parent),
@@ -77,8 +78,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mobilenet_v2_tflite", choices=list(MODELS))
     ap.add_argument("--unit", default="features.2", help="the unit to profile")
-    ap.add_argument("--method", default="rapq+dw+rs",
-                    help="rapq or brecq, with +dw and/or +rs as in benchmarks/rapq.py")
+    ap.add_argument("--config", default="rapq-dw-rs", choices=CONFIGS,
+                    help="a rapq or brecq config of benchmarks/configs/")
     ap.add_argument("--setting", default="W2A4", choices=list(SETTINGS))
     ap.add_argument("--steps", type=int, default=10, help="profiled steps")
     ap.add_argument("--calib", type=int, default=64, help="random calibration images")
@@ -88,18 +89,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "profile_unit"))
     args = ap.parse_args()
-    if args.method.split("+")[0] not in {"rapq", "brecq"}:
-        ap.error("--method must start with rapq or brecq")
     import torch
 
     torch.set_num_threads(args.threads)
     row = one(args)
     row["command"] = (f"python benchmarks/profile_unit.py --model {args.model} --unit "
-                      f"{args.unit} --method {args.method} --setting {args.setting} --steps "
+                      f"{args.unit} --config {args.config} --setting {args.setting} --steps "
                       f"{args.steps} --threads {args.threads}")
     out = Path(args.out)
     save_rows(out, load_rows(out) + [row], FIELDS)
-    print(f"{args.model} {args.unit} {args.method} {args.setting} at {row['commit']}: "
+    print(f"{args.model} {args.unit} {args.config} {args.setting} at {row['commit']}: "
           f"{row['seconds_per_step']:.3f} s per step", flush=True)
     for op in row["top_ops"]:
         print(f"  {op['op'][:60]:<60} {op['ms_per_step']:8.1f} ms  {100 * op['share']:5.1f} %")

@@ -1,14 +1,15 @@
 """RAPQ (power-of-two PTQ) against naive PoT and float-scale reconstruction, per model and setting.
 
-Each (model, setting, method) runs in its own process so that wall time and peak memory
+Each method with its options is a named config under benchmarks/configs/ (README there: which
+config reproduces which committed row). Each (model, setting, config) runs in its own process so that wall time and peak memory
 (max RSS) belong to that run alone; the load average at the start is recorded because other
 jobs may share the cores. Results: benchmarks/results/rapq.{csv,json}.
 
     python benchmarks/rapq.py --models resnet20 --settings W4A4 W2A4
-    python benchmarks/rapq.py --models mobilenet_v2_tflite --methods pot rapq-quick rapq \\
+    python benchmarks/rapq.py --models mobilenet_v2_tflite --configs pot rapq-quick rapq \\
         --iters 300 --settings W4A4
-    python benchmarks/rapq.py --models mobilenet_v2_tflite --methods pot+bc --settings W4A8
-    python benchmarks/rapq.py --models mobilenet_v2_tflite --methods rapq+dw brecq+dw --settings W4A4
+    python benchmarks/rapq.py --models mobilenet_v2_tflite --configs pot-bc --settings W4A8
+    python benchmarks/rapq.py --models mobilenet_v2_tflite --configs rapq-dw brecq-dw --settings W4A4
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_configs import config_names, load_recipe, row_config  # noqa: E402
 from common import (  # noqa: E402
     MODELS,
     PROTOCOLS,
@@ -35,21 +37,8 @@ from common import (  # noqa: E402
 )
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
-BASE_METHODS = ["pot", "rapq-quick", "rapq", "brecq"]
-# "+bc": the same method followed by empirical bias correction (lowbit.ptq.bias_correction);
-# "+nobn": reconstruction without the BatchNorm-statistics term (the BN-guidance ablation);
-# "+dw": one activation scale per channel at depthwise-conv inputs (dw_act_per_channel);
-# "+rs" / "+rsall": power-of-two-aware rescaling of the conv -> ReLU6 -> depthwise pairs /
-# of every conv -> ReLU6 -> conv pair first (pot_rescale "depthwise" / "all"; PoT methods);
-# "+st": each linear residual stream scaled by one factor first (pot_rescale "streams");
-# "+fr" (after any of these): weights on all 2^b codes (narrow_weights=False; four levels at 2 bits)
-RESCALED = [m + f for m in BASE_METHODS if m != "brecq"
-            for f in ("+dw+rs", "+dw+rsall", "+rs", "+st", "+dw+rs+st")]
-METHODS = (BASE_METHODS + [m + "+bc" for m in BASE_METHODS] + [m + "+dw" for m in BASE_METHODS]
-           + RESCALED
-           + ["rapq+nobn", "brecq+nobn", "rapq+dw+bc", "brecq+dw+bc"])
-METHODS += [m + "+fr" for m in METHODS]
-FIELDS = ["model", "method", "protocol_name", "w_bits", "a_bits", "top1", "top5", "agreement",
+DEFAULT_CONFIGS = ["pot", "rapq-quick", "rapq", "brecq"]
+FIELDS = ["model", "method", "config", "protocol_name", "w_bits", "a_bits", "top1", "top5", "agreement",
           "sqnr_db", "float_top1", "drop", "drop_se", "iters", "round_weight", "lr_round", "recon_batch_size", "learn_a_scale", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
           "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
@@ -57,16 +46,17 @@ FIELDS = ["model", "method", "protocol_name", "w_bits", "a_bits", "top1", "top5"
           "load_avg_start", "threads", "device", "peak_gpu_mib", "protocol", "torch", "commit", "command", "note"]
 
 
-def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
-    """Run one setting in this process and return its row."""
+def one(model: str, name: str, w_bits: int, a_bits: int, args) -> dict:
+    """Run config ``name`` at one setting in this process and return its row."""
     import torch
 
-    from lowbit import QuantConfig, evaluate, ptq
+    from lowbit import evaluate, ptq
     from lowbit.models import get_model
 
     torch.manual_seed(0)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
+    recipe = load_recipe(name)
     data = protocol_data(model, args.protocol, calib_size=args.calib_size,
                          eval_size=args.eval_size, batch_size=args.batch_size,
                          workers=args.workers)
@@ -79,34 +69,14 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     net = get_model(model, weights(model)).to(device, memory_format=torch.channels_last)
-    base, *flags = method.split("+")
-    opts = {"bias_correction": True} if "bc" in flags else {}
-    if "nobn" in flags:
-        opts["bn_guided"] = False
-    parts = ([{"rs": "depthwise", "rsall": "all"}[f] for f in flags if f in {"rs", "rsall"}]
-             + (["streams"] if "st" in flags else []))
-    if parts:
-        opts["pot_rescale"] = "+".join(parts)
-    if base in {"rapq", "rapq-quick"}:
-        from lowbit.ptq.rapq import QUICK_ITERS
-
-        opts["quick_iters"] = (args.quick_iters if args.quick_iters is not None
-                               else QUICK_ITERS if base == "rapq-quick" else 0)
-        opts["quick_batch_size"] = args.quick_batch_size
-    if base in {"rapq", "brecq"}:
-        opts["iters"] = args.iters
-        if args.round_weight is not None:
-            opts["round_weight"] = args.round_weight
-        if args.lr_round is not None:
-            opts["lr_round"] = args.lr_round
-        if args.recon_batch_size is not None:
-            opts["batch_size"] = args.recon_batch_size
-        if args.learn_a_scale:
-            opts["learn_a_scale"] = True
+    mc = recipe.build(iters=args.iters, round_weight=args.round_weight, lr_round=args.lr_round,
+                      batch_size=args.recon_batch_size,
+                      learn_a_scale=True if args.learn_a_scale else None,
+                      quick_iters=args.quick_iters, quick_batch_size=args.quick_batch_size)
+    opts = mc.to_dict()
     t = time.perf_counter()
-    config = QuantConfig.uniform(w_bits, a_bits, dw_act_per_channel="dw" in flags,
-                                 narrow_weights="fr" not in flags)
-    q = ptq(net, base, data.calib, config, data.example, progress=False, **opts)
+    q = ptq(net, mc, data.calib, recipe.quant_config(w_bits, a_bits), data.example,
+            progress=False)
     ptq_seconds = time.perf_counter() - t
     t = time.perf_counter()
     res = evaluate(q, data.eval, reference=net, progress=False)
@@ -116,7 +86,8 @@ def one(model: str, method: str, w_bits: int, a_bits: int, args) -> dict:
     quick = rinfo.get("quick", {})
     recon = rinfo.get("reconstruction", {})
     return dict(
-        model=model, method=method, w_bits=w_bits, a_bits=a_bits, top1=res.top1, top5=res.top5,
+        model=model, method=mc.method, config=name, method_config=opts, w_bits=w_bits,
+        a_bits=a_bits, top1=res.top1, top5=res.top5,
         agreement=res.agreement, sqnr_db=res.sqnr_db, float_top1=res.reference_top1,
         drop=res.reference_top1 - res.top1, drop_se=res.delta_se, protocol_name=args.protocol,
         calib_coverage=cov.to_dict() if cov is not None else None,
@@ -148,11 +119,13 @@ def parser() -> argparse.ArgumentParser:
     """The command line; also the source of defaults for scripts that call :func:`one`."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20"], choices=list(MODELS))
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD",
-                    help="a base method (" + ", ".join(BASE_METHODS) + ") with flags joined by "
-                    "'+' (see the comment at METHODS), e.g. rapq+dw+rs+fr; default: all")
+    ap.add_argument("--configs", "--config", nargs="+", default=DEFAULT_CONFIGS,
+                    choices=config_names(), metavar="NAME",
+                    help="named configs under benchmarks/configs/ (e.g. rapq-dw-rs; default: "
+                    + " ".join(DEFAULT_CONFIGS) + ")")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--iters", type=int, default=1000, help="reconstruction steps per block")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="reconstruction steps per block (default: the config's, 1000)")
     ap.add_argument("--round-weight", type=float, default=None,
                     help="weight of AdaRound's rounding penalty (default: the library's, "
                     "ReconOptions.round_weight)")
@@ -169,8 +142,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick-iters", type=int, default=None,
                     help="scale-adjustment steps (default: the library's, 300 for rapq-quick "
                     "and 0 for rapq)")
-    ap.add_argument("--quick-batch-size", type=int, default=32,
-                    help="images per scale-adjustment step (fewer: faster on 224 px models)")
+    ap.add_argument("--quick-batch-size", type=int, default=None,
+                    help="images per scale-adjustment step (default: the config's, 32; fewer: "
+                    "faster on 224 px models)")
     ap.add_argument("--protocol", default="imagenette", choices=PROTOCOLS,
                     help="224 px models: where calibration and evaluation images come from "
                     "(benchmarks/common.py); CIFAR models ignore it")
@@ -183,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=2,
                     help="image-decoding processes for the 224 px datasets")
     ap.add_argument("--out", default=str(RESULTS / "rapq"))
-    ap.add_argument("--one", nargs=4, metavar=("MODEL", "METHOD", "W", "A"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=4, metavar=("MODEL", "CONFIG", "W", "A"), help=argparse.SUPPRESS)
     return ap
 
 
@@ -197,15 +171,16 @@ def main() -> None:
         print("ROW " + json.dumps(one(m, meth, int(w), int(a), args)))
         return
     out = Path(args.out)
-    common = ["--iters", str(args.iters),
+    common = [*(["--iters", str(args.iters)] if args.iters is not None else []),
               *(["--quick-iters", str(args.quick_iters)] if args.quick_iters is not None else []),
               *(["--round-weight", str(args.round_weight)] if args.round_weight is not None else []),
               *(["--lr-round", str(args.lr_round)] if args.lr_round is not None else []),
               *(["--recon-batch-size", str(args.recon_batch_size)]
                 if args.recon_batch_size is not None else []),
               *(["--learn-a-scale"] if args.learn_a_scale else []),
+              *(["--quick-batch-size", str(args.quick_batch_size)]
+                if args.quick_batch_size is not None else []),
               "--protocol", args.protocol,
-              "--quick-batch-size", str(args.quick_batch_size),
               "--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
               "--threads", str(args.threads)]
     if args.device != "cpu":
@@ -215,19 +190,19 @@ def main() -> None:
     for m in args.models:
         for s in args.settings:
             w, a = SETTINGS[s]
-            for meth in args.methods:
-                cmd = [sys.executable, __file__, "--one", m, meth, str(w), str(a), *common]
-                row = run_child(cmd, f"{m} {meth} W{w}A{a}")
+            for name in args.configs:
+                cmd = [sys.executable, __file__, "--one", m, name, str(w), str(a), *common]
+                row = run_child(cmd, f"{m} {name} W{w}A{a}")
                 if row is None:
                     return
-                row["command"] = ("python benchmarks/rapq.py --models " + m + " --methods " + meth
+                row["command"] = ("python benchmarks/rapq.py --models " + m + " --configs " + name
                                   + " --settings " + s + " " + " ".join(common))
-                key = (m, meth, w, a, args.protocol)
+                key = (m, name, w, a, args.protocol)
                 rows = [r for r in load_rows(out)
-                        if (r["model"], r["method"], r["w_bits"], r["a_bits"],
+                        if (r["model"], row_config(r), r["w_bits"], r["a_bits"],
                             r.get("protocol_name", "imagenette")) != key] + [row]
                 save_rows(out, rows, FIELDS)
-                print(f"{m:<20} {meth:<11} {s} {args.protocol}  top-1 {row['top1']:.2f} "
+                print(f"{m:<20} {name:<11} {s} {args.protocol}  top-1 {row['top1']:.2f} "
                       f"(float {row['float_top1']:.2f}, drop {row['drop']:.2f} "
                       f"+- {row['drop_se']:.2f})  "
                       f"(ptq {row['ptq_seconds']:.0f} s, wall {row['wall_seconds']:.0f} s, "

@@ -4,10 +4,11 @@
 
 Reads the committed rows (rapq.json, then rapq_gpu.json where the CPU has no row of that
 method, brevitas_pot.json, and the float top-1 of ptq_baseline.json). Where several rows of a
-method exist, the plain method's row is shown; where it has none, the best row with flags
-(such as +dw+rs), flags named, so every cell names the row it comes from; markers say which
+method exist, the plain method's row is shown; where it has none, the best row of another of
+its configs (such as rapq-dw-rs, benchmarks/configs/), named, so every cell names the row it
+comes from; markers say which
 rows ran on the GPU, before the exponent search, with learned activation scales before the
-fix of their gradients (2ffa2ca), or with the rounding learning rate of 60a373c.
+fix of their gradients, or with the current rounding learning rate (docs/notes/rapq.md).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_configs import bias_corrected, row_config  # noqa: E402
 from common import MODELS, RESULTS  # noqa: E402
 from rapq import SETTINGS  # noqa: E402
+from report import unpadded  # noqa: E402
 
 from lowbit.report import format_table  # noqa: E402
 
@@ -59,20 +62,20 @@ def rows(name: str) -> list[dict]:
 def cell(candidates: list[dict]) -> str:
     if not candidates:
         return ""
-    plain = [r for r in candidates if "+" not in r["method"]]
+    plain = [r for r in candidates if row_config(r) == r["method"].split("+")[0]]
     best = max(plain or candidates, key=lambda r: r["top1"])
-    flags = best["method"].partition("+")[2]
+    name = row_config(best)
     marks = (("ᴳ" if best.get("device", "cpu") != "cpu" else "")
              + ("*" if OLD in (best.get("note") or "") else "")
              + ("†" if learned_before_fix(best) else "")
              + ("§" if best.get("lr_round") else ""))
-    return f"{best['top1']:.2f}{marks}" + (f" (+{flags})" if flags else "")
+    return f"{best['top1']:.2f}{marks}" + ("" if plain else f" ({name})")
 
 
 def select(src: list[dict], model: str, w: int, a: int, base: str) -> list[dict]:
-    """The rows of one method (any flags but bias correction) at one model and setting."""
+    """The rows of one method (any config but bias-corrected ones) at one model and setting."""
     return [r for r in src if r["model"] == model and (r["w_bits"], r["a_bits"]) == (w, a)
-            and r["method"].split("+")[0] == base and "bc" not in r["method"].split("+")]
+            and r["method"].split("+")[0] == base and not bias_corrected(r)]
 
 
 def table() -> list[dict]:
@@ -91,14 +94,14 @@ def table() -> list[dict]:
 
 
 def main() -> None:
-    print(format_table(table(), ["model", "W/A", "float", *COLUMNS.values(), "Brevitas PoT"],
-                       markdown=True))
-    print("\nᴳ: GPU row (rapq_gpu.json); *: measured before the exponent search (c3a1f22); "
-          f"†: learned activation scales before their gradient fix ({GRAD_FIX}); "
-          "§: rounding learning rate min(0.1, 30 / steps) (60a373c; unmarked reconstruction "
-          "rows ran 3e-3); "
-          "flags in brackets (only where the plain method has no row): benchmarks/rapq.py "
-          "METHODS; bias-corrected (+bc) rows left out.")
+    print(unpadded(format_table(table(), ["model", "W/A", "float", *COLUMNS.values(),
+                                          "Brevitas PoT"], markdown=True)))
+    print("\nᴳ: GPU row (rapq_gpu.json); *: measured before the exponent search; "
+          "†: learned activation scales measured before their gradient fix; "
+          "§: the default rounding learning rate min(0.1, 30 / steps) (unmarked reconstruction "
+          "rows ran the old 3e-3); "
+          "config in brackets (only where the plain method has no row): benchmarks/configs/; "
+          "bias-corrected rows left out. What each change was: docs/notes/rapq.md.")
 
 
 if __name__ == "__main__":

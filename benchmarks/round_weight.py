@@ -8,8 +8,9 @@
 Each configuration runs in its own process, as benchmarks/rapq.py runs its rows (same data,
 split, seed and options), and records, per unit, the error of each of the three candidates a
 unit can end in (start, searched exponents, reconstruction). Results:
-benchmarks/results/round_weight.{csv,json}; a configuration already there is replaced. Rows
-without ``lr_round`` ran the library default of their commit, 3e-3.
+benchmarks/results/round_weight.{csv,json}; a configuration already there is replaced. The
+sweep behind the default rounding learning rate is archived in
+benchmarks/results/archive/round_weight.json (rows without ``lr_round`` ran 3e-3 there).
 """
 
 from __future__ import annotations

@@ -22,12 +22,23 @@ from .errors import (
 )
 from .evaluate import EvalResult, evaluate
 from .prepare import calibrate, float_mode, fold_batchnorm, prepare, quantizers, set_mode
-from .ptq import ptq, register_ptq
+from .ptq import (
+    BrecqConfig,
+    MinMaxConfig,
+    MseConfig,
+    PercentileConfig,
+    PotConfig,
+    RapqConfig,
+    RapqQuickConfig,
+    ptq,
+    register_ptq,
+)
 from .quant import Quantizer, QuantMode, register_quantizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrecqConfig",
     "CalibrationError",
     "ConfigError",
     "CostReport",
@@ -36,11 +47,17 @@ __all__ = [
     "EvalResult",
     "LayerRule",
     "LowbitError",
+    "MinMaxConfig",
     "ModelError",
+    "MseConfig",
+    "PercentileConfig",
+    "PotConfig",
     "QuantConfig",
     "QuantMode",
     "Quantizer",
     "QuantizerSpec",
+    "RapqConfig",
+    "RapqQuickConfig",
     "TrainingError",
     "calibrate",
     "evaluate",

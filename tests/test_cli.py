@@ -49,8 +49,8 @@ def test_unknown_model_and_dataset(capsys):
 
 def test_missing_dataset_path(capsys, tmp_path):
     out = tmp_path / "r.json"
-    rc, _, err = run(capsys, "ptq", "-m", "resnet20", "--data-root", str(tmp_path / "nowhere"),
-                     "-o", str(out))
+    rc, _, err = run(capsys, "ptq", "-m", "resnet20", "--random-init",
+                     "--data-root", str(tmp_path / "nowhere"), "-o", str(out))
     assert rc == 2 and "CIFAR-10 not found" in err and "--data-root" in err
     assert not out.exists()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import randomize_bn
@@ -156,7 +158,7 @@ def test_per_tensor_depthwise_inputs_get_one_factor():
 
 def test_bad_options_are_refused():
     x = _data()
-    with pytest.raises(ConfigError, match="float scales"):
+    with pytest.raises(ConfigError, match="'brecq' takes no option pot_rescale"):
         lowbit.ptq(_model(), "brecq", [x], QuantConfig.uniform(4, 4), x[:2], pot_rescale=True,
                    progress=False)
     with pytest.raises(ConfigError, match="pot_rescale must be"):
@@ -189,10 +191,19 @@ def test_rapq_with_rescaling_saves_and_reloads_exactly(tmp_path):
                    pot_rescale="all", progress=False)
     assert len(q.lowbit_rapq["pot_rescale"]["rescaled"]) == 5
     save_quantized(q, tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "meta.json").read_text())
+    clamps = {t["module"] for t in meta["lowbit_transforms"] if t["op"] == "channel_clamp"}
+    assert "features.2.conv.0.2" in clamps
+    assert all(isinstance(q.get_submodule(m), ChannelClamp) for m in clamps)
     again = load_quantized(model, tmp_path / "q", x[:2])
     assert isinstance(again.features[2].conv[0][2], ChannelClamp)
     with torch.no_grad():
         assert torch.equal(again(x), q(x))
+    # a folder saved before swaps were recorded: the ChannelClamps are inferred from the state
+    del meta["lowbit_transforms"]
+    (tmp_path / "q" / "meta.json").write_text(json.dumps(meta))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(model, tmp_path / "q", x[:2])(x), q(x))
 
 
 @settings(max_examples=25, deadline=None)

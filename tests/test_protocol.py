@@ -80,14 +80,14 @@ def test_evaluation_without_calibration_takes_the_whole_split(folders):
 def test_cli_eval_scores_every_image_and_ptq_records_both_folders(folders, tmp_path, capsys):
     evaluation, calib = folders
     out = tmp_path / "e.json"
-    rc = main(["eval", "-m", "resnet20", "-d", "imagenette", "--data-root", str(evaluation),
+    rc = main(["eval", "-m", "resnet20", "--random-init", "-d", "imagenette", "--data-root", str(evaluation),
                "--no-progress", "--batch-size", "5", "-o", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert json.loads(out.read_text())["samples"] == 12
     out = tmp_path / "p.json"
     with warnings.catch_warnings():
         warnings.simplefilter("always", NarrowCalibrationWarning)
-        rc = main(["ptq", "-m", "resnet20", "-d", "imagenette", "--data-root", str(evaluation),
+        rc = main(["ptq", "-m", "resnet20", "--random-init", "-d", "imagenette", "--data-root", str(evaluation),
                    "--calib-root", str(calib), "--calib-size", "5", "--method", "minmax",
                    "--no-progress", "--batch-size", "5", "-o", str(out)])
     err = capsys.readouterr().err

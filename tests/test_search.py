@@ -127,7 +127,8 @@ def test_pareto_front_and_sweep(digits, tmp_path):
     assert isinstance(sweep, ParetoResult) and len(sweep.rows) == 2
     assert all(r["on_front"] for r in sweep.rows)  # more bits, more (fake) accuracy
     lines = (tmp_path / "pareto.csv").read_text().splitlines()
-    assert lines[0].startswith("label,budget_kind") and len(lines) == 3
+    assert lines[0].startswith("label,method,budget_kind") and len(lines) == 3
+    assert all(line.split(",")[1] == "sdq" for line in lines[1:])
     assert len(list(tmp_path.glob("0*/config.yaml"))) == 2
 
 
@@ -178,6 +179,11 @@ eval_size: 100
     assert res["search"]["met"] and 0 <= res["top1"] <= 100
     assert {"loss_kd", "loss_ebr"} <= set(res["history"][-1])
     assert (out / "search" / "config.yaml").is_file() and (out / "model" / "config.yaml").is_file()
+    assert json.loads((out / "model" / "meta.json").read_text())["weights"] == str(weights)
+    assert main(["search", "--recipe", str(recipe), "-o", str(out)]) == 2  # never reused
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["search", "--recipe", str(recipe), "-o", str(tmp_path / "new"), "--resume"]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_retrain_scorer_with_loss_plugins(digits):

@@ -177,6 +177,19 @@ _LOADERS: dict[str, tuple[int, str, Loader]] = {
 }
 
 
+# side of the (square) images of the fixed-size datasets; the others are resized and cropped to
+# whatever the model takes
+_IMAGE_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32}
+
+
+def image_shape(name: str) -> tuple[int, int | None]:
+    """``(channels, side)`` of the images dataset ``name`` yields (side None: any, by resizing)."""
+    key = name.lower()
+    if key not in _LOADERS:
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+    return _LOADERS[key][0], _IMAGE_SIZE.get(key)
+
+
 def list_datasets() -> list[str]:
     """Names ``load_dataset`` accepts."""
     return sorted(_LOADERS)

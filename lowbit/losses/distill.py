@@ -14,9 +14,9 @@ from torch import nn
 
 from ..errors import ConfigError
 
-# T=1: the T^2-scaled KL grows about linearly with T; at T=4 it gave a freshly calibrated
-# ResNet-20 W3A3 gradients 3.9x the cross-entropy's and one SGD step took it from 72.6 to
-# 46.6 % (benchmarks/kd_temperature.py); T=1 trains like no distillation at the start.
+# T=1: the T^2-scaled KL's gradient grows about linearly with T, and at T=4 it swamped the
+# cross-entropy's on a freshly calibrated 3-bit model and collapsed it within one step
+# (docs/notes/qat.md); T=1 trains like no distillation at the start.
 KD_TEMPERATURE = 1.0
 
 

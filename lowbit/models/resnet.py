@@ -95,6 +95,7 @@ for _name, _build, _desc in (
             default_dataset="imagenet",
             resize=256,
             description=_desc,
+            pretrained="torchvision's ImageNet weights",
         )
     )
 del _name, _build, _desc

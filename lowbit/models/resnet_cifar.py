@@ -118,6 +118,7 @@ for _depth, _build in ((20, resnet20), (32, resnet32), (44, resnet44), (56, resn
             default_dataset="cifar10",
             resize=None,
             description=f"CIFAR ResNet-{_depth} (He et al. 2016, option-A shortcuts)",
+            pretrained="CIFAR-10 checkpoints with akamaster/pytorch_resnet_cifar10 keys",
         )
     )
 del _depth, _build

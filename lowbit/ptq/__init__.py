@@ -1,11 +1,36 @@
-"""Post-training quantization algorithms, found by name in a small registry.
+"""Post-training quantization algorithms: one typed config and one registered handler each.
 
-Each algorithm is one handler ``(model, config, calib_data, example_inputs, **options) ->
-quantized model``; adding one (RAPQ, BRECQ-style reconstruction) is a decorated function.
+``lowbit.ptq(model, "rapq", data, iters=300)`` or ``lowbit.ptq(model, RapqConfig(iters=300),
+data)``; adding a method is a config class (:mod:`lowbit.ptq.configs`) and a handler decorated
+with ``@register_ptq(ThatConfig)``.
 """
 
-from . import calibration as _calibration  # noqa: F401,E402  (registers the baseline methods)
+from . import calibration as _calibration  # noqa: F401,E402  (registers the range methods)
 from . import rapq as _rapq  # noqa: F401,E402  (registers pot, rapq-quick, rapq, brecq)
-from .registry import PTQ_METHODS, ptq, register_ptq
+from .configs import (
+    BrecqConfig,
+    MethodConfig,
+    MinMaxConfig,
+    MseConfig,
+    PercentileConfig,
+    PotConfig,
+    RapqConfig,
+    RapqQuickConfig,
+)
+from .registry import PTQ_METHODS, load_method_config, method_config, ptq, register_ptq
 
-__all__ = ["PTQ_METHODS", "ptq", "register_ptq"]
+__all__ = [
+    "PTQ_METHODS",
+    "BrecqConfig",
+    "MethodConfig",
+    "MinMaxConfig",
+    "MseConfig",
+    "PercentileConfig",
+    "PotConfig",
+    "RapqConfig",
+    "RapqQuickConfig",
+    "load_method_config",
+    "method_config",
+    "ptq",
+    "register_ptq",
+]

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..graph import Chain, trace_graph
 from ..nn.layers import ChannelClamp
+from ..nn.transforms import CHANNEL_CLAMP, record, set_submodule
 from ..prepare import float_mode
 from ..quant.pot import choose_exponent, round_exponent
 
@@ -126,11 +127,6 @@ def _act_samples(qmodel: nn.Module, x: torch.Tensor, names: list[str], per_chann
     return {n: torch.cat(v, dim=1) for n, v in got.items()}
 
 
-def _set(qmodel: nn.Module, name: str, mod: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(qmodel.get_submodule(parent) if parent else qmodel, child, mod)
-
-
 @torch.no_grad()
 def _apply(qmodel: nn.Module, chain: Chain, f: torch.Tensor) -> None:
     """Divide the producer's output channels by ``f`` ([C]) and multiply the consumer's input
@@ -147,7 +143,7 @@ def _apply(qmodel: nn.Module, chain: Chain, f: torch.Tensor) -> None:
     if isinstance(act, ChannelClamp):
         act.upper.div_(f)
     elif isinstance(act, nn.Hardtanh):
-        _set(qmodel, chain.act, ChannelClamp(torch.full_like(f, float(act.max_val)) / f))
+        set_submodule(qmodel, chain.act, ChannelClamp(torch.full_like(f, float(act.max_val)) / f))
 
 
 def _choose(qmodel: nn.Module, c: Chain, acts: torch.Tensor,
@@ -226,10 +222,12 @@ def rescale_pairs(
                 prod.bias.copy_(bias)
             if upper is not None:
                 act.upper.copy_(upper)
-            _set(qmodel, c.act, act)
+            set_submodule(qmodel, c.act, act)
             report.skipped[c.consumer] = ("rescaling changed the float model's output (a tensor "
                                           "of the pair is used outside modules); left as it was")
             continue
+        if not isinstance(act, ChannelClamp):
+            record(qmodel, CHANNEL_CLAMP, c.act)  # the ReLU6 is a ChannelClamp from now on
         if bn_targets and c.producer in bn_targets:
             t = bn_targets[c.producer]
             t.mean.div_(f.to(t.mean.device))
@@ -244,23 +242,5 @@ def rescale_pairs(
     return report
 
 
-def restore_clamps(qmodel: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Swap in a :class:`~lowbit.nn.ChannelClamp` wherever ``state`` (a saved rescaled model)
-    has one where ``qmodel`` (freshly prepared) has a ReLU6, so the state loads."""
-    swapped = []
-    for key, value in state.items():
-        if not key.endswith(".upper"):
-            continue
-        name = key[: -len(".upper")]
-        try:
-            mod = qmodel.get_submodule(name)
-        except AttributeError:
-            continue
-        if isinstance(mod, nn.Hardtanh):
-            _set(qmodel, name, ChannelClamp(value))
-            swapped.append(name)
-    return swapped
-
-
 __all__ = ["MODES", "Chain", "RescaleReport", "find_chains", "relative_pot_error",
-           "rescale_pairs", "restore_clamps"]
+           "rescale_pairs"]

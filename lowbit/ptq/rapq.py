@@ -1,6 +1,7 @@
 """RAPQ: power-of-two post-training quantization (after Yao et al., IJCAI 2022).
 
-Four registered methods, all on the same prepared model and calibration tensor:
+Four registered methods, one handler each (their options: :mod:`lowbit.ptq.configs`), built
+from the same steps on the same prepared model and calibration tensor:
 
 * ``pot``: naive baseline, each calibrated scale rounded to the nearest power of two.
 * ``rapq-quick``: network-wide scale adjustment. Every weight and activation log2 scale is
@@ -10,9 +11,9 @@ Four registered methods, all on the same prepared model and calibration tensor:
   exponents (straight-through) before they are fixed. It starts from the least-error
   exponent per channel; if the result is worse than that start on the calibration set, the
   start is kept.
-* ``rapq``: quick, then BN-guided block reconstruction (AdaRound-style rounding, PoT scales
-  learned with straight-through exponents, loss = block output error + the mismatch of
-  pre-activation statistics against the float model's BatchNorm statistics).
+* ``rapq``: BN-guided block reconstruction (each unit's exponent search, AdaRound-style
+  rounding, loss = block output error + the mismatch of pre-activation statistics against the
+  float model's BatchNorm statistics); the network-wide adjustment first only when asked.
 * ``brecq``: the same reconstruction with float scales, as a comparison.
 
 The exported exponents and zero-points are integers by construction (see
@@ -37,9 +38,10 @@ from ..quant.pot import round_exponent
 from ..utils import batch_inputs, model_device
 from .bias_correction import correct_bias, float_output_means
 from .blocks import run_chunked
-from .pot_rescale import MODES as PAIR_MODES
-from .pot_rescale import RescaleReport, rescale_pairs
+from .configs import BrecqConfig, PotConfig, RapqConfig, RapqQuickConfig
+from .pot_rescale import rescale_pairs
 from .reconstruct import (
+    N_EVAL,
     ReconOptions,
     bn_targets,
     output_error,
@@ -47,13 +49,13 @@ from .reconstruct import (
     unwrap_quantizers,
     wrap_quantizers,
 )
-from .registry import register_ptq
-from .stream_rescale import rescale_streams
+from .registry import ptq, register_ptq
 
 log = logging.getLogger("lowbit")
 
 MIN_CALIB, MAX_CALIB = 8, 16384
-N_EVAL = 256  # calibration images on which a step is checked against the one before
+CHUNK = 64  # images per forward pass outside the optimisation steps (methods without ``chunk``)
+QUICK_LR = 0.01  # Adam's learning rate of the log2 scales in the network-wide adjustment
 
 
 def gather_inputs(calib_data: Iterable, num_batches: int | None = None) -> torch.Tensor:
@@ -79,18 +81,6 @@ def gather_inputs(calib_data: Iterable, num_batches: int | None = None) -> torch
         )
     x = torch.cat(batches)
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
-# Images per scale-adjustment step, at every input size. 8 at 224 px is about 4x faster
-# (264 s vs 1,138 s on MobileNetV2), but MobileNetV2 W4A8 RAPQ then reached 24.99 % against
-# 71.87 % (CPU) and 71.11 % (GPU) with 32 (benchmarks/results/rapq*.json).
-QUICK_BATCH = 32
-# Scale-adjustment steps of rapq-quick. Full rapq skips the adjustment by default: its exponent
-# search fits each unit's exponents on the quantized inputs the unit really gets, and with it
-# the network error after reconstruction came out the same within 2 % with or without the
-# adjustment (MobileNetV2 1,067 vs 1,069, EfficientNet-Lite0 510 vs 519), which at 224 px took
-# 1,563-1,710 s at one thread, a third of the run (benchmarks/results/rapq*.json).
-QUICK_ITERS = 300
 
 
 def with_kind(config: QuantConfig, kind: str, observer: str,
@@ -131,10 +121,8 @@ def adjust_scales(
     *,
     iters: int = 200,
     batch_size: int = 32,
-    lr: float = 0.01,
     seed: int = 0,
-    n_eval: int = N_EVAL,
-    chunk: int = 64,
+    chunk: int = CHUNK,
     progress: bool = True,
 ) -> dict[str, Any]:
     """RAPQ's network-wide adjustment of all power-of-two exponents at once (in place).
@@ -154,7 +142,7 @@ def adjust_scales(
         fp_out = run_chunked(qmodel, (x,), {}, n, chunk)
     if not isinstance(fp_out, torch.Tensor):
         raise ConfigError("scale adjustment needs a model whose output is one tensor")
-    m = min(n, n_eval)
+    m = min(n, N_EVAL)
     swaps = wrap_quantizers(qmodel, pot=True, learn_w_scale=True, learn_a_scale=True,
                             adaround=False, relax="ste")
 
@@ -178,7 +166,7 @@ def adjust_scales(
     final = naive
     try:
         if iters > 0:
-            opt = torch.optim.Adam(params, lr=lr)
+            opt = torch.optim.Adam(params, lr=QUICK_LR)
             gen = torch.Generator().manual_seed(seed)
             bs = min(batch_size, n)
             switch = (2 * iters) // 3
@@ -191,7 +179,7 @@ def adjust_scales(
                 if it == switch:
                     set_relax("ste")
                     for g in opt.param_groups:
-                        g["lr"] = lr / 4
+                        g["lr"] = QUICK_LR / 4
                 idx = torch.randint(0, n, (bs,), generator=gen)
                 loss = output_error(qmodel(x[idx]), fp_out[idx])
                 opt.zero_grad(set_to_none=True)
@@ -228,32 +216,6 @@ def _outputs(qmodel: nn.Module, x: torch.Tensor, chunk: int, use_float: bool) ->
     return run_chunked(qmodel, (x,), {}, x.shape[0], chunk)
 
 
-def _pot_options(method: str, observer: str) -> dict[str, Any] | None:
-    """RAPQ starts from the least-error exponent per channel (``rounding="mse"``), not the
-    nearest one, which can clip a layer's largest weights (MobileNetV2 collapses at W8A8 from
-    that alone). ``pot`` keeps nearest rounding: it is the naive baseline."""
-    if method in {"rapq-quick", "rapq"} and observer == "mse":
-        return {"rounding": "mse"}
-    return None
-
-
-def _rescale_parts(pot_rescale: bool | str) -> tuple[str | None, bool]:
-    """``pot_rescale`` as (layer-pair mode or None, whether linear streams are rescaled):
-    ``True`` is ``"depthwise"``; a string joins a pair mode and/or ``"streams"`` with ``+``."""
-    if pot_rescale is True:
-        return "depthwise", False
-    if not pot_rescale:
-        return None, False
-    known = (*PAIR_MODES, "streams")
-    parts = str(pot_rescale).split("+")
-    pairs = [p for p in parts if p in PAIR_MODES]
-    if any(p not in known for p in parts) or len(pairs) > 1 or len(set(parts)) != len(parts):
-        raise ConfigError(
-            f"pot_rescale must be True, False, or {' / '.join(map(repr, known))} joined by '+' "
-            f"(one pair mode at most, e.g. 'depthwise+streams'), got {pot_rescale!r}")
-    return (pairs[0] if pairs else None), "streams" in parts
-
-
 def _bn_setup(model, example_inputs, config: QuantConfig, bn_guided: bool | None):
     targets, skipped = bn_targets(model, example_inputs, folded=config.fold_bn)
     if bn_guided and not targets:
@@ -276,124 +238,85 @@ def _bn_setup(model, example_inputs, config: QuantConfig, bn_guided: bool | None
     return targets, note
 
 
-def _recon_options(opts: dict[str, Any], progress: bool, seed: int) -> ReconOptions:
-    fields = ReconOptions.__dataclass_fields__
-    unknown = sorted(set(opts) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown reconstruction options {unknown}; known: {sorted(fields)}")
-    return ReconOptions(**opts, progress=progress, seed=seed)
-
-
-@register_ptq("pot", "rapq-quick", "rapq", "brecq")
-def rapq_ptq(
-    model: nn.Module,
-    config: QuantConfig,
-    calib_data: Iterable,
-    example_inputs=None,
-    *,
-    method: str = "rapq",
-    observer: str = "mse",
-    quick_iters: int | None = None,
-    quick_lr: float = 0.01,
-    quick_batch_size: int | None = None,
-    bn_guided: bool | None = None,
-    bias_correction: bool = False,
-    pot_rescale: bool | str = False,
-    num_batches: int | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    **recon: Any,
-) -> nn.Module:
-    """Quantize ``model`` with ``method`` (``pot``, ``rapq-quick``, ``rapq`` or ``brecq``).
-
-    ``quick_iters`` (None: 300 for ``rapq-quick``, 0 for ``rapq``) sets the network-wide scale
-    adjustment steps; full ``rapq`` runs it before reconstruction only when asked (``QUICK_ITERS``
-    says why). ``recon`` takes :class:`~lowbit.ptq.reconstruct.ReconOptions` fields (``iters``,
-    ``batch_size``, ``bn_weight``, ...). ``pot_rescale`` (``True``/``"depthwise"`` or
-    ``"all"``) first slides the power-of-two grids of each ``conv -> ReLU6 -> depthwise conv``
-    (or every ``conv -> ReLU6 -> conv``) pair against each other, the float model unchanged
-    (:mod:`lowbit.ptq.pot_rescale`); ``"streams"`` (alone or joined, ``"depthwise+streams"``)
-    scales each linear residual stream by one factor (:mod:`lowbit.ptq.stream_rescale`).
-    ``bias_correction`` re-centres every layer's output on the float model's as the last step
-    (:mod:`lowbit.ptq.bias_correction`). The returned
-    model carries ``lowbit_rapq``: what ran, errors before/after each step, and where the time
-    went.
-    """
-    t_start = time.perf_counter()
+def _start(model, config: QuantConfig, calib_data, mc, kind: str,
+           options: dict[str, Any] | None = None):
+    """The checked calibration tensor, ``config`` with every quantizer of ``kind``, and the
+    run's report with its first entries."""
     _check_bits(config)
-    if quick_iters is None:
-        quick_iters = QUICK_ITERS if method == "rapq-quick" else 0
-    pair_mode, streams = _rescale_parts(pot_rescale)
-    rescale_mode = pair_mode or streams
-    if rescale_mode and method == "brecq":
-        raise ConfigError(
-            "pot_rescale fits power-of-two grids; 'brecq' uses float scales, which rescaling "
-            "leaves as good as before: use it with 'pot', 'rapq-quick' or 'rapq'"
-        )
-    reconstructs = method in {"rapq", "brecq"}
-    opts = _recon_options(recon, progress, seed) if reconstructs else None
-    if recon and not reconstructs:
-        raise ConfigError(f"options {sorted(recon)} apply to 'rapq' and 'brecq' only")
-    x = gather_inputs(calib_data, num_batches).to(model_device(model))
-    kind = "uniform" if method == "brecq" else "pot"
-    config = with_kind(config, kind, observer, _pot_options(method, observer))
-    chunk = opts.chunk if opts else 64
-    info: dict[str, Any] = {"method": method, "calib_images": x.shape[0]}
-    targets, note = ({}, "n/a")
-    if reconstructs:
-        targets, note = _bn_setup(model, example_inputs, config, bn_guided)
-    info["bn_guided"] = note
+    x = gather_inputs(calib_data, mc.num_batches).to(model_device(model))
+    config = with_kind(config, kind, mc.observer, options)
+    return x, config, {"method": mc.method, "calib_images": x.shape[0]}
+
+
+def _least_error(mc) -> dict[str, Any] | None:
+    """RAPQ starts from the least-error exponent per channel (``rounding="mse"``), not the
+    nearest one, which can clip a layer's largest weights (MobileNetV2 collapses at W8A8 from
+    that alone). ``pot`` keeps nearest rounding: it is the naive baseline."""
+    return {"rounding": "mse"} if mc.observer == "mse" else None
+
+
+def _calibrate_step(model, config, x, example_inputs, chunk, progress, info) -> nn.Module:
     t = time.perf_counter()
     qmodel = _calibrated(model, config, x, example_inputs, chunk, progress)
     info["seconds_calibrate"] = time.perf_counter() - t
-    if rescale_mode:
-        t = time.perf_counter()
-        parts = ([rescale_streams(qmodel, x, chunk=chunk, bn_targets=targets)] if streams
-                 else []) + ([rescale_pairs(qmodel, x, mode=pair_mode, chunk=chunk,
-                                            bn_targets=targets, progress=progress)]
-                             if pair_mode else [])
-        rep = RescaleReport()
-        for part in parts:
-            rep.rescaled.update(part.rescaled)
-            rep.skipped.update(part.skipped)
-        if not rep.rescaled:
-            raise ConfigError(
-                f"pot_rescale found nothing to rescale (it needs conv -> ReLU/ReLU6 -> conv "
-                f"pairs, or linear streams read by convs): {rep.summary()}")
-        log.info("rapq: %s", rep.summary())
-        qmodel = calibrate(qmodel, _chunks(x, chunk), progress=progress)  # ranges moved
-        mode = "+".join(([pair_mode] if pair_mode else []) + (["streams"] if streams else []))
-        info["pot_rescale"] = {"mode": mode, "rescaled": rep.rescaled,
-                               "skipped": rep.skipped, "seconds": time.perf_counter() - t}
-    float_means = float_output_means(qmodel, x) if bias_correction else None
-    skip_quick = method == "rapq" and quick_iters == 0
-    if method in {"rapq-quick", "rapq"}:
-        quick_batch_size = quick_batch_size or QUICK_BATCH
-        info["quick_batch_size"] = quick_batch_size
-        if not skip_quick:
-            info["quick"] = adjust_scales(qmodel, x, iters=quick_iters,
-                                          batch_size=quick_batch_size, lr=quick_lr, seed=seed,
-                                          chunk=chunk, progress=progress)
-    if reconstructs:
-        # Reconstruction writes rounded weights into the model, so its float mode is no longer
-        # the float model: the reference is taken first.
-        x_eval = x[:N_EVAL]
-        ref = _outputs(qmodel, x_eval, chunk, use_float=True)
-        before = output_error(_outputs(qmodel, x_eval, chunk, use_float=False), ref).item()
-        if skip_quick:  # the starting error is the one reconstruction starts from
-            info["quick"] = {"naive_error": before, "adjusted_error": before, "kept": True,
-                             "seconds": 0.0, "iters": 0}
-        backup = copy.deepcopy(qmodel.state_dict())
-        rep = reconstruct(qmodel, x, opts, pot=kind == "pot", bn=targets)
-        after = output_error(_outputs(qmodel, x_eval, chunk, use_float=False), ref).item()
-        kept = after <= before
-        if not kept:
-            qmodel.load_state_dict(backup)
-        info["reconstruction"] = {"error_before": before, "error_after": after, "kept": kept}
-        info["units"] = [u.__dict__ for u in rep.units]
-        info["seconds_cache"] = rep.seconds_cache
-        info["seconds_reconstruct"] = rep.seconds_optimise
-        info["lr_round"] = opts.resolved_lr_round()
+    return qmodel
+
+
+def _rescale_step(qmodel, x, mode: str | None, chunk, targets, progress, info) -> nn.Module:
+    """Power-of-two-aware rescaling of layer pairs (``mode``; None: off), then recalibration
+    (the ranges moved)."""
+    if mode is None:
+        return qmodel
+    t = time.perf_counter()
+    rep = rescale_pairs(qmodel, x, mode=mode, chunk=chunk, bn_targets=targets, progress=progress)
+    if not rep.rescaled:
+        raise ConfigError(
+            f"pot_rescale found nothing to rescale (it needs conv -> ReLU/ReLU6 -> conv "
+            f"pairs): {rep.summary()}")
+    log.info("rapq: %s", rep.summary())
+    qmodel = calibrate(qmodel, _chunks(x, chunk), progress=progress)
+    info["pot_rescale"] = {"mode": mode, "rescaled": rep.rescaled,
+                           "skipped": rep.skipped, "seconds": time.perf_counter() - t}
+    return qmodel
+
+
+def _quick_step(qmodel, x, mc, chunk, progress, info) -> None:
+    """The network-wide adjustment (``mc.quick_iters`` steps); full rapq skips it at 0."""
+    info["quick_batch_size"] = mc.quick_batch_size
+    if mc.method == "rapq" and mc.quick_iters == 0:
+        return
+    info["quick"] = adjust_scales(qmodel, x, iters=mc.quick_iters,
+                                  batch_size=mc.quick_batch_size, seed=mc.seed, chunk=chunk,
+                                  progress=progress)
+
+
+def _recon_step(qmodel, x, opts: ReconOptions, pot: bool, targets, info) -> None:
+    """Block reconstruction (power-of-two scales or float ones); the model is restored when it
+    ends with a higher output error."""
+    # Reconstruction writes rounded weights into the model, so its float mode is no longer
+    # the float model: the reference is taken first.
+    x_eval = x[:N_EVAL]
+    ref = _outputs(qmodel, x_eval, opts.chunk, use_float=True)
+    before = output_error(_outputs(qmodel, x_eval, opts.chunk, use_float=False), ref).item()
+    if "quick" not in info and pot:  # the starting error is the one reconstruction starts from
+        info["quick"] = {"naive_error": before, "adjusted_error": before, "kept": True,
+                         "seconds": 0.0, "iters": 0}
+    backup = copy.deepcopy(qmodel.state_dict())
+    rep = reconstruct(qmodel, x, opts, pot=pot, bn=targets)
+    after = output_error(_outputs(qmodel, x_eval, opts.chunk, use_float=False), ref).item()
+    kept = after <= before
+    if not kept:
+        qmodel.load_state_dict(backup)
+    info["reconstruction"] = {"error_before": before, "error_after": after, "kept": kept}
+    info["units"] = [u.__dict__ for u in rep.units]
+    info["seconds_cache"] = rep.seconds_cache
+    info["seconds_reconstruct"] = rep.seconds_optimise
+    info["lr_round"] = opts.resolved_lr_round()
+
+
+def _finish(qmodel, x, float_means, info, t_start) -> nn.Module:
+    """Bias correction when asked (``float_means`` taken before the other steps), the total
+    time, and the report on the model as ``lowbit_rapq``."""
     if float_means is not None:
         t = time.perf_counter()
         info["bias_correction"] = correct_bias(qmodel, x, float_means)
@@ -401,6 +324,68 @@ def rapq_ptq(
     info["seconds_total"] = time.perf_counter() - t_start
     qmodel.lowbit_rapq = info
     return qmodel
+
+
+def _float_means(qmodel, x, mc):
+    return float_output_means(qmodel, x) if mc.bias_correction else None
+
+
+@register_ptq(PotConfig)
+def pot_ptq(model: nn.Module, config: QuantConfig, calib_data: Iterable, example_inputs,
+            mc: PotConfig, *, progress: bool = True) -> nn.Module:
+    """Naive power of two: range calibration, each scale rounded to the nearest ``2**k``."""
+    t_start = time.perf_counter()
+    x, config, info = _start(model, config, calib_data, mc, "pot")
+    info["bn_guided"] = "n/a"
+    qmodel = _calibrate_step(model, config, x, example_inputs, CHUNK, progress, info)
+    qmodel = _rescale_step(qmodel, x, mc.pot_rescale, CHUNK, {}, progress, info)
+    return _finish(qmodel, x, _float_means(qmodel, x, mc), info, t_start)
+
+
+@register_ptq(RapqQuickConfig)
+def rapq_quick_ptq(model: nn.Module, config: QuantConfig, calib_data: Iterable, example_inputs,
+                   mc: RapqQuickConfig, *, progress: bool = True) -> nn.Module:
+    """Least-error starting exponents, then the network-wide adjustment of all of them."""
+    t_start = time.perf_counter()
+    x, config, info = _start(model, config, calib_data, mc, "pot", _least_error(mc))
+    info["bn_guided"] = "n/a"
+    qmodel = _calibrate_step(model, config, x, example_inputs, CHUNK, progress, info)
+    qmodel = _rescale_step(qmodel, x, mc.pot_rescale, CHUNK, {}, progress, info)
+    float_means = _float_means(qmodel, x, mc)
+    _quick_step(qmodel, x, mc, CHUNK, progress, info)
+    return _finish(qmodel, x, float_means, info, t_start)
+
+
+@register_ptq(RapqConfig)
+def rapq_ptq(model: nn.Module, config: QuantConfig, calib_data: Iterable, example_inputs,
+             mc: RapqConfig, *, progress: bool = True, block_types=None) -> nn.Module:
+    """Full RAPQ: least-error starting exponents, optional adjustment, then BN-guided block
+    reconstruction with power-of-two scales. The returned model carries ``lowbit_rapq``: what
+    ran, errors before/after each step, and where the time went."""
+    t_start = time.perf_counter()
+    opts = mc.recon_options(progress, block_types)
+    x, config, info = _start(model, config, calib_data, mc, "pot", _least_error(mc))
+    targets, info["bn_guided"] = _bn_setup(model, example_inputs, config, mc.bn_guided)
+    qmodel = _calibrate_step(model, config, x, example_inputs, opts.chunk, progress, info)
+    qmodel = _rescale_step(qmodel, x, mc.pot_rescale, opts.chunk, targets, progress, info)
+    float_means = _float_means(qmodel, x, mc)
+    _quick_step(qmodel, x, mc, opts.chunk, progress, info)
+    _recon_step(qmodel, x, opts, True, targets, info)
+    return _finish(qmodel, x, float_means, info, t_start)
+
+
+@register_ptq(BrecqConfig)
+def brecq_ptq(model: nn.Module, config: QuantConfig, calib_data: Iterable, example_inputs,
+              mc: BrecqConfig, *, progress: bool = True, block_types=None) -> nn.Module:
+    """BRECQ-style block reconstruction with float scales (the comparison for RAPQ)."""
+    t_start = time.perf_counter()
+    opts = mc.recon_options(progress, block_types)
+    x, config, info = _start(model, config, calib_data, mc, "uniform")
+    targets, info["bn_guided"] = _bn_setup(model, example_inputs, config, mc.bn_guided)
+    qmodel = _calibrate_step(model, config, x, example_inputs, opts.chunk, progress, info)
+    float_means = _float_means(qmodel, x, mc)
+    _recon_step(qmodel, x, opts, False, targets, info)
+    return _finish(qmodel, x, float_means, info, t_start)
 
 
 def rapq(
@@ -415,7 +400,8 @@ def rapq(
     **options: Any,
 ) -> nn.Module:
     """Python entry point: power-of-two PTQ of ``model`` at ``w_bits``/``a_bits`` (first and
-    last layer at 8 bits), full RAPQ or, with ``quick=True``, scale adjustment only."""
-    config = config or QuantConfig.uniform(w_bits, a_bits)
-    method = "rapq-quick" if quick else "rapq"
-    return rapq_ptq(model, config, calib_data, example_inputs, method=method, **options)
+    last layer at 8 bits), full RAPQ or, with ``quick=True``, scale adjustment only;
+    ``options`` are :class:`~lowbit.ptq.configs.RapqConfig` (or ``RapqQuickConfig``) fields
+    and ``progress``."""
+    return ptq(model, "rapq-quick" if quick else "rapq", calib_data,
+               config or QuantConfig.uniform(w_bits, a_bits), example_inputs, **options)

@@ -30,6 +30,7 @@ from .exponent_search import search_unit_exponents
 
 log = logging.getLogger("lowbit")
 
+N_EVAL = 256  # calibration images on which a unit's (and a step's) error is judged
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
 ZETA, GAMMA = 1.1, -0.1
 
@@ -113,8 +114,8 @@ class TrainableQuant(nn.Module):
             if not self.log2_scale.requires_grad:
                 # A fixed scale (power-of-two activations in reconstruction): the plain kernels
                 # give the same values and input gradient without the learnable ones' scale
-                # and zero-point reductions (10-18 % of a MobileNetV2 unit's time on a CPU,
-                # benchmarks/recon_speed.py).
+                # and zero-point reductions, a noticeable share of a unit's time on a CPU
+                # (docs/notes/rapq.md).
                 zpi = torch.round(zp).to(torch.int32)
                 if s.numel() == 1:
                     return torch.fake_quantize_per_tensor_affine(
@@ -226,8 +227,8 @@ ROUND_TRAVEL = 30.0  # lr_round * iters of the default: 0.1 at 300 steps, 0.03 a
 def default_lr_round(iters: int) -> float:
     """The rounding learning rate for ``iters`` steps: ``ROUND_TRAVEL / iters``, at most 0.1.
 
-    Measured on ResNet-20 W2A4 (benchmarks/round_weight.py): 300 steps reach 88.74 % at 0.1
-    against 80.51 % at BRECQ-like 3e-3; 1,000 steps 89.04 % at 0.03 against 86.37 %.
+    A logit must travel past about +-2.4 for its offset to settle, and Adam moves it by about
+    the learning rate per step; the measurements are in docs/notes/rapq.md.
     """
     return min(0.1, ROUND_TRAVEL / max(1, iters))
 
@@ -243,7 +244,7 @@ class ReconOptions:
     :func:`default_lr_round` for ``iters``. Adam moves a logit by about this much per step,
     and an offset is decided (0 or 1) only once its logit passes about +-2.4, so
     ``lr_round * iters`` must be well above that: BRECQ's 1e-3 suits its 20,000 steps, not the
-    hundreds a CPU affords (docs/rapq.md, "Learning rate of the rounding").
+    hundreds a CPU affords (docs/rapq.md, "Design rationale").
 
     ``learn_a_scale``: learn activation scales by gradient; ``None`` does for float scales and
     not for power-of-two ones, whose straight-through exponent jumps by a factor of two only
@@ -314,9 +315,9 @@ def output_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _eval_error(unit: nn.Module, args: tuple, target: torch.Tensor, n_eval: int, chunk: int):
+def _eval_error(unit: nn.Module, args: tuple, target: torch.Tensor, chunk: int):
     n = target.shape[0]
-    m = min(n, n_eval)
+    m = min(n, N_EVAL)
     sub = tuple(a[:m] if isinstance(a, torch.Tensor) and a.shape[:1] == (n,) else a for a in args)
     out = run_chunked(unit, sub, {}, m, chunk)
     return output_error(out, target[:m]).item()
@@ -331,7 +332,6 @@ def reconstruct_unit(
     pot: bool,
     bn: dict[nn.Module, BNTarget] | None = None,
     name: str = "",
-    n_eval: int = 256,
 ) -> UnitReport:
     """Learn the rounding of ``unit``'s weights and its scales so that, fed the quantized
     inputs ``q_args``, it reproduces the float outputs ``target`` (plus the BN term)."""
@@ -342,14 +342,14 @@ def reconstruct_unit(
     # that helped; the unit then keeps the search alone. The reconstruction itself starts from
     # the better of the first two.
     kept: dict[str, tuple[float, dict]] = {}
-    err_before = _eval_error(unit, q_args, target, n_eval, opts.chunk)
+    err_before = _eval_error(unit, q_args, target, opts.chunk)
     kept["start"] = (err_before, copy.deepcopy(unit.state_dict()))
     moved = 0
     recon_from = "start"
     if pot and opts.exponent_search:
         moved = sum(search_unit_exponents(unit, q_args, chunk=opts.chunk).values())
         if moved:
-            kept["search"] = (_eval_error(unit, q_args, target, n_eval, opts.chunk),
+            kept["search"] = (_eval_error(unit, q_args, target, opts.chunk),
                               copy.deepcopy(unit.state_dict()))
             # The search judges each layer on its own output; when that raised the unit's
             # error, the rounding is learned from the start's exponents instead.
@@ -360,7 +360,7 @@ def reconstruct_unit(
     err_recon = None
     if opts.iters > 0:  # iters=0: the exponent search alone, no learned rounding
         _optimise_unit(unit, q_args, target, opts, pot=pot, bn=bn, name=name)
-        err_recon = _eval_error(unit, q_args, target, n_eval, opts.chunk)
+        err_recon = _eval_error(unit, q_args, target, opts.chunk)
     best = min(kept, key=lambda k: kept[k][0])
     if err_recon is not None and err_recon <= kept[best][0]:
         best, err_after = "reconstruction", err_recon
@@ -481,6 +481,8 @@ def reconstruct(
         report.units.append(
             reconstruct_unit(unit, q_args, fp_out, opts, pot=pot, bn=unit_bn, name=name)
         )
+        log.info("reconstructed unit %d/%d %s (%.1f s)", len(report.units), len(units), name,
+                 report.units[-1].seconds)
 
     walk_units(graph, units, fp_model, qmodel, inputs, on_unit, chunk=opts.chunk)
     total = time.perf_counter() - t0

@@ -53,8 +53,15 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]} ({b!r} in the checkpoint, {a!r} now)"]
 
 
+def _without_epochs(run: dict[str, Any]) -> dict[str, Any]:
+    train = {k: v for k, v in (run.get("train") or {}).items() if k != "epochs"}
+    return {**run, "train": train}
+
+
 def check_run(expected: dict[str, Any], ckpt: dict[str, Any], path: str | Path) -> None:
-    """Refuse a checkpoint from another model, method or configuration."""
+    """Refuse a checkpoint from another model, method or configuration. The epoch count may
+    differ: a resumed run may be extended (the trainer refuses one shortened below what the
+    checkpoint has already trained)."""
     found = ckpt.get("run", {})
     for key in ("model", "method"):
         if expected.get(key) != found.get(key):
@@ -62,7 +69,7 @@ def check_run(expected: dict[str, Any], ckpt: dict[str, Any], path: str | Path) 
                 f"checkpoint {path} belongs to {key} {found.get(key)!r}, not "
                 f"{expected.get(key)!r}; resume with the same {key} or use a new output folder"
             )
-    diffs = _diff(expected, found)
+    diffs = _diff(_without_epochs(expected), _without_epochs(found))
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise TrainingError(

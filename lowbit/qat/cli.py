@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli_args import bits_arg as _bits
+from ..cli_args import random_init_arg
 from ..errors import ConfigError
 
 EBR_DEFAULT = 1e-2  # EntropyBinRegularizer's default weight; a literal keeps --help torch-free
@@ -26,10 +27,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--method", choices=["qil", "lsq"], default=S, help="QAT method (default qil)")
     g.add_argument("--model", "-m", default=S, help="model name (see 'lowbit info --list')")
     g.add_argument("--weights", "-w", default=S, help="pretrained weights file")
-    g.add_argument("--output-dir", "-o", default="lowbit-qat",
-                   help="checkpoint.pt, history.csv, steps.csv, results.json, model/ go here")
+    random_init_arg(g)
+    g.add_argument("--output-dir", "-o", default=None,
+                   help="checkpoint.pt, history.csv, steps.csv, results.json, model/ go here "
+                   "(default: a new lowbit-runs/qat-MODEL-TIME); it must be new or empty "
+                   "unless --resume or --overwrite")
     g.add_argument("--resume", action="store_true",
-                   help="continue from OUTPUT_DIR/checkpoint.pt (refused if the run differs)")
+                   help="continue the run in OUTPUT_DIR from its checkpoint.pt (refused if the "
+                   "run differs; a larger --epochs extends it)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in OUTPUT_DIR (removes its checkpoint, logs, results)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.add_argument("--no-eval-float", action="store_true", help="skip evaluating the float model")
@@ -131,7 +138,7 @@ def _config_method(path: str) -> str | None:
 
 def build_recipe(args):
     """The recipe file (if any) with the command-line flags applied on top."""
-    from ..config import _validate
+    from ..config import validate_model
     from .recipes import Recipe, load_recipe
     from .schedule import Stage, parse_stages
 
@@ -166,16 +173,34 @@ def build_recipe(args):
         w = args.w_bits if args.w_bits is not None else 4
         a = args.a_bits if args.a_bits is not None else w
         data["stages"] = [Stage(w_bits=w, a_bits=a).model_dump()]
-    return _validate(Recipe, data, "qat settings")
+    return validate_model(Recipe, data, "qat settings")
+
+
+def run_folder(args, command: str, model: str, checkpoints=("checkpoint.pt",)):
+    """The checked output folder of a ``qat``/``search`` run (see lowbit.outputs)."""
+    import os
+
+    from ..outputs import claim_run_dir, default_run_dir
+
+    if args.output_dir is None:
+        if args.resume:
+            raise ConfigError("--resume needs -o/--output-dir: the folder of the run to continue")
+        args.output_dir = str(default_run_dir(command, model))
+    return claim_run_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite,
+                         checkpoints=checkpoints, main_process=os.environ.get("RANK", "0") == "0")
 
 
 def run(args) -> int:
+    from ..models import check_weights_given
     from .recipes import run_recipe
 
     recipe = build_recipe(args)
-    out = run_recipe(recipe, data_root=args.data_root, output_dir=args.output_dir,
+    check_weights_given(recipe.model, recipe.weights, args.random_init)
+    out_dir = run_folder(args, "qat", recipe.model)
+    print(f"run folder: {out_dir}")
+    out = run_recipe(recipe, data_root=args.data_root, output_dir=out_dir,
                      resume=args.resume, eval_float=not args.no_eval_float)
     if out.get("top1") is not None:
         print(f"{recipe.method} {recipe.model}: top-1 {out['top1']:.2f} % "
-              f"(float {out['float_top1']}); results in {args.output_dir}")
+              f"(float {out['float_top1']}); results in {out_dir}")
     return 0

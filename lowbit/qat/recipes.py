@@ -191,7 +191,7 @@ def run_recipe(
     from ..data import load_dataset, make_loader
     from ..losses import as_hook
     from ..models import get_model, get_spec
-    from ..pipeline import build_data
+    from ..pipeline import build_data, dataset_kwargs
 
     ctx = ddp.init_from_env()
     torch.manual_seed(recipe.train.seed)
@@ -199,10 +199,7 @@ def run_recipe(
     data = build_data(spec, recipe.dataset, data_root, calib_size=recipe.calib_size,
                       eval_size=recipe.eval_size, batch_size=recipe.eval_batch_size,
                       workers=recipe.workers, seed=recipe.train.seed)
-    kwargs = dict(mean=spec.mean, std=spec.std, crop=spec.input_size[-1])
-    if spec.resize is not None:
-        kwargs["resize"] = spec.resize
-    train_set = load_dataset(data.dataset, data_root, "train", **kwargs)
+    train_set = load_dataset(data.dataset, data_root, "train", **dataset_kwargs(spec, data.dataset))
     if ctx.enabled:
         train_loader = ddp.shard_loader(train_set, recipe.batch_size, ctx, recipe.train.seed,
                                         recipe.workers)
@@ -249,11 +246,12 @@ def run_recipe(
                  f"{row['loss']:.4f} train {row['train_acc']:.2f} %"
                  + (f" top-1 {row['top1']:.2f} %" if "top1" in row else ""))
         if output_dir is not None:
-            from ..pipeline import save_quantized
+            from ..pipeline import save_quantized, weights_record
             from ..report import write_json
 
             save_quantized(result.model, Path(output_dir) / "model",
-                           {"model": recipe.model, "method": recipe.method})
+                           {"model": recipe.model, "weights": weights_record(recipe.weights),
+                            "random_init": recipe.weights is None, "method": recipe.method})
             write_json(Path(output_dir) / "results.json", out)
     out["model"] = result.model
     return out

@@ -20,6 +20,7 @@ It trains a *prepared and calibrated* model. Design choices, each for a reason:
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,8 @@ from . import ddp
 from .augment import Augment, augment_batch
 from .checkpoint import CHECKPOINT_NAME, check_run, load_checkpoint, save_checkpoint
 from .hooks import StepContext, TrainHook
+
+log = logging.getLogger("lowbit")
 
 # fields that change how a run is reported, not what it computes (free to differ on resume)
 COSMETIC = {"progress", "log_every", "logger"}
@@ -212,6 +215,20 @@ class _Logger:
             self.writer.close()
 
 
+def truncate_steps(path: Path, stage: int, step: int) -> None:
+    """Drop the ``steps.csv`` rows logged after the checkpoint at (``stage``, ``step``): an
+    interrupted epoch is trained again on resume and would log its steps twice."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    keep = [r for r in rows if (int(r["stage"]), int(r["step"])) <= (stage, step)]
+    if fields and len(keep) < len(rows):
+        lines = [",".join(fields)] + [",".join(r[k] for k in fields) for r in keep]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 def _inputs_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, dict):
         return batch.get("input", batch.get("image")), batch["target"]
@@ -357,9 +374,17 @@ class Trainer:
         for hook, hs in zip(self.hooks, ckpt.get("hooks", []), strict=False):
             hook.load_state_dict(hs)
         self.epoch = int(ckpt["epoch"])
+        if self.epoch > self.cfg.epochs:
+            raise TrainingError(
+                f"checkpoint {path} has trained {self.epoch} epochs of stage {self.stage}, more "
+                f"than the {self.cfg.epochs} asked for: give --epochs {self.epoch} or more (a run "
+                "can be extended on resume, not shortened)"
+            )
         self.global_step = int(ckpt["global_step"])
         self.history = list(ckpt.get("history", []))
         self.stopped = bool(ckpt.get("stopped", False))
+        if self.output_dir is not None and self.cfg.logger == "csv" and self.ctx.is_main:
+            truncate_steps(self.output_dir / "steps.csv", self.stage, self.global_step)
         if not self.reseed and "rng" in ckpt:
             self._set_rng_state(ckpt["rng"])
         return True
@@ -427,6 +452,11 @@ class Trainer:
             while self.epoch < cfg.epochs and not self.stopped:
                 row = self._epoch(net, dev, steps, total, logger)
                 self.history.append(row)
+                if self.ctx.is_main:
+                    log.info("stage %d epoch %d/%d: loss %.4f, train %.2f %%%s (%.1f s)",
+                             self.stage, row["epoch"], cfg.epochs, row["loss"], row["train_acc"],
+                             f", top-1 {row['top1']:.2f} %" if "top1" in row else "",
+                             row["seconds"])
                 for h in self.hooks:
                     h.on_epoch_end(self, self.epoch, row)
                 self.epoch += 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..cli_args import act_bits_arg as _act_bits
 from ..cli_args import bits_arg as _bits
+from ..cli_args import random_init_arg
 from ..errors import LowbitError
 
 
@@ -31,15 +32,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a registered search method (default sdq; lowbit.search.search_names())")
     g.add_argument("--model", "-m", default=None, help="model name (see 'lowbit info --list')")
     g.add_argument("--weights", "-w", default=None, help="pretrained float weights")
+    random_init_arg(g)
     g.add_argument("--budget", "-b", action="append", metavar="[KIND:]VALUE",
                    help="avg_weight_bits:2.5 (or just 2.5), bitops:1.2G, weight_memory:64KiB; "
                    "repeat for a Pareto sweep")
-    g.add_argument("--output-dir", "-o", default="lowbit-search", help="where results go")
+    g.add_argument("--output-dir", "-o", default=None,
+                   help="where results go (default: a new lowbit-runs/search-MODEL-TIME); it "
+                   "must be new or empty unless --resume or --overwrite")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted search (or sweep) from its checkpoint in -o")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the search in -o (removes its checkpoints and results)")
 
     d = p.add_argument_group("data")
     d.add_argument("--dataset", "-d", default=None, help="dataset (default: the model's)")
@@ -96,10 +102,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _settings(args):
-    from ..config import _validate
+    from ..config import validate_model
     from .sdq import SDQSettings
 
-    return _validate(SDQSettings, dict(
+    return validate_model(SDQSettings, dict(
         min_bits=args.min_bits, max_bits=args.max_bits, a_bits=args.a_bits,
         first_last=args.first_last, per_channel=not args.per_tensor, observer=args.observer,
         steps=args.steps,
@@ -112,11 +118,10 @@ def _settings(args):
 
 def _train_loader(spec, args):
     from ..data import load_dataset, make_loader, subset
+    from ..pipeline import dataset_kwargs
 
-    kwargs = dict(mean=spec.mean, std=spec.std, crop=spec.input_size[-1])
-    if spec.resize is not None:
-        kwargs["resize"] = spec.resize
-    train = load_dataset(args.dataset or spec.default_dataset, args.data_root, "train", **kwargs)
+    name = args.dataset or spec.default_dataset
+    train = load_dataset(name, args.data_root, "train", **dataset_kwargs(spec, name))
     if args.train_size is not None and args.train_size < len(train):
         train = subset(train, args.train_size, args.seed)
     return make_loader(train, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed)
@@ -125,10 +130,10 @@ def _train_loader(spec, args):
 def _retrain_config(args):
     """The sweep's retraining flags as a QAT ``TrainConfig``: one lr for weights and LSQ steps
     and no weight decay (as the sweep always retrained), no step log (it keeps only the score)."""
-    from ..config import _validate
+    from ..config import validate_model
     from ..qat.trainer import TrainConfig
 
-    return _validate(TrainConfig, dict(
+    return validate_model(TrainConfig, dict(
         epochs=args.retrain_epochs, max_steps_per_epoch=args.retrain_steps,
         optimizer=args.retrain_optimizer, lr=args.retrain_lr, quant_lr=None,
         weight_decay=0.0, grad_clip=args.retrain_grad_clip,
@@ -148,7 +153,8 @@ def _loss_terms(args, model, example):
 
 
 def run(args) -> int:
-    from ..models import get_model, get_spec
+    from ..models import check_weights_given, get_model, get_spec
+    from ..qat.cli import run_folder
     from ..report import write_json
     from .budget import Budget
     from .registry import get_search, run_search
@@ -156,9 +162,12 @@ def run(args) -> int:
     if args.recipe:
         from .recipe import load_sdq_recipe, run_sdq_recipe
 
-        run_sdq_recipe(load_sdq_recipe(args.recipe), data_root=args.data_root,
-                       output_dir=args.output_dir, plot=False if args.no_plot else None,
-                       resume=args.resume)
+        recipe = load_sdq_recipe(args.recipe)
+        check_weights_given(recipe.model, recipe.weights, args.random_init)
+        out_dir = run_folder(args, "search", recipe.model, checkpoints=("search/checkpoint.pt",))
+        print(f"run folder: {out_dir}")
+        run_sdq_recipe(recipe, data_root=args.data_root, output_dir=out_dir,
+                       plot=False if args.no_plot else None, resume=args.resume)
         return 0
     if not args.model or not args.budget:
         raise LowbitError("give --model and at least one --budget (or a --recipe)")
@@ -168,6 +177,10 @@ def run(args) -> int:
                           "run it from Python (lowbit.search.run_search) or use sdq")
     budgets = [Budget.parse(b) for b in args.budget]
     settings = _settings(args)
+    check_weights_given(args.model, args.weights, args.random_init)
+    run_folder(args, "search", args.model,
+               checkpoints=("checkpoint.pt",) if len(budgets) == 1 else ("*/checkpoint.pt",))
+    print(f"run folder: {args.output_dir}")
     spec = get_spec(args.model)
     model = get_model(args.model, args.weights)
     train = _train_loader(spec, args)

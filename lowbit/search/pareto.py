@@ -28,7 +28,7 @@ from .result import SearchResult
 if TYPE_CHECKING:
     from ..qat.trainer import TrainConfig
 
-COLUMNS = ["label", "budget_kind", "budget", "avg_weight_bits", "bitops", "size_bytes", "top1",
+COLUMNS = ["label", "method", "budget_kind", "budget", "avg_weight_bits", "bitops", "size_bytes", "top1",
            "steps", "forced", "on_front"]
 
 
@@ -82,7 +82,9 @@ class ParetoResult:
             pts = [(r["bitops"] / 1e9, r["top1"], r["label"]) for r in self.rows]
             front = [(r["bitops"] / 1e9, r["top1"]) for r in self.front()]
             base = [(r["bitops"] / 1e9, r["top1"], r["label"]) for r in self.baselines]
-            out["plot"] = plot_pareto(pts, front, directory / "pareto.png", title, base)
+            methods = sorted({str(r.get("method", "search")) for r in self.rows}) or ["search"]
+            out["plot"] = plot_pareto(pts, front, directory / "pareto.png", title, base,
+                                      series=", ".join(methods).upper())
         return out
 
 

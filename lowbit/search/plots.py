@@ -54,19 +54,22 @@ def plot_pareto(
     path: str | Path,
     title: str = "",
     baselines: Sequence[tuple[float, float, str]] = (),
+    series: str = "search",
 ) -> Path:
-    """Accuracy vs GBitOPs: every point labelled, the Pareto front joined by a line."""
+    """Accuracy vs GBitOPs: every point labelled, the Pareto front joined by a line;
+    ``series`` names the searched points in the legend (the search method)."""
     fig = _figure(5.5, 4.0)
     ax = fig.add_subplot()
-    ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", label="SDQ")
+    ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", label=series)
     for x, y, label in points:
         ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if front:
         xs, ys = zip(*sorted(front), strict=True)
         ax.plot(xs, ys, color="tab:blue", alpha=0.6)
-    for x, y, label in baselines:
-        ax.scatter([x], [y], marker="x", color="tab:red")
+    for i, (x, y, label) in enumerate(baselines):
+        ax.scatter([x], [y], marker="x", color="tab:red", label="baselines" if i == 0 else None)
         ax.annotate(label, (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("GBitOPs per sample")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=9)

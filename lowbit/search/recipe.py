@@ -59,7 +59,7 @@ def run_sdq_recipe(
     from ..data import load_dataset, make_loader, subset
     from ..losses import as_hook
     from ..models import get_model, get_spec
-    from ..pipeline import build_data, save_quantized
+    from ..pipeline import build_data, dataset_kwargs, save_quantized, weights_record
     from ..report import write_json
 
     output_dir = Path(output_dir)
@@ -69,10 +69,7 @@ def run_sdq_recipe(
     data = build_data(spec, recipe.dataset, data_root, calib_size=recipe.calib_size,
                       eval_size=recipe.eval_size, batch_size=recipe.eval_batch_size,
                       workers=recipe.workers, seed=seed)
-    kwargs = dict(mean=spec.mean, std=spec.std, crop=spec.input_size[-1])
-    if spec.resize is not None:
-        kwargs["resize"] = spec.resize
-    train_set = load_dataset(data.dataset, data_root, "train", **kwargs)
+    train_set = load_dataset(data.dataset, data_root, "train", **dataset_kwargs(spec, data.dataset))
     search_set = train_set
     if recipe.search_train_size and recipe.search_train_size < len(train_set):
         search_set = subset(train_set, recipe.search_train_size, seed)
@@ -108,6 +105,8 @@ def run_sdq_recipe(
         "search_seconds": search_seconds, "train_seconds": train_seconds,
         "history": result.history, "config": str(files["config"]),
     }
-    save_quantized(result.model, output_dir / "model", {"model": recipe.model, "method": "sdq"})
+    save_quantized(result.model, output_dir / "model",
+                   {"model": recipe.model, "weights": weights_record(recipe.weights),
+                    "random_init": recipe.weights is None, "method": "sdq"})
     write_json(output_dir / "results.json", out)
     return out

@@ -45,7 +45,8 @@ class SearchResult:
         """The columns a Pareto row takes from a search (the sweep adds label and top-1)."""
         t = self.cost.totals()
         b = self.budget
-        return dict(budget_kind=b.kind.value if b else "", budget=b.value if b else None,
+        return dict(method=self.method, budget_kind=b.kind.value if b else "",
+                    budget=b.value if b else None,
                     avg_weight_bits=t["avg_weight_bits"], bitops=t["bitops"],
                     size_bytes=t["size_bytes"])
 

@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from ..config import EdgePolicy, LayerRule, QuantConfig, _validate
+from ..config import EdgePolicy, LayerRule, QuantConfig, validate_model
 from ..cost.model import measure
 from ..errors import ConfigError, DataError, TrainingError
 from ..losses import as_hook
@@ -209,9 +209,9 @@ def sdq_search(
     if not isinstance(budget, Budget):
         budget = Budget.parse(budget)
     if settings is None:
-        settings = _validate(SDQSettings, overrides, "SDQ settings")
+        settings = validate_model(SDQSettings, overrides, "SDQ settings")
     elif overrides:
-        settings = _validate(SDQSettings, {**settings.model_dump(), **overrides}, "SDQ settings")
+        settings = validate_model(SDQSettings, {**settings.model_dump(), **overrides}, "SDQ settings")
     torch.manual_seed(settings.seed)
     if dist_ctx is not None:
         model = model.to(dist_ctx.device)
