@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
-from lowbit.errors import CalibrationError, ConfigError
+from lowbit.errors import CalibrationError, ConfigError, OutputError
 from lowbit.export.integer import (
     IntegerModel,
     code_agreement,
@@ -372,12 +372,12 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, monkeypatch):
         lowbit.export(q, x, "tflite", tmp_path / "b")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ConfigError, match="not writable"):
+    with pytest.raises(OutputError, match="is a file, not a folder"):
         lowbit.export(q, x, "onnx", blocker / "m.onnx")
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep").write_text("x")
-    with pytest.raises(ConfigError, match="not an empty folder"):
+    with pytest.raises(OutputError, match="is not empty"):
         lowbit.export(q, x, "packed", full)
     import importlib.util
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CalibrationError, ConfigError
+from ..errors import CalibrationError, ConfigError, OutputError
 from ..nn.layers import QuantLayerMixin
+from ..outputs import check_file, check_folder
 from ..prepare import quantizers
 from ..utils import atomic_write, atomic_write_text
 from .integer import IntegerModel, dyadic
@@ -33,20 +34,15 @@ def _need(module: str, why: str, extra: str = EXTRA) -> None:
         raise ConfigError(f"{why} needs the {module} package, which is not installed: {extra}")
 
 
-def check_output(path: str | Path, directory: bool) -> Path:
-    """Refuse an output that cannot be written, before any work is done."""
-    path = Path(path).expanduser()
-    if directory and path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConfigError(f"output {path} exists and is not an empty folder; remove it or give "
-                          "a new folder name")
-    if not directory and path.is_dir():
-        raise ConfigError(f"output {path} is a folder; give a file name such as model.onnx")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ConfigError(f"cannot write {path}: {parent} is not writable; choose another path")
-    return path
+def check_output(path: str | Path, directory: bool, flag: str = "path") -> Path:
+    """Refuse an output that cannot be written, before any work (:mod:`lowbit.outputs`); a
+    folder output must also be new or empty, so no earlier export is mixed into it."""
+    if not directory:
+        return check_file(path, flag)
+    p = check_folder(path, flag)
+    if p.is_dir() and any(p.iterdir()):
+        raise OutputError(f"{flag} {path} is not empty; remove it or give a new folder name")
+    return p
 
 
 def need_packages(format: str, check: bool) -> None:

@@ -29,7 +29,7 @@ def run(args) -> int:
     if args.format not in FORMATS:
         raise ConfigError(f"unknown --format {args.format!r}; choose one of {', '.join(FORMATS)}")
     folder, meta = _saved_folder(args.quantized)
-    out = check_output(args.output, directory=args.format not in FILE_FORMATS)
+    out = check_output(args.output, args.format not in FILE_FORMATS, "--output/-o")
     need_packages(args.format, not args.no_check)
     name = args.model or meta.get("model")
     if not name:
