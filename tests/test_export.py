@@ -512,3 +512,26 @@ def test_per_channel_activation_scales_export_dequantized_and_listed(tmp_path):
     got = torch.from_numpy(sess.run(None, {"input": xs.numpy()})[0])
     ref = IntegerModel(q).run(xs)
     assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+def test_channel_clamp_from_rescaling_exports(tmp_path):
+    """ReLU6 turned into per-channel bounds by power-of-two rescaling (ChannelClamp)."""
+    pytest.importorskip("onnx")
+    from lowbit.export.onnx_qdq import to_onnx
+    from lowbit.nn import ChannelClamp
+
+    class Clamped(Plain):
+        def __init__(self):
+            super().__init__()
+            self.cc = ChannelClamp(torch.linspace(1.0, 6.0, 8))
+
+        def forward(self, x):
+            x = self.cc(self.bn(self.dw(torch.relu(self.c1(x)))))
+            return self.fc(torch.flatten(self.pool(torch.relu(self.c3(self.mp(x)))), 1))
+
+    q, x = quantized(Clamped, "w8a8")
+    model, report = to_onnx(q, x[:2])
+    sess, _ = _ort(model, tmp_path)
+    xs = on_grid(q, x[16:])
+    got = torch.from_numpy(sess.run(None, {"input": xs.numpy()})[0])
+    assert torch.equal(got, IntegerModel(q).run(xs)) and not report.dequantized

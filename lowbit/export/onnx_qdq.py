@@ -242,6 +242,9 @@ class _Writer:
             if hi is not None:
                 v.hi = min(v.hi, z + int(torch.round(torch.tensor(hi / s, dtype=torch.float64))))
             return _Codes(v.name, v.grid, v.lo, v.hi)
+        if isinstance(hi, torch.Tensor) and isinstance(v, _Codes) and v.grid.scale.numel() == 1:
+            s = v.grid.scale.double()  # bounds onto the grid, as the integer model clamps codes
+            hi = (torch.round(hi.double() / s) * s).float()
         x = self.as_float(v)
         if isinstance(hi, torch.Tensor):
             zero = self.const("zero", np.zeros((), np.float32))
