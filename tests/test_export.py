@@ -535,3 +535,20 @@ def test_channel_clamp_from_rescaling_exports(tmp_path):
     xs = on_grid(q, x[16:])
     got = torch.from_numpy(sess.run(None, {"input": xs.numpy()})[0])
     assert torch.equal(got, IntegerModel(q).run(xs)) and not report.dequantized
+
+
+def test_a_bias_too_large_for_int32_widens_that_channels_weight_grid(tmp_path):
+    class Tiny(Plain):
+        def __init__(self):
+            super().__init__()
+            with torch.no_grad():
+                self.c3.weight[5] *= 1e-7  # near dead, with a bias a billion times larger
+                self.c3.bias[5] = 3.0
+
+    q, x = quantized(Tiny, "w8a8")
+    lf = IntegerModel(q).layers["c3"]
+    assert list(lf.bias_rescaled) == [5] and lf.bias_rescaled[5] < 1e-6
+    assert int(lf.bias.abs().max()) <= 2**31 - 1
+    report = lowbit.export(q, x[:2], "packed", tmp_path / "p")
+    assert "c3" in report.extra["bias_rescaled"] and "int32 bias fits" in report.summary()
+    assert torch.equal(read_packed(tmp_path / "p")["c3.weight"], lf.weight_form.codes)

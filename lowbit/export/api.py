@@ -187,6 +187,8 @@ def _export(qmodel, example, format, out: Path, check: bool) -> ExportReport:
         report = ExportReport(integer=list(im.layers))
         report.bits = {n: (lf.module.w_bits, lf.module.a_bits) for n, lf in im.layers.items()}
         report.dequantized = {n: f"kept float ({k})" for n, k in im.stats.float_ops.items()}
+        for lf in im.layers.values():
+            report.note_rescaled(lf)
 
         def fill(tmp: Path) -> None:
             save_file({k: v.contiguous() for k, v in tensors.items()},

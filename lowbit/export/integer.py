@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import CalibrationError
-from ..quant.base import Quantizer, int_range
+from ..quant.base import IntegerForm, Quantizer, int_range
 from .ops import COMMUTING, ExportError, Op, describe, requant_target, resolve, trace
 
 INT32_MAX = 2**31 - 1
@@ -168,7 +168,8 @@ class LayerForm:
     weight_scale: torch.Tensor  # [C_out]
     acc_scale: torch.Tensor  # [C_out] float32: s_x * s_w as onnxruntime forms it
     bias: torch.Tensor | None  # int64 [C_out]
-    weight_form: object = None
+    weight_form: IntegerForm | None = None
+    bias_rescaled: dict[int, float] = field(default_factory=dict)  # channel: weight change
 
 
 def layer_form(name: str, mod: nn.Module) -> LayerForm:
@@ -198,19 +199,45 @@ def layer_form(name: str, mod: nn.Module) -> LayerForm:
                 "depthwise conv (one input channel per output channel); use per-tensor "
                 "activation scales here")
     w_scale = _dead_channel_scales(mod.bias, x_scale, w_scale, codes)
+    rescaled: dict[int, float] = {}
+    if mod.bias is not None:
+        codes, w_scale, form, rescaled = _fit_bias(name, mod, x_scale, w_scale, codes, form)
     acc_scale = (x_scale * w_scale).float()
     bias = None
     if mod.bias is not None:
         bias = round_half_even(mod.bias.detach().double() / acc_scale.double()).to(torch.int64)
-        over = bias.abs() > INT32_MAX
-        if bool(over.any()):
-            c = int(over.nonzero()[0])
-            raise ExportError(
-                f"layer {name!r}: the bias of {int(over.sum())} output channel(s) (first: "
-                f"{c}) does not fit int32 at s_x * s_w = {float(acc_scale[c]):.3g}; that "
-                "channel's input or weight range is nearly zero (a dead channel calibrated "
-                "to a tiny scale); use per-tensor activation scales there or recalibrate")
-    return LayerForm(name, mod, grid, codes, w_scale, acc_scale, bias, form)
+    return LayerForm(name, mod, grid, codes, w_scale, acc_scale, bias, form, rescaled)
+
+
+def _fit_bias(name: str, mod: nn.Module, x_scale, w_scale, codes, form):
+    """Channels whose bias would not fit int32 at ``s_x * s_w`` (weights a million times
+    smaller than their bias: near-dead channels) get the smallest weight scale at which it fits
+    (a power of two for power-of-two kinds), their weight codes re-rounded onto it, as TFLite's
+    converter does. Returns the new codes, scales, form and ``{channel: largest weight
+    change}``; integer runtimes cannot hold such a bias otherwise."""
+    need = mod.bias.detach().double().abs() / (x_scale.double() * 2**30)
+    over = (w_scale.double() < need) & (mod.bias.detach().double().abs()
+                                        / (x_scale.double() * w_scale.double()) > INT32_MAX)
+    if not bool(over.any()):
+        return codes, w_scale, form, {}
+    if bool((form.zero_point != 0).any()) or (form.bits == 1 and form.signed):
+        raise ExportError(f"layer {name!r}: the bias of {int(over.sum())} channel(s) does not "
+                          "fit int32 at s_x * s_w, and its weight grid cannot be widened")
+    new = need.float()
+    if form.power_of_two:
+        new = torch.pow(2.0, torch.ceil(torch.log2(need))).float()
+    w_scale = torch.where(over, new, w_scale)
+    shape = [-1] + [1] * (codes.dim() - 1)
+    qmin, qmax = form.qrange
+    w = mod.weight.detach()
+    recoded = torch.round(w.double() / w_scale.double().reshape(shape)).clamp(qmin, qmax)
+    codes = torch.where(over.reshape(shape), recoded.to(torch.int64), codes)
+    before = form.dequantize()
+    exponent = (torch.frexp(w_scale)[1] - 1).to(torch.int32) if form.power_of_two else None
+    form = IntegerForm(codes.to(torch.int32), w_scale.clone(), form.zero_point, form.bits,
+                       form.signed, 0, form.narrow_range, exponent)
+    change = (form.dequantize() - before).abs().reshape(codes.shape[0], -1).amax(dim=1)
+    return codes, w_scale, form, {int(c): float(change[c]) for c in over.nonzero().flatten()}
 
 
 def _dead_channel_scales(bias, x_scale: torch.Tensor, w_scale: torch.Tensor,

@@ -52,6 +52,10 @@ class ExportReport:
     shifts_only: bool | None = None
     extra: dict = field(default_factory=dict)
 
+    def note_rescaled(self, lf) -> None:
+        if lf.bias_rescaled:
+            self.extra.setdefault("bias_rescaled", {})[lf.name] = lf.bias_rescaled
+
     def summary(self) -> str:
         lines = [f"integer layers: {len(self.integer)}"]
         for name in self.integer:
@@ -59,6 +63,9 @@ class ExportReport:
             lines.append(f"  {name}: W{w}A{a}")
         for name, why in self.dequantized.items():
             lines.append(f"dequantized (float): {name}: {why}")
+        for name, chans in self.extra.get("bias_rescaled", {}).items():
+            lines.append(f"weight scale raised so the int32 bias fits: {name}, channels "
+                         f"{sorted(chans)} (largest weight change {max(chans.values()):.2g})")
         if self.shifts_only is not None:
             lines.append(f"power-of-two requantization (shifts only): {self.shifts_only}")
         return "\n".join(lines)
@@ -213,6 +220,7 @@ class _Writer:
             self.report.dequantized[op.name] = why
         else:
             self.report.integer.append(op.name)
+        self.report.note_rescaled(lf)
         return out
 
     def qadd(self, op: Op, a, b):
