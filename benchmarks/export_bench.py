@@ -3,7 +3,7 @@
 Rows per model: float torch (eager), float onnxruntime, onnxruntime's own ``quantize_static``
 (QDQ, U8S8, per channel: what a user would otherwise pick), and lowbit's W8A8, W4A8 and RAPQ
 power-of-two W4A8 exports with the integer model's quantization points (lowbit.nn.points)
-calibrated after PTQ. Latency: median of ``--reps`` runs at batch 1 and 32, 2 threads,
+calibrated after PTQ (``packed_kib``: the same weights packed at their bit-width). Latency: median of ``--reps`` runs at batch 1 and 32, 2 threads,
 OMP_WAIT_POLICY=PASSIVE. Top-1 of lowbit's exports is measured three ways: onnxruntime, the
 fake-quant simulation (with points) and, on a subset, the integer reference.
 
@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, protocol_data, provenance, save_rows, weights  # noqa: E402
 
-FIELDS = ["model", "variant", "top1_ort", "top1_sim", "top1_int", "top1_ort_int_subset", "ms_b1", "ms_b32", "size_kib",
+FIELDS = ["model", "variant", "top1_ort", "top1_sim", "top1_int", "top1_ort_int_subset", "ms_b1",
+          "ms_b32", "size_kib", "packed_kib",
           "integer_layers", "dequantized", "eval_images", "calib_images"]
 THREADS = 2
 
@@ -152,6 +153,8 @@ def main() -> None:
         calibrate_points(q, points, data.calib)
         path = tmp / f"{name.split()[1]}_{method}.onnx"
         report = lowbit.export(q, example, "onnx", path)
+        packed = tmp / f"{path.stem}_packed"
+        lowbit.export(q, example, "packed", packed)
         top_sim = _top1(lambda x, q=q: q(x), data.eval)
         im = IntegerModel(q)
         sub = [b for i, b in enumerate(data.eval) if i * 64 < a.int_size]
@@ -159,7 +162,8 @@ def main() -> None:
         row(name, _ort_run(sess), path, top1_sim=round(top_sim, 2),
             top1_int=round(_top1(im.run, sub), 2),
             top1_ort_int_subset=round(_top1(_ort_run(sess), sub), 2),
-            integer_layers=len(report.integer), dequantized=len(report.dequantized))
+            integer_layers=len(report.integer), dequantized=len(report.dequantized),
+            packed_kib=round((packed / "weights.safetensors").stat().st_size / 1024, 1))
     save_rows(Path(a.out), [{**r, **provenance()} for r in rows], FIELDS)
 
 
