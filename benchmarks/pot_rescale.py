@@ -1,6 +1,6 @@
 """Power-of-two rescaling (``pot_rescale``): the network output error RAPQ starts from.
 
-For each model and rescaling mode (none, ``depthwise``, ``all``), the model is prepared with
+For each model and rescaling mode (none, ``depthwise``; ``all`` was measured and removed), the model is prepared with
 power-of-two quantizers at the least-error exponents (RAPQ's start, no scale adjustment:
 ``rapq-quick`` with 0 steps) and its output error against the float model is measured on the
 calibration images; the same for float (non-PoT) MSE scales, the error a float-scale method
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODELS, RESULTS, data_root, weights  # noqa: E402
 
-MODES = ("none", "depthwise", "all")
+MODES = ("none", "depthwise")
 
 
 def measure(model_name: str, images: int, w_bits: int, a_bits: int, dw: bool,

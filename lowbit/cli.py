@@ -167,11 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="re-centre each quantized layer's output mean on the float model's "
                     "(empirical bias correction, last step; any method)")
     pq.add_argument("--pot-rescale", nargs="?", const="depthwise", default=None,
-                    choices=["depthwise", "all"],
+                    choices=["depthwise"],
                     help="pot/rapq-quick/rapq: before the scale search, rescale each conv -> "
-                    "ReLU6 -> depthwise conv pair ('all': every conv -> ReLU6 -> conv pair) so "
-                    "their power-of-two grids fit better, the float model unchanged; best with "
-                    "--dw-act-per-channel")
+                    "ReLU6 -> depthwise conv pair so their power-of-two grids fit better, the "
+                    "float model unchanged; best with --dw-act-per-channel")
     pq.add_argument("--output", "-o", default=None, help="write results JSON here")
     pq.add_argument("--save", default=None,
                     help="save the quantized model to this folder (model.safetensors, "

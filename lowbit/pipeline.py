@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from .config import QuantConfig
 from .data import calib_eval_split, image_shape, load_dataset, make_loader, subset
-from .data.registry import DEFAULT_ROOT
+from .data.registry import dataset_root
 from .errors import DataError, ModelError
 from .models import ModelSpec, get_spec
 from .models.loading import check_finite
@@ -54,8 +54,7 @@ def _split_of(name: str, role: str) -> str:
 
 def _folder(name: str, root: str | Path | None) -> Path:
     """The folder a dataset's images are read from, for comparing calibration and evaluation."""
-    base = Path(root).expanduser() if root is not None else DEFAULT_ROOT.expanduser() / (
-        name if name in SPLIT_DATASETS else "")
+    base = dataset_root(name, root)
     if name in SPLIT_DATASETS and (base / "val").is_dir():
         base = base / "val"
     return base.resolve()

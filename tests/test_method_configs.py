@@ -97,7 +97,7 @@ recon_values = st.fixed_dictionaries({
     "bn_weight": st.floats(0, 2), "bn_guided": st.none() | st.booleans(),
     "learn_a_scale": st.none() | st.booleans(), "exponent_search": st.booleans(),
     "seed": st.integers(0, 2**31 - 1), "quick_iters": st.integers(0, 400),
-    "pot_rescale": st.sampled_from([None, "depthwise", "all"]),
+    "pot_rescale": st.sampled_from([None, "depthwise"]),
     "bias_correction": st.booleans(), "num_batches": st.none() | st.integers(1, 64),
 })
 

@@ -31,7 +31,7 @@ options = st.fixed_dictionaries({
 
 
 def _ok(kind, kw):
-    return not (kind == "qil" and not kw["symmetric"])  # QIL's interval is symmetric
+    return not (kind in ("qil", "pact") and not kw["symmetric"])  # symmetric by design
 
 
 @settings(max_examples=30)
@@ -83,6 +83,9 @@ def test_bad_params_are_refused(kind):
     if kind == "qil":
         bad.append(({"d": -good["d"]}, "positive"))
         bad.append(({"scale": good["scale"] * 2}, "disagrees"))
+    if kind == "pact":
+        bad.append(({"alpha": -good["alpha"]}, "positive"))
+        bad.append(({"scale": good["scale"] * 2, "alpha": good["alpha"]}, "disagrees"))
     for params, match in bad:
         with pytest.raises(ConfigError, match=match):
             q.load_params(params)

@@ -364,3 +364,46 @@ def test_sdq_result_is_a_search_result(digits):
     row = res.summary()
     assert row["steps"] == res.steps and row["bitops"] == res.cost.totals()["bitops"]
     assert res.to_dict()["bits"] == res.bits
+
+
+def _ddp_search_worker(rank, world, port, out):
+    """One rank of a two-process SDQ search on CPU (gloo): each rank sees its own half."""
+    import os
+
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from lowbit.qat.ddp import DistContext
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        spec = get_spec("digits_cnn")
+        train = subset(load_dataset("digits", split="train", mean=spec.mean, std=spec.std),
+                       256, 0)
+        model = get_model("digits_cnn").eval()
+        data = DataLoader(train, batch_size=32, sampler=DistributedSampler(train, world, rank,
+                                                                           seed=0))
+        ctx = DistContext(rank, world, 0, torch.device("cpu"))
+        res = sdq_search(model, data, "3.5", next(iter(data))[0][:2], a_bits=8, dist_ctx=ctx,
+                         steps=24, check_every=8, calib_batches=2, progress=False)
+        torch.save({"bits": res.bits, "achieved": res.achieved}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_search_ranks_agree_on_every_layer(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_search_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
+    assert r0["bits"] == r1["bits"] and r0["achieved"] == r1["achieved"]
+    assert r0["achieved"] <= 3.5

@@ -190,6 +190,18 @@ def image_shape(name: str) -> tuple[int, int | None]:
     return _LOADERS[key][0], _IMAGE_SIZE.get(key)
 
 
+def dataset_root(name: str, root: PathLike | None = None) -> Path:
+    """The folder dataset ``name`` is read from: ``root`` as given, else its default under
+    ``~/.cache/lowbit-data`` (``.../imagenet`` or ``.../imagenette`` for those)."""
+    key = name.lower()
+    if key not in _LOADERS:
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+    if root is not None:
+        return Path(root).expanduser()
+    default_sub = _LOADERS[key][1]
+    return (DEFAULT_ROOT / default_sub if default_sub else DEFAULT_ROOT).expanduser()
+
+
 def list_datasets() -> list[str]:
     """Names ``load_dataset`` accepts."""
     return sorted(_LOADERS)
@@ -217,13 +229,10 @@ def load_dataset(
     key = name.lower()
     if key not in _LOADERS:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
-    channels, default_sub, loader = _LOADERS[key]
-    if root is None:
-        base = DEFAULT_ROOT / default_sub if default_sub else DEFAULT_ROOT
-    else:
-        base = Path(root)
+    channels, _, loader = _LOADERS[key]
+    base = dataset_root(key, root)
     mean_l, std_l = _norm_stats(mean, std, channels)
     if augment is None:
         augment = split == "train"
-    return loader(root=base.expanduser(), split=split, mean=mean_l, std=std_l, resize=resize,
+    return loader(root=base, split=split, mean=mean_l, std=std_l, resize=resize,
                   crop=crop, augment=augment)

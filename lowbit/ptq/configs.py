@@ -107,9 +107,9 @@ class _PotFields(MethodConfig):
         "mse", description="range observer of the first calibration; 'mse' also starts "
         "rapq-quick and rapq from the least-error exponent per channel (docs/rapq.md)")
     pot_rescale: str | None = Field(
-        None, description="before the scale search, rescale layer pairs so their power-of-two "
-        "grids fit, the float model unchanged: 'depthwise' (each conv -> ReLU6 -> depthwise "
-        "conv) or 'all' (every conv -> ReLU/ReLU6 -> conv); None: off. True means 'depthwise'")
+        None, description="before the scale search, rescale each conv -> ReLU/ReLU6 -> "
+        "depthwise conv pair so their power-of-two grids fit, the float model unchanged: "
+        "'depthwise' (or True); None: off")
 
     @field_validator("pot_rescale", mode="before")
     @classmethod
@@ -118,6 +118,10 @@ class _PotFields(MethodConfig):
             return "depthwise"
         if v is False or v is None:
             return None
+        if v == "all":
+            raise ValueError(
+                "pair rescaling mode 'all' (pairs into ordinary convs) was removed: it started "
+                "RAPQ from a larger error than 'depthwise' (docs/notes/rapq.md); use 'depthwise'")
         if isinstance(v, str) and "streams" in v:
             raise ValueError(
                 "rescaling of linear streams was removed (measured worse: "

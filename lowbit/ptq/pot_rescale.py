@@ -38,7 +38,7 @@ from ..nn.transforms import CHANNEL_CLAMP, record, set_submodule
 from ..prepare import float_mode
 from ..quant.pot import choose_exponent, round_exponent
 
-MODES = ("depthwise", "all")
+MODES = ("depthwise",)
 EXPONENT_TRIES = 5  # exponents tried below the one that covers the largest value, inclusive
 CHANNEL_CHUNK = 64  # rows evaluated at once (bounds the [rows, factors, samples] tensor)
 
@@ -56,14 +56,10 @@ class RescaleReport:
         return "\n".join(lines)
 
 
-def find_chains(qmodel: nn.Module, example: torch.Tensor | None = None,
-                mode: str = "depthwise") -> tuple[list[Chain], dict[str, str]]:
-    """The ``producer -> act -> consumer`` chains of the model's graph (into depthwise convs
-    only, unless ``mode="all"``) in execution order, and why other quantized layers do not
-    qualify. ``example`` is accepted for compatibility; the graph needs no input."""
-    if mode not in MODES:
-        raise ConfigError(f"rescale mode must be one of {MODES}, got {mode!r}")
-    return trace_graph(qmodel).chains(depthwise_only=mode == "depthwise")
+def find_chains(qmodel: nn.Module) -> tuple[list[Chain], dict[str, str]]:
+    """The ``conv -> ReLU/ReLU6 -> depthwise conv`` chains of the model's graph in execution
+    order, and why other depthwise convs do not qualify."""
+    return trace_graph(qmodel).chains(depthwise_only=True)
 
 
 def relative_pot_error(values: torch.Tensor, factors: torch.Tensor, qmin: int,
@@ -135,10 +131,7 @@ def _apply(qmodel: nn.Module, chain: Chain, f: torch.Tensor) -> None:
     prod.weight.div_(f.reshape([-1] + [1] * (prod.weight.dim() - 1)))
     if prod.bias is not None:
         prod.bias.div_(f)
-    if chain.depthwise:
-        cons.weight.mul_(f.reshape([-1] + [1] * (cons.weight.dim() - 1)))
-    else:
-        cons.weight.mul_(f.reshape([1, -1] + [1] * (cons.weight.dim() - 2)))
+    cons.weight.mul_(f.reshape([-1] + [1] * (cons.weight.dim() - 1)))  # depthwise: rows
     act = qmodel.get_submodule(chain.act)
     if isinstance(act, ChannelClamp):
         act.upper.div_(f)
@@ -152,7 +145,7 @@ def _choose(qmodel: nn.Module, c: Chain, acts: torch.Tensor,
     factors are per channel (R = C) or one for the pair (R = 1)."""
     prod, cons = qmodel.get_submodule(c.producer), qmodel.get_submodule(c.consumer)
     aq = cons.input_quant
-    per_channel = c.depthwise and all(
+    per_channel = all(
         q is None or q.per_channel
         for q in (aq, getattr(prod, "weight_quant", None), cons.weight_quant))
     inv = 1.0 / factors
@@ -168,7 +161,6 @@ def rescale_pairs(
     qmodel: nn.Module,
     x: torch.Tensor,
     *,
-    mode: str = "depthwise",
     grid: int = 32,
     samples_per_channel: int = 1024,
     sample_images: int = 128,
@@ -176,13 +168,13 @@ def rescale_pairs(
     bn_targets: dict | None = None,
     progress: bool = False,
 ) -> RescaleReport:
-    """Rescale every qualifying layer pair of a prepared power-of-two model in place.
+    """Rescale every ``conv -> ReLU/ReLU6 -> depthwise conv`` pair of a prepared power-of-two
+    model in place.
 
     ``x`` is the calibration tensor (the first ``sample_images`` give the activation samples).
-    ``mode="depthwise"`` (the default) takes the pairs whose consumer is a depthwise conv,
-    ``"all"`` every pair; on MobileNetV2 W4A4 ``"all"`` started RAPQ from a larger network
-    error than ``"depthwise"`` (``benchmarks/results/pot_rescale.json``). The float
-    model's output is checked to be unchanged after each pair, and a pair that changes it (a
+    Only pairs into depthwise convs are rescaled: their per-channel weights take one factor per
+    channel exactly, while a factor into an ordinary conv must be shared by its whole input
+    (docs/notes/rapq.md). The float model's output is checked to be unchanged after each pair, and a pair that changes it (a
     tensor of it is used by something hooks cannot see) is undone and reported. ``bn_targets``
     (from :func:`lowbit.ptq.reconstruct.bn_targets`) are rescaled to match. Re-calibrate the
     quantizers afterwards: their ranges were observed before.
@@ -190,7 +182,7 @@ def rescale_pairs(
     if grid < 1:
         raise ConfigError(f"rescale grid must be >= 1, got {grid}")
     report = RescaleReport()
-    chains, report.skipped = find_chains(qmodel, x[:2], mode)
+    chains, report.skipped = find_chains(qmodel)
     if not chains:
         return report
     acts = _act_samples(qmodel, x[:sample_images], [c.consumer for c in chains],

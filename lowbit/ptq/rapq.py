@@ -268,11 +268,11 @@ def _rescale_step(qmodel, x, mode: str | None, chunk, targets, progress, info) -
     if mode is None:
         return qmodel
     t = time.perf_counter()
-    rep = rescale_pairs(qmodel, x, mode=mode, chunk=chunk, bn_targets=targets, progress=progress)
+    rep = rescale_pairs(qmodel, x, chunk=chunk, bn_targets=targets, progress=progress)
     if not rep.rescaled:
         raise ConfigError(
-            f"pot_rescale found nothing to rescale (it needs conv -> ReLU/ReLU6 -> conv "
-            f"pairs): {rep.summary()}")
+            f"pot_rescale found nothing to rescale (it needs conv -> ReLU/ReLU6 -> depthwise "
+            f"conv pairs): {rep.summary()}")
     log.info("rapq: %s", rep.summary())
     qmodel = calibrate(qmodel, _chunks(x, chunk), progress=progress)
     info["pot_rescale"] = {"mode": mode, "rescaled": rep.rescaled,

@@ -3,7 +3,9 @@
 from .autograd import clamp_ste, fake_quant, floor_ste, grad_scale, round_ste
 from .base import IntegerForm, Quantizer, QuantMode, check_bits, int_range, range_to_params
 from .lsq import LSQQuantizer
+from .mixture import MixtureQuantizer, mixture_like, strategy_fields
 from .observers import OBSERVERS, build_observer, register_observer
+from .pact import PACTQuantizer
 from .pot import PoTQuantizer
 from .qil import QILQuantizer
 from .registry import QUANTIZERS, quantizer_class, register_quantizer
@@ -15,6 +17,8 @@ __all__ = [
     "QUANTIZERS",
     "IntegerForm",
     "LSQQuantizer",
+    "MixtureQuantizer",
+    "PACTQuantizer",
     "PoTQuantizer",
     "QILQuantizer",
     "QuantMode",
@@ -28,9 +32,11 @@ __all__ = [
     "floor_ste",
     "grad_scale",
     "int_range",
+    "mixture_like",
     "quantizer_class",
     "range_to_params",
     "register_observer",
     "register_quantizer",
     "round_ste",
+    "strategy_fields",
 ]

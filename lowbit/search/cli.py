@@ -2,7 +2,8 @@
 
 One ``--budget`` runs one search and writes its config, table and plot; several run a Pareto
 sweep that retrains each found config briefly with the shared QAT trainer (optionally with EBR
-and distillation) and writes ``pareto.csv`` / ``pareto.png``.
+and distillation) and writes ``pareto.csv`` / ``pareto.png``. ``--method dqss`` searches each
+layer's quantization strategy at given bits instead (no budget; ``--mode ptq|qat``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="cost weight multiplier at each check still over budget (1.05)")
     s.add_argument("--calib-batches", type=int, default=8, help="batches initialising LSQ (8)")
 
+    q = p.add_argument_group("dqss (--method dqss; also uses --a-bits, --first-last, --per-tensor, "
+                             "--observer, --steps, --lr, --quant-lr, --calib-batches, "
+                             "--check-every)")
+    q.add_argument("--mode", choices=["ptq", "qat"], default="ptq",
+                   help="search on calibration data (ptq, default) or while training (qat)")
+    q.add_argument("--w-bits", type=_bits, default=4, help="weight bits (default 4)")
+    q.add_argument("--candidates", default=None, metavar="LIST",
+                   help="comma-separated strategies for weights and activations alike, e.g. "
+                   "mse,lsq,pact (names: minmax, percentile, mse, a quantizer kind, KIND:OBSERVER)")
+    q.add_argument("--w-candidates", default=None, metavar="LIST",
+                   help="weight strategies (default minmax,mse,lsq,qil; qat: pact for qil)")
+    q.add_argument("--a-candidates", default=None, metavar="LIST",
+                   help="activation strategies (default percentile,mse,lsq,pact)")
+    q.add_argument("--base-config", default=None, metavar="FILE",
+                   help="search on this config, keeping its per-layer bits (e.g. an SDQ result)")
+    q.add_argument("--iters", type=int, default=200, help="ptq: search steps per unit (200)")
+    q.add_argument("--finetune-iters", type=int, default=100,
+                   help="ptq: steps per unit for the chosen quantizers after the argmax (100)")
+    q.add_argument("--finetune-steps", type=int, default=0,
+                   help="qat: training steps of the discrete model after the argmax (0)")
+    q.add_argument("--arch-lr", type=float, default=0.05, help="alpha/beta Adam lr (0.05)")
+    q.add_argument("--temperature", type=float, default=1.0, help="start temperature (1)")
+    q.add_argument("--final-temperature", type=float, default=0.1,
+                   help="end temperature (0.1; equal to --temperature: no annealing)")
+    q.add_argument("--warmup", type=float, default=0.2,
+                   help="fraction of the steps before alpha/beta move (0.2; 0: none)")
+
     r = p.add_argument_group("sweep retraining (several budgets; the shared QAT trainer, LSQ)")
     r.add_argument("--retrain-epochs", type=int, default=1, help="epochs per found config (1)")
     r.add_argument("--retrain-steps", type=int, default=None, help="cut each epoch at N steps")
@@ -114,6 +142,75 @@ def _settings(args):
         cost_growth=args.cost_growth,
         calib_batches=args.calib_batches, seed=args.seed,
     ), "search options")
+
+
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _dqss_settings(args):
+    from ..config import validate_model
+    from .dqss import DQSSSettings
+
+    given = dict(
+        mode=args.mode, w_bits=args.w_bits, a_bits=args.a_bits, observer=args.observer,
+        per_channel=not args.per_tensor, first_last=args.first_last,
+        base_config=args.base_config, temperature=args.temperature,
+        final_temperature=args.final_temperature, warmup=args.warmup, arch_lr=args.arch_lr,
+        quant_lr=args.quant_lr, iters=args.iters, finetune_iters=args.finetune_iters,
+        steps=args.steps, lr=args.lr,
+        calib_batches=args.calib_batches, check_every=args.check_every,
+        finetune_steps=args.finetune_steps, seed=args.seed,
+        w_candidates=_names(args.w_candidates) or _names(args.candidates),
+        a_candidates=_names(args.a_candidates) or _names(args.candidates),
+    )
+    return validate_model(DQSSSettings, {k: v for k, v in given.items() if v is not None},
+                     "dqss options")
+
+
+def _run_dqss(args) -> int:
+    """``--method dqss``: one search, its files, and the command that applies the config."""
+    from ..errors import ConfigError
+    from ..models import check_weights_given, get_model, get_spec
+    from ..qat.cli import run_folder
+    from .registry import run_search
+
+    if args.budget:
+        raise ConfigError("--method dqss takes no budget: it chooses each layer's quantizer at "
+                          "--w-bits/--a-bits (use --base-config for per-layer bits)")
+    if not args.model:
+        raise LowbitError("give --model (and --mode ptq|qat)")
+    settings = _dqss_settings(args)
+    check_weights_given(args.model, args.weights, args.random_init)
+    run_folder(args, "search", args.model)
+    print(f"run folder: {args.output_dir}")
+    spec = get_spec(args.model)
+    model = get_model(args.model, args.weights)
+    train = _train_loader(spec, args)
+    example = next(iter(train))[0][:2]
+    result = run_search("dqss", model, train, None, example, settings,
+                        progress=not args.no_progress,
+                        output_dir=args.output_dir if settings.mode == "qat" else None,
+                        resume=args.resume, model_name=args.model)
+    files = result.save(args.output_dir, plot=False if args.no_plot else None)
+    print(result.table())
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    if args.eval_size is not None:
+        from ..evaluate import evaluate
+        from ..pipeline import build_data
+
+        data = build_data(spec, args.dataset, args.data_root, eval_size=args.eval_size,
+                          batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+                          calibration=False)
+        res = evaluate(result.model, data.eval, progress=not args.no_progress)
+        print(f"searched model: top-1 {res.top1:.2f} % on {data.protocol}")
+    weights = f" -w {args.weights}" if args.weights else ""
+    print(f"calibrate with it: lowbit ptq -m {args.model}{weights} --config {files['config']} "
+          "--method mse (a calibration method keeps each layer's kind and observer)")
+    if settings.mode == "qat":
+        print("the searched model was trained with its choice (--finetune-steps trains it "
+              "further); 'lowbit qat --config' takes one quantizer kind, see docs/dqss.md")
+    return 0
 
 
 def _train_loader(spec, args):
@@ -169,6 +266,8 @@ def run(args) -> int:
         run_sdq_recipe(recipe, data_root=args.data_root, output_dir=out_dir,
                        plot=False if args.no_plot else None, resume=args.resume)
         return 0
+    if args.method == "dqss":
+        return _run_dqss(args)
     if not args.model or not args.budget:
         raise LowbitError("give --model and at least one --budget (or a --recipe)")
     if args.method != "sdq":

@@ -48,6 +48,49 @@ def plot_bits(names: Sequence[str], bits: Sequence[int], path: str | Path, title
     return path
 
 
+def plot_strategies(
+    names: Sequence[str],
+    candidates: dict[str, Sequence[str]],
+    probabilities: dict[str, dict[str, Sequence[float]]],
+    choices: dict[str, dict[str, str]],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """One heat map per side (weight, act): the final mixing probability of every candidate
+    (rows) in every searched layer (columns, execution order), the chosen one boxed."""
+    sides = [s for s in ("weight", "act") if any(s in c for c in choices.values())]
+    fig = _figure(max(4.5, 0.35 * len(names) + 2.0), 1.0 + 1.6 * len(sides)
+                  + 0.25 * sum(len(candidates[s]) for s in sides))
+    axes = fig.subplots(len(sides), 1, squeeze=False)[:, 0]
+    for ax, side in zip(axes, sides, strict=True):
+        cands = list(candidates[side])
+        grid = [[probabilities.get(n, {}).get(side, [float("nan")] * len(cands))[i]
+                 for n in names] for i in range(len(cands))]
+        im = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="Blues")
+        for j, n in enumerate(names):
+            pick = choices.get(n, {}).get(side)
+            if pick in cands:
+                i = cands.index(pick)
+                ax.add_patch(_box(j, i))
+        ax.set_yticks(range(len(cands)), cands, fontsize=7)
+        ax.set_xticks(range(len(names)), names if ax is axes[-1] else [""] * len(names),
+                      rotation=75, ha="right", fontsize=7)
+        ax.set_ylabel(side, fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+    axes[0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _box(x: int, y: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="tab:red", linewidth=1.5)
+
+
 def plot_pareto(
     points: Sequence[tuple[float, float, str]],
     front: Sequence[tuple[float, float]],

@@ -1,0 +1,152 @@
+"""DQSS-PTQ against every single strategy of its candidate set, paired on the same test images.
+
+ResNet-20 on CIFAR-10: every run calibrates on the same seeded training images and gets the same
+budget (``--iters`` search steps and ``--finetune-iters`` steps per reconstruction unit, the same
+batches). A single strategy is the same pipeline with a one-candidate set, so the only
+difference is the choice. Each model's per-image correctness on the test set gives the top-1
+and, paired image by image, the margin of DQSS over each single strategy with its standard
+error (``margin``: a search's over the best single strategy, a single strategy's: the default
+search's over it; ``margins``: a search's over each). ``--variants`` adds DQSS without the
+temperature annealing and/or the warm-up (the ablation). Results:
+benchmarks/results/dqss.json (and .csv).
+
+    python benchmarks/dqss.py --setting W4A4 --candidates mse lsq qil pact --iters 200 \\
+        --finetune-iters 100 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, data_root, load_rows, provenance, save_rows, weights  # noqa: E402
+
+SETTINGS = {"W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4)}
+# DQSS variants (the ablation of the anti-under-fitting adjustment); single strategies have no
+# logits, so these settings do not change them
+VARIANTS = {"default": {}, "noanneal": {"final_temperature": 1.0}, "nowarmup": {"warmup": 0.0},
+            "neither": {"warmup": 0.0, "final_temperature": 1.0}}
+FIELDS = ["model", "run", "tag", "w_bits", "a_bits", "top1", "drop", "drop_se", "margin",
+          "margin_se", "margin_against",
+          "choices", "iters", "finetune_iters", "calib_images", "eval_images", "seconds",
+          "threads", "commit"]
+
+
+def correct(model, loader):
+    """Per-image top-1 hits (bool tensor), in loader order."""
+    import torch
+
+    model.eval()
+    hits = []
+    with torch.no_grad():
+        for x, y in loader:
+            hits.append(model(x.contiguous(memory_format=torch.channels_last)).argmax(1) == y)
+    return torch.cat(hits)
+
+
+def paired(a, b) -> tuple[float, float]:
+    """Mean of ``a - b`` in points and its standard error (same images)."""
+    d = a.double() - b.double()
+    return 100.0 * float(d.mean()), 100.0 * float(d.std(unbiased=True)) / math.sqrt(d.numel())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setting", default="W4A4", choices=list(SETTINGS))
+    ap.add_argument("--candidates", nargs="+", default=["mse", "lsq", "qil", "pact"],
+                    help="strategies for weights and activations alike")
+    ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
+    ap.add_argument("--singles", nargs="*", default=None,
+                    help="single strategies to run (default: every candidate)")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--finetune-iters", type=int, default=100)
+    ap.add_argument("--calib-size", type=int, default=1024)
+    ap.add_argument("--eval-size", type=int, default=None, help="test images (default: all)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="", help="label of this set of rows (e.g. an ablation)")
+    ap.add_argument("--extra", default="{}", help="JSON of further DQSS settings")
+    ap.add_argument("--out", default=str(RESULTS / "dqss"))
+    args = ap.parse_args()
+    root = data_root("cifar10")
+    path = weights("resnet20")
+
+    import json
+
+    import torch
+
+    from lowbit.data import load_dataset, make_loader, subset
+    from lowbit.models import get_model, get_spec
+    from lowbit.search import dqss_search
+
+    torch.set_num_threads(args.threads)
+    spec = get_spec("resnet20")
+    kw = dict(mean=spec.mean, std=spec.std)
+    calib = subset(load_dataset("cifar10", root, "train", **kw), args.calib_size, seed=0)
+    test = load_dataset("cifar10", root, "test", **kw)
+    if args.eval_size is not None and args.eval_size < len(test):
+        test = subset(test, args.eval_size, seed=0)
+    batches = list(make_loader(calib, 64))
+    test_loader = make_loader(test, 250)
+    net = get_model("resnet20", path).eval()
+    w_bits, a_bits = SETTINGS[args.setting]
+    common = dict(mode="ptq", w_bits=w_bits, a_bits=a_bits, iters=args.iters,
+                  finetune_iters=args.finetune_iters, progress=False, **json.loads(args.extra))
+    float_hits = correct(net, test_loader)
+    singles = args.candidates if args.singles is None else args.singles
+    plan = [("dqss" if v == "default" else f"dqss-{v}", args.candidates, VARIANTS[v])
+            for v in args.variants] + [(c, [c], {}) for c in singles]
+    runs = {}
+    for name, cands, variant in plan:
+        t0 = time.perf_counter()
+        r = dqss_search(net, batches, None, batches[0][0][:2], w_candidates=cands,
+                        a_candidates=cands, **{**common, **variant})
+        seconds = time.perf_counter() - t0
+        runs[name] = (r, correct(r.model, test_loader), seconds)
+        print(f"{name}: {100 * float(runs[name][1].double().mean()):.2f} % in {seconds:.0f} s",
+              flush=True)
+    searched = [n for n in runs if n.startswith("dqss")]
+    best = max((n for n in runs if n not in searched), default=None,
+               key=lambda n: float(runs[n][1].double().mean()))
+    rows = [r for r in load_rows(Path(args.out))
+            if not (r.get("tag", "") == args.tag and r["w_bits"] == w_bits
+                    and r["a_bits"] == a_bits)]
+    for name, (r, hits, seconds) in runs.items():
+        drop, drop_se = paired(float_hits, hits)
+        # a search: its margin over the best single strategy; a single: DQSS's margin over it
+        if name in searched:
+            margin, margin_se = paired(hits, runs[best][1]) if best else (None, None)
+            against = {n: paired(hits, runs[n][1]) for n in runs if n not in searched}
+        else:
+            lead = searched[0] if searched else None
+            margin, margin_se = paired(runs[lead][1], hits) if lead else (None, None)
+            against = None
+        rows.append(dict(
+            model="resnet20", run=name, tag=args.tag, w_bits=w_bits, a_bits=a_bits,
+            top1=100.0 * float(hits.double().mean()),
+            float_top1=100.0 * float(float_hits.double().mean()), drop=drop, drop_se=drop_se,
+            margin=margin, margin_se=margin_se, margin_against=best if name in searched else
+            (searched[0] if searched else None), margins=against,
+            choices=r.counts() if name in searched else None,
+            per_layer=r.choices if name in searched else None,
+            units=r.history, iters=args.iters, finetune_iters=args.finetune_iters,
+            calib_images=len(calib), eval_images=int(hits.numel()), seconds=seconds,
+            settings=r.settings.model_dump(mode="json"),
+            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            load_avg_start=os.getloadavg()[0], threads=torch.get_num_threads(),
+            command="python " + " ".join(sys.argv), **provenance()))
+    save_rows(Path(args.out), rows, FIELDS)
+    for row in rows[-len(runs):]:
+        m = "" if row["margin"] is None else (
+            f"  margin {row['margin']:+.2f} +- {row['margin_se']:.2f} ({row['margin_against']})")
+        print(f"{row['run']:>6}: top-1 {row['top1']:.2f} (drop {row['drop']:.2f} +- "
+              f"{row['drop_se']:.2f}){m}  {row['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
