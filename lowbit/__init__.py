@@ -9,6 +9,7 @@ The public API in one place::
     print(lowbit.measure(qmodel, example).table())
 """
 
+from . import export  # a package that is also callable: lowbit.export(qmodel, ...)
 from .config import EdgePolicy, LayerRule, QuantConfig, QuantizerSpec
 from .cost import CostReport, measure
 from .errors import (
@@ -60,6 +61,7 @@ __all__ = [
     "TrainingError",
     "calibrate",
     "evaluate",
+    "export",
     "float_mode",
     "fold_batchnorm",
     "measure",

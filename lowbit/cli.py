@@ -181,6 +181,25 @@ def build_parser() -> argparse.ArgumentParser:
     from .search.cli import add_parser as add_search_parser
 
     add_search_parser(sub)
+    ex = sub.add_parser("export", help="export a saved quantized model as integers: ONNX QCDQ "
+                        "for onnxruntime, QONNX, an integer model folder or packed weights")
+    ex.add_argument("--quantized", required=True, help="folder written by 'lowbit ptq --save'")
+    ex.add_argument("--format", default="onnx", choices=["onnx", "qonnx", "int", "packed"],
+                    help="onnx or qonnx (a file), int or packed (folders); default onnx")
+    ex.add_argument("--output", "-o", required=True, help="output file (onnx) or new folder")
+    ex.add_argument("--model", "-m", default=None, help="model name (default: from meta.json)")
+    ex.add_argument("--weights", "-w", default=None, help="float weights (default: meta.json)")
+    ex.add_argument("--no-check", action="store_true",
+                    help="skip running the file against the integer reference")
+    ex.add_argument("--points", action="store_true",
+                    help="add the integer model's quantization points (int32 bias, QAdd, "
+                    "output grids; docs/export.md) and calibrate them on --calib-size images "
+                    "of --dataset/--data-root, so every layer runs on integer kernels")
+    ex.add_argument("--dataset", "-d", default=None, help="calibration dataset for --points")
+    ex.add_argument("--data-root", default=None, help="its folder (as for 'lowbit ptq')")
+    ex.add_argument("--calib-size", type=int, default=256,
+                    help="calibration images for --points (default 256)")
+    ex.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 
 
@@ -417,8 +436,14 @@ def cmd_search(args) -> int:
     return run(args)
 
 
+def cmd_export(args) -> int:
+    from .export.cli import run
+
+    return run(args)
+
+
 COMMANDS = {"demo": cmd_demo, "info": cmd_info, "eval": cmd_eval, "ptq": cmd_ptq, "qat": cmd_qat,
-            "search": cmd_search}
+            "search": cmd_search, "export": cmd_export}
 
 
 _default_showwarning = warnings.showwarning

@@ -18,10 +18,12 @@ class QuantLayerMixin:
 
     weight_quant: Quantizer | None
     input_quant: Quantizer | None
+    bias_quant: nn.Module | None  # int32 bias point (lowbit.nn.points), None unless inserted
 
     def _init_quant(self, weight_quant: Quantizer | None, input_quant: Quantizer | None) -> None:
         self.weight_quant = weight_quant
         self.input_quant = input_quant
+        self.bias_quant = None
 
     @property
     def w_bits(self) -> int:
@@ -37,6 +39,12 @@ class QuantLayerMixin:
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_quant(x) if self.input_quant is not None else x
+
+    def quant_bias(self) -> torch.Tensor | None:
+        bq = getattr(self, "bias_quant", None)
+        if bq is None or self.bias is None:
+            return self.bias
+        return bq(self.bias, self.input_quant, self.weight_quant)
 
 
 class QConv2d(QuantLayerMixin, nn.Conv2d):
@@ -62,7 +70,7 @@ class QConv2d(QuantLayerMixin, nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.quant_bias())
 
 
 class QLinear(QuantLayerMixin, nn.Linear):
@@ -86,7 +94,7 @@ class QLinear(QuantLayerMixin, nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+        return F.linear(self.quant_input(x), self.quant_weight(), self.quant_bias())
 
 
 QUANT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: QConv2d, nn.Linear: QLinear}

@@ -97,7 +97,13 @@ def range_to_params(
 
 @dataclass
 class IntegerForm:
-    """Integer codes with their scale and integer zero-point: ``x ≈ (codes - zero_point) * scale``."""
+    """Integer codes with their scale and integer zero-point: ``x ≈ (codes - zero_point) * scale``.
+
+    Everything an integer runtime or a packed file needs: the codes lie in ``qrange``
+    (``narrow_range`` drops the most negative signed code; signed 1 bit is binary, codes
+    -1 and +1), and ``exponent`` is set for power-of-two kinds (``scale == 2**exponent``
+    exactly), so dequantization is a shift.
+    """
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -105,6 +111,16 @@ class IntegerForm:
     bits: int
     signed: bool
     axis: int | None = None
+    narrow_range: bool = False
+    exponent: torch.Tensor | None = None
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return int_range(self.bits, self.signed, self.narrow_range and self.signed)
+
+    @property
+    def power_of_two(self) -> bool:
+        return self.exponent is not None
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
         if self.axis is None or t.numel() == 1:
@@ -145,6 +161,7 @@ class Quantizer(nn.Module):
     kind = "base"
     min_signed_bits = 2  # 1 where the subclass implements binary weights
     power_of_two = False
+    has_integer_form = True  # False: values are not codes on one uniform grid (no export)
     param_names: tuple[str, ...] = ("scale", "zero_point")
     derived_params: tuple[str, ...] = ()
     required_params: tuple[str, ...] = ("scale", "zero_point")
@@ -397,17 +414,33 @@ class Quantizer(nn.Module):
         shape[self.ch_axis] = -1
         return t.reshape(shape)
 
+    def _form(self, codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+              signed: bool | None = None) -> IntegerForm:
+        """An :class:`IntegerForm` of this quantizer's grid around ``codes``."""
+        exponent = (torch.frexp(scale.detach())[1] - 1).to(torch.int32) if self.power_of_two \
+            else None
+        signed = bool(self.signed) if signed is None else signed
+        narrow = signed and self.bits > 1 and self.qrange[0] > -(2 ** (self.bits - 1))
+        return IntegerForm(codes, scale.detach().clone(), zp.detach().to(torch.int32), self.bits,
+                           signed, self.axis, narrow, exponent)
+
+    def _check_integer_form(self) -> None:
+        if not self.has_integer_form:
+            raise ConfigError(
+                f"{self._where()}: quantizer kind {self.kind!r} has no integer form (its values "
+                "are not codes on one uniform grid), so it cannot be exported as integers; keep "
+                "the layer float (exclude it) or quantize it with a uniform kind"
+            )
+        self.require_calibrated()
+
     @torch.no_grad()
     def integer_form(self, x: torch.Tensor) -> IntegerForm:
         """Integer codes of ``x`` such that ``dequantize()`` equals ``quantize(x)``."""
-        self.require_calibrated()
+        self._check_integer_form()
         scale, zp = self.scale_zero_point()
         qmin, qmax = self.qrange
         codes = quantize_to_int(x, self.broadcast(scale, x), self.broadcast(zp, x), qmin, qmax)
-        return IntegerForm(
-            codes, scale.detach().clone(), zp.to(torch.int32), self.bits, bool(self.signed),
-            self.axis,
-        )
+        return self._form(codes, scale, zp)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

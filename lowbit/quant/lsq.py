@@ -110,6 +110,6 @@ class LSQQuantizer(Quantizer):
         """Binary codes are the signs (rounding ``x / s`` would give ternary codes)."""
         if not self.binary:
             return super().integer_form(x)
-        self.require_calibrated()
+        self._check_integer_form()
         scale, zp = self.scale_zero_point()
-        return IntegerForm(binary_codes(x), scale.clone(), zp.to(torch.int32), 1, True, self.axis)
+        return self._form(binary_codes(x), scale, zp)

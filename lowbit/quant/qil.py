@@ -327,12 +327,11 @@ class QILQuantizer(Quantizer):
     @torch.no_grad()
     def integer_form(self, x: torch.Tensor) -> IntegerForm:
         """Codes ``round(T(x) * q)``: ``codes * scale`` equals :meth:`quantize` exactly."""
-        self.require_calibrated()
+        self._check_integer_form()
         qmin, qmax = self.qrange
         codes = torch.round(self.transform(x) * self.levels).clamp(qmin, qmax).to(torch.int32)
         scale, zp = self.scale_zero_point()
-        return IntegerForm(codes, scale.clone(), zp.to(torch.int32), self.bits,
-                           self._is_signed, self.axis)
+        return self._form(codes, scale, zp, self._is_signed)
 
     @torch.no_grad()
     def collapsed(self) -> torch.Tensor:

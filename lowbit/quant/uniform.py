@@ -49,11 +49,8 @@ class UniformQuantizer(Quantizer):
     @torch.no_grad()
     def integer_form(self, x: torch.Tensor) -> IntegerForm:
         """Same operations as :meth:`quantize`, so the integer path is bit-exact."""
-        self.require_calibrated()
+        self._check_integer_form()
         qmin, qmax = self.qrange
         inv, _, zp = self._params(x)
         codes = torch.mul(x, inv).round_().add_(zp).clamp_(qmin, qmax).to(torch.int32)
-        return IntegerForm(
-            codes, self.scale.clone(), self.zero_point.clone(), self.bits, bool(self.signed),
-            self.axis,
-        )
+        return self._form(codes, self.scale, self.zero_point)
