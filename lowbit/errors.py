@@ -35,6 +35,10 @@ class OutputError(LowbitError):
     """An output path cannot be written, or writing it would replace another run's results."""
 
 
+class ExportError(ConfigError):
+    """The model holds something an exporter cannot write (the message names it)."""
+
+
 class LowbitWarning(UserWarning):
     """Base class: something the user should know that does not stop the run."""
 

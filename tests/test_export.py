@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
-from lowbit.errors import CalibrationError, ConfigError, OutputError
+from lowbit.errors import CalibrationError, ConfigError, ExportError, OutputError
 from lowbit.export.integer import (
     IntegerModel,
     code_agreement,
@@ -17,7 +17,6 @@ from lowbit.export.integer import (
     requant_agreement,
     shift_round,
 )
-from lowbit.export.ops import ExportError
 from lowbit.export.packed import pack_codes, read_packed, unpack_codes
 from lowbit.nn.points import BiasQuant, QAdd, calibrate_points, insert_points
 from lowbit.quant import UniformQuantizer

@@ -11,9 +11,9 @@ onnx and onnxruntime are optional (``pip install lowbit[export]``) and imported 
 import sys
 import types
 
+from ..errors import ExportError
 from .api import FORMATS, export
 from .onnx_qdq import ExportReport
-from .ops import ExportError
 
 __all__ = ["FORMATS", "ExportError", "ExportReport", "export"]
 

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ExportError
+from ..graph.ops import COMMUTING, Op, describe, requant_target, resolve, trace
 from ..quant.base import IntegerForm, Quantizer, int_range
-from .ops import COMMUTING, ExportError, Op, describe, requant_target, resolve, trace
 
 INT32_MAX = 2**31 - 1
 _ZERO = torch.zeros(1, dtype=torch.int64)  # accumulators have no zero-point

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..errors import ExportError
+from ..graph.ops import Op, resolve
 from .integer import Grid, IntegerModel
-from .ops import ExportError, Op, resolve
 
 OPSET = 21
 

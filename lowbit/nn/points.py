@@ -105,8 +105,8 @@ def insert_points(model: nn.Module, *, bias: bool = True, outputs: bool = True,
     two branches, reaches a pool or the model output); ``bias`` quantizes biases to int32 at
     ``s_x * s_w``. Returns the model and what was inserted.
     """
-    from ..export.ops import chain_end, describe, requant_target
     from ..graph import trace_graph
+    from ..graph.ops import chain_end, describe, requant_target
 
     report = PointsReport()
     spec = _spec(model, bits)
@@ -165,7 +165,7 @@ def share_grids(model: nn.Module, report: PointsReport) -> list[str]:
     bits, so the stored tensor has one grid and that layer needs no requantization (what
     calibrating both on the same values gives; after a PTQ method moved the layer's grid, this
     keeps the layer's). Returns the points changed."""
-    from ..export.ops import COMMUTING, describe
+    from ..graph.ops import COMMUTING, describe
 
     graph = model.graph
     modules = dict(model.named_modules())

@@ -17,15 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import ConfigError
-from ..graph import trace_graph
+from ..errors import ExportError
 from ..nn.layers import ChannelClamp, QuantLayerMixin
 from ..quant.base import Quantizer
-
-
-class ExportError(ConfigError):
-    """The model holds something an exporter cannot write (the message names it)."""
-
+from .trace import ADD_TARGETS, trace_graph
 
 # ops that commute with a monotone rounding to a grid whose zero is a code: an accumulator
 # can be requantized before them with the same result as after them
@@ -131,7 +126,7 @@ def _avgpool(node, args, kernel, stride, padding, ceil_mode, include_pad, diviso
                                       "stride": _pair(stride or kernel), "padding": padding})
 
 
-ADDS = {operator.add, operator.iadd, torch.add}
+ADDS = set(ADD_TARGETS)
 FLATTENS = {torch.flatten}
 
 
