@@ -12,18 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from PIL import Image
 
-from lowbit.data.imagefolder import IMAGE_SUFFIXES, resize_center_crop
+from lowbit.data.imagefolder import DECODE_ERRORS, IMAGE_SUFFIXES, ImageFolderDataset
 from lowbit.errors import DataError
 
 UNLABELED = -1  # the target of an image without a label (never a class index)
-
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError,
-                  Image.DecompressionBombError)
 
 
 def scan_images(folder: Path) -> list[Path]:
@@ -46,7 +40,7 @@ def scan_images(folder: Path) -> list[Path]:
         try:
             with Image.open(path):
                 pass
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             bad.append(f"{path} ({exc})")
     if bad:
         raise DataError(
@@ -56,9 +50,9 @@ def scan_images(folder: Path) -> list[Path]:
     return paths
 
 
-class UnlabeledImageFolder(Dataset):
-    """Decodes one image per access, as ``(float32 [C, crop, crop], UNLABELED)`` normalised as
-    ``(pixel - mean) / std``; ``channels`` 1 reads images as greyscale."""
+class UnlabeledImageFolder(ImageFolderDataset):
+    """``(float32 [C, crop, crop], UNLABELED)`` per image, decoded on access with the
+    evaluation transform (resize + centre crop) of :class:`ImageFolderDataset`."""
 
     labeled = False
 
@@ -73,24 +67,10 @@ class UnlabeledImageFolder(Dataset):
     ) -> None:
         if resize < 1 or crop < 1 or crop > resize:
             raise DataError(f"need 1 <= crop <= resize, got resize={resize} crop={crop}")
-        self.paths = list(paths)
-        self.resize = resize
-        self.crop = crop
-        self.mode = "L" if channels == 1 else "RGB"
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        super().__init__([(p, UNLABELED) for p in paths], mean, std, resize=resize, crop=crop,
+                         channels=channels)
+        self.classes = []
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as im:
-                im = resize_center_crop(im.convert(self.mode), self.resize, self.crop)
-                pixels = np.asarray(im, dtype=np.uint8)
-        except _DECODE_ERRORS as exc:
-            raise DataError(f"could not decode image {path}: {exc}; remove or replace it") from exc
-        x = torch.from_numpy(pixels.copy()).float()
-        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-        return ((x - self.mean) / self.std).contiguous(), UNLABELED
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p, _ in self.samples]
