@@ -220,3 +220,19 @@ def test_resume_refuses_another_loss_and_old_checkpoints_still_match(tmp_path):
         Trainer(quantized(teacher), loader(targets),
                 TrainConfig(**{**CFG, "epochs": 1, "loss": "ce"}),
                 output_dir=tmp_path).fit(resume=True)
+
+
+def test_loss_kd_flags_parse_into_the_recipe():
+    from lowbit.cli import build_parser
+    from lowbit.losses import SAME_TEACHER
+    from lowbit.qat.cli import build_recipe
+
+    def recipe(*flags):
+        return build_recipe(build_parser().parse_args(["qat", "-m", "digits_cnn", *flags]))
+
+    r = recipe("--loss", "kd", "--train-dataset", "images", "--calib-dataset", "images")
+    assert r.train.loss == "kd" and r.kd and (r.train_dataset, r.calib_dataset) == ("images",) * 2
+    spec = r.kd_spec()
+    assert (spec.teacher, spec.weight, spec.temperature) == (SAME_TEACHER, 1.0, 1.0)
+    assert recipe("--loss", "kd", "--teacher", "resnet20").kd_spec().teacher == "resnet20"
+    assert not recipe().kd and recipe().train.loss == "ce"
