@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import QuantConfig
-from .data import calib_eval_split, image_shape, load_dataset, make_loader, subset
+from .data import calib_eval_split, image_shape, is_labeled, load_dataset, make_loader, subset
 from .data.registry import dataset_root
 from .errors import DataError, ModelError
 from .models import ModelSpec, get_spec
@@ -72,7 +72,7 @@ def dataset_kwargs(spec: ModelSpec, dataset: str) -> dict:
     once the dataset's images are known to fit the model's input."""
     channels, side = image_shape(dataset)
     c, h, w = spec.input_size
-    if channels != c or (side is not None and (side, side) != (h, w)):
+    if (channels is not None and channels != c) or (side is not None and (side, side) != (h, w)):
         gives = f"{channels}x{side}x{side}" if side is not None else f"{channels}-channel"
         raise DataError(
             f"{spec.name} takes {c}-channel {h}x{w} inputs; {dataset} gives {gives} images: "
@@ -111,6 +111,12 @@ def build_data(
     """
     name = (dataset or spec.default_dataset).lower()
     kwargs = dataset_kwargs(spec, name)
+    if not is_labeled(name):
+        raise DataError(
+            f"dataset {name!r} has no labels, so it cannot be evaluated on: give a labeled -d "
+            f"and use {name!r} for calibration (--calib-dataset {name} --calib-root DIR) or "
+            "label-free training (lowbit qat --loss kd --train-root DIR)"
+        )
     cname = (calib_dataset or name).lower()
     dataset_kwargs(spec, cname)
     croot = calib_root if calib_root is not None else (root if cname == name else None)

@@ -236,7 +236,7 @@ def test_split_of_real_dataset_feeds_a_loader() -> None:
 def test_unknown_dataset_lists_names() -> None:
     with pytest.raises(DataError, match="unknown dataset 'mnist'.*cifar10.*digits.*imagenette"):
         load_dataset("mnist")
-    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagenet", "imagenette"]
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagenet", "imagenette", "images"]
 
 
 def test_missing_paths_say_where_and_how(tmp_path: Path) -> None:

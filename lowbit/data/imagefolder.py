@@ -24,6 +24,8 @@ from torch.utils.data import Dataset
 from lowbit.errors import DataError
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+# what PIL raises for a file that is not a (complete, safe) image
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _WNID = re.compile(r"^n\d{8}$")
 
 
@@ -141,8 +143,11 @@ def random_resized_crop_flip(image: Image.Image, crop: int) -> Image.Image:
 class ImageFolderDataset(Dataset):
     """Decodes one image per access: an ImageNet split does not fit in memory as float.
 
-    ``augment`` switches from the deterministic evaluation transform to the random training one.
+    ``augment`` switches from the deterministic evaluation transform to the random training one;
+    ``channels`` 1 reads the images as greyscale.
     """
+
+    labeled = True
 
     def __init__(
         self,
@@ -152,6 +157,7 @@ class ImageFolderDataset(Dataset):
         resize: int = 256,
         crop: int = 224,
         augment: bool = False,
+        channels: int = 3,
     ) -> None:
         self.samples = list(samples)
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
@@ -159,6 +165,7 @@ class ImageFolderDataset(Dataset):
         self.resize = resize
         self.crop = crop
         self.augment = augment
+        self.mode = "L" if channels == 1 else "RGB"
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -166,18 +173,19 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def load_pixels(self, index: int) -> torch.Tensor:
-        """The transformed image as uint8 [3, crop, crop], before normalisation."""
+        """The transformed image as uint8 [C, crop, crop], before normalisation."""
         path = self.samples[index][0]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                im = im.convert(self.mode)
                 if self.augment:
                     im = random_resized_crop_flip(im, self.crop)
                 else:
                     im = resize_center_crop(im, self.resize, self.crop)
                 pixels = np.asarray(im, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except DECODE_ERRORS as exc:
             raise DataError(f"could not decode image {path}: {exc}") from exc
+        pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

@@ -19,6 +19,7 @@ from lowbit.data.cifar import (
     read_cifar,
 )
 from lowbit.data.imagefolder import ImageFolderDataset, scan_synset_folder
+from lowbit.data.unlabeled import UnlabeledImageFolder, scan_images
 from lowbit.errors import DataError
 
 DEFAULT_ROOT = Path("~/.cache/lowbit-data")
@@ -136,11 +137,12 @@ def _load_imagefolder(
     split: str,
     mean: list[float],
     std: list[float],
-    resize: int,
+    resize: int | None,
     crop: int,
     augment: bool,
 ) -> ImageFolderDataset:
     _check_split(name, split, ("train", "val", "test"))
+    resize = 256 if resize is None else resize
     if resize < 1 or crop < 1 or crop > resize:
         raise DataError(f"need 1 <= crop <= resize, got resize={resize} crop={crop}")
     if split == "train":
@@ -164,17 +166,30 @@ def _digits(root: Path, split: str, mean: list[float], std: list[float], **_) ->
     return load_digits_dataset(split, mean, std)
 
 
+def _load_unlabeled(
+    root: Path, split: str, mean: list[float], std: list[float], resize: int | None, crop: int,
+    **_,
+) -> UnlabeledImageFolder:
+    """Every image under ``root`` whatever the split (the folder is one pool of images)."""
+    return UnlabeledImageFolder(scan_images(root), mean, std, resize=resize or crop, crop=crop,
+                                channels=len(mean))
+
+
 # called with keywords root, split, mean, std, resize, crop, augment (each takes what it needs)
 Loader = Callable[..., Dataset]
 
-# name -> (channels, default folder under DEFAULT_ROOT, loader)
-_LOADERS: dict[str, tuple[int, str, Loader]] = {
+# name -> (channels, default folder under DEFAULT_ROOT, loader); channels None: any (converted)
+_LOADERS: dict[str, tuple[int | None, str, Loader]] = {
     "digits": (1, "", _digits),
     "cifar10": (3, "", partial(_load_cifar, "cifar10", hundred=False)),
     "cifar100": (3, "", partial(_load_cifar, "cifar100", hundred=True)),
     "imagenet": (3, "imagenet", partial(_load_imagefolder, "imagenet", "ImageNet")),
     "imagenette": (3, "imagenette", partial(_load_imagefolder, "imagenette", "Imagenette")),
+    "images": (None, "images", _load_unlabeled),
 }
+
+# datasets whose items carry no label (their targets are lowbit.data.unlabeled.UNLABELED)
+_UNLABELED = {"images"}
 
 
 # side of the (square) images of the fixed-size datasets; the others are resized and cropped to
@@ -182,8 +197,9 @@ _LOADERS: dict[str, tuple[int, str, Loader]] = {
 _IMAGE_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32}
 
 
-def image_shape(name: str) -> tuple[int, int | None]:
-    """``(channels, side)`` of the images dataset ``name`` yields (side None: any, by resizing)."""
+def image_shape(name: str) -> tuple[int | None, int | None]:
+    """``(channels, side)`` of the images dataset ``name`` yields (None: any, by converting or
+    resizing)."""
     key = name.lower()
     if key not in _LOADERS:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
@@ -202,6 +218,13 @@ def dataset_root(name: str, root: PathLike | None = None) -> Path:
     return (DEFAULT_ROOT / default_sub if default_sub else DEFAULT_ROOT).expanduser()
 
 
+def is_labeled(name: str) -> bool:
+    """Whether dataset ``name`` has labels (an ``images`` folder has none: it can train by
+    distillation and calibrate, not evaluate or train on cross-entropy)."""
+    image_shape(name)
+    return name.lower() not in _UNLABELED
+
+
 def list_datasets() -> list[str]:
     """Names ``load_dataset`` accepts."""
     return sorted(_LOADERS)
@@ -213,7 +236,7 @@ def load_dataset(
     split: str = "test",
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    resize: int = 256,
+    resize: int | None = None,
     crop: int = 224,
     augment: bool | None = None,
 ) -> Dataset:
@@ -222,15 +245,19 @@ def load_dataset(
     ``mean``/``std`` are per channel in pixel units (0..255; 0..16 for digits); None leaves raw
     pixel values. ``root`` defaults to ``~/.cache/lowbit-data`` (``.../imagenet`` or
     ``.../imagenette`` for those). ImageNet-style data reads ``root/train`` and ``root/val``;
-    its test labels are not public, so ``"test"`` means ``"val"`` there. ``resize``/``crop``
-    and ``augment`` apply to ImageNet-style data only: ``augment`` (default: on for ``"train"``)
-    swaps resize + centre crop for random-resized crop + horizontal flip.
+    its test labels are not public, so ``"test"`` means ``"val"`` there. ``resize`` (the short
+    side before the centre ``crop``; default 256) and ``augment`` apply to ImageNet-style data:
+    ``augment`` (default: on for ``"train"``) swaps resize + centre crop for random-resized crop
+    + horizontal flip. ``images`` is any folder of images at ``root`` (nested or flat, every
+    split is the whole folder), resized (default: to ``crop``) and centre-cropped, unlabeled.
     """
     key = name.lower()
     if key not in _LOADERS:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
     channels, _, loader = _LOADERS[key]
     base = dataset_root(key, root)
+    if channels is None:
+        channels = len(mean) if mean is not None else 3
     mean_l, std_l = _norm_stats(mean, std, channels)
     if augment is None:
         augment = split == "train"

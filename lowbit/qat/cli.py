@@ -44,6 +44,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--dataset", "-d", default=S, help="dataset (default: the model's)")
     d.add_argument("--data-root", default=None, help="dataset folder (default ~/.cache/lowbit-data)")
+    d.add_argument("--train-root", default=None, metavar="DIR",
+                   help="train on the images in DIR (any folder, nested or flat, no labels "
+                   "needed: use --loss kd) instead of the dataset's training split")
+    d.add_argument("--train-dataset", default=S, metavar="NAME",
+                   help="dataset name of --train-root (default 'images': unlabeled images; a "
+                   "registry name such as cifar10 reads that layout, with labels)")
+    d.add_argument("--calib-root", default=None, metavar="DIR",
+                   help="calibrate the quantizers on images from DIR (default: the training "
+                   "images; see docs/calibration.md)")
+    d.add_argument("--calib-dataset", default=S, metavar="NAME",
+                   help="dataset name of --calib-root (default: the evaluation dataset's; "
+                   "'images' for any folder of images)")
     d.add_argument("--batch-size", type=int, default=S, help="training batch per process (128)")
     d.add_argument("--calib-size", type=int, default=S, help="images that initialise quantizers")
     d.add_argument("--eval-size", type=int, default=S, help="evaluate on a seeded subset of N")
@@ -92,6 +104,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--augment", choices=["none", "flip", "crop-flip"], default=S,
                    help="batch augmentation (default none; CIFAR recipes use crop-flip)")
     t.add_argument("--grad-clip", type=float, default=S, help="clip the global gradient norm")
+    t.add_argument("--loss", choices=["ce", "kd"], default=S,
+                   help="task loss: ce (cross-entropy on the labels; default) or kd (distil from "
+                   "the float model only: no labels are read, any images train)")
     t.add_argument("--label-smoothing", type=float, default=S, help="default 0")
     t.add_argument("--distill", type=float, default=S, dest="kd_weight", metavar="WEIGHT",
                    help="deprecated alias of --kd-weight")
@@ -102,7 +117,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    f"{EBR_DEFAULT:g} (the SDQ recipe's value)")
     r.add_argument("--ebr-entropy", type=float, default=S, dest="ebr_entropy_weight",
                    metavar="W", help="EBR weight of the bin-evenness (entropy) term (0.1)")
-    r.add_argument("--kd-teacher", default=S, metavar="MODEL",
+    r.add_argument("--kd-teacher", "--teacher", default=S, metavar="MODEL",
                    help="distil from this registry model ('same': the float model itself)")
     r.add_argument("--kd-teacher-weights", default=S, metavar="FILE",
                    help="weights of --kd-teacher MODEL")
@@ -121,10 +136,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 TRAIN_FLAGS = ["epochs", "max_steps_per_epoch", "optimizer", "lr", "quant_lr", "weight_decay",
                "quant_weight_decay", "momentum", "schedule", "warmup_steps", "bn",
                "freeze_weights", "stage_init", "channels_last", "augment", "grad_clip",
-               "label_smoothing", "logger", "log_every", "seed"]
+               "loss", "label_smoothing", "logger", "log_every", "seed"]
 RECIPE_FLAGS = ["method", "model", "weights", "dataset", "batch_size", "calib_size", "eval_size",
                 "workers", "observer", "quant_config", "kd_teacher", "kd_teacher_weights",
-                "kd_weight", "kd_temperature", "ebr", "ebr_entropy_weight"]
+                "kd_weight", "kd_temperature", "ebr", "ebr_entropy_weight", "train_dataset",
+                "calib_dataset"]
 
 
 def _config_method(path: str) -> str | None:
@@ -192,13 +208,15 @@ def run_folder(args, command: str, model: str, checkpoints=("checkpoint.pt",)):
 
 def run(args) -> int:
     from ..models import check_weights_given
-    from .recipes import run_recipe
+    from .recipes import run_recipe, train_source
 
     recipe = build_recipe(args)
     check_weights_given(recipe.model, recipe.weights, args.random_init)
+    train_source(recipe, args.data_root, args.train_root)
     out_dir = run_folder(args, "qat", recipe.model)
     print(f"run folder: {out_dir}")
-    out = run_recipe(recipe, data_root=args.data_root, output_dir=out_dir,
+    out = run_recipe(recipe, data_root=args.data_root, train_root=args.train_root,
+                     calib_root=args.calib_root, output_dir=out_dir,
                      resume=args.resume, eval_float=not args.no_eval_float)
     if out.get("top1") is not None:
         print(f"{recipe.method} {recipe.model}: top-1 {out['top1']:.2f} % "

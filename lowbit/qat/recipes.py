@@ -21,7 +21,7 @@ from ..losses import KD_TEMPERATURE, SAME_TEACHER
 from . import ddp
 from .api import qat
 from .schedule import Stage
-from .trainer import TrainConfig
+from .trainer import TrainConfig, train_acc_text
 
 EBR_ENTROPY_WEIGHT = 0.1
 EBR_TAU = 0.1
@@ -136,6 +136,11 @@ class Recipe(RecipeBase):
     ebr: EBRWeight | None = Field(None, description="EBR weight (None or 0: off)")
     ebr_entropy_weight: EBREntropyWeight = EBR_ENTROPY_WEIGHT
     ebr_tau: EBRTau = EBR_TAU
+    train_dataset: str | None = Field(
+        None, description="dataset of the training images (default: the evaluation dataset's; "
+        "'images': any folder of unlabeled images, for train.loss 'kd')")
+    calib_dataset: str | None = Field(
+        None, description="dataset of the calibration images (default: the training images')")
 
     @model_validator(mode="before")
     @classmethod
@@ -159,7 +164,8 @@ class Recipe(RecipeBase):
 
     @property
     def kd(self) -> bool:
-        return self.kd_teacher is not None or self.kd_weight is not None
+        return (self.kd_teacher is not None or self.kd_weight is not None
+                or self.train.loss == "kd")
 
     def kd_spec(self) -> KDSpec | None:
         if not self.kd:
@@ -178,16 +184,44 @@ def load_recipe(path: str | Path) -> Recipe:
     return load_yaml_model(Recipe, path, "recipe", "; see the files under recipes/")
 
 
+def train_source(
+    recipe: Recipe, data_root: str | Path | None = None, train_root: str | Path | None = None
+) -> tuple[str, str | Path | None]:
+    """The dataset and folder of the training images: ``train_root`` without a
+    ``train_dataset`` is a folder of unlabeled ``images``; the evaluation dataset's training
+    split otherwise. Cross-entropy on images without labels is refused here, before any loading.
+    """
+    from ..data import is_labeled
+    from ..models import get_spec
+
+    eval_name = (recipe.dataset or get_spec(recipe.model).default_dataset).lower()
+    name = (recipe.train_dataset or ("images" if train_root is not None else eval_name)).lower()
+    root = train_root if train_root is not None else (data_root if name == eval_name else None)
+    if recipe.train.loss == "ce" and not is_labeled(name):
+        raise ConfigError(
+            f"the training images ({name!r}{f' at {root}' if root else ''}) have no labels, so "
+            "the cross-entropy loss cannot train on them: use --loss kd (distils from the float "
+            "model; no labels are read)"
+        )
+    return name, root
+
+
 def run_recipe(
     recipe: Recipe,
     *,
     data_root: str | Path | None = None,
+    train_root: str | Path | None = None,
+    calib_root: str | Path | None = None,
     output_dir: str | Path | None = None,
     resume: bool = False,
     eval_float: bool = True,
     echo=print,
 ) -> dict[str, Any]:
-    """Load model and data, train, evaluate; returns (and, with ``output_dir``, writes) results."""
+    """Load model and data, train, evaluate; returns (and, with ``output_dir``, writes) results.
+
+    Training images come from :func:`train_source`; the quantizers' calibration images from
+    ``calib_root`` / ``recipe.calib_dataset`` if given, else from the training images.
+    """
     from ..data import load_dataset, make_loader
     from ..losses import as_hook
     from ..models import get_model, get_spec
@@ -196,10 +230,16 @@ def run_recipe(
     ctx = ddp.init_from_env()
     torch.manual_seed(recipe.train.seed)
     spec = get_spec(recipe.model)
-    data = build_data(spec, recipe.dataset, data_root, calib_size=recipe.calib_size,
+    train_name, train_folder = train_source(recipe, data_root, train_root)
+    calib_dataset = recipe.calib_dataset
+    if calib_root is None and calib_dataset is None and (
+            train_root is not None or recipe.train_dataset is not None):
+        calib_dataset, calib_root = train_name, train_folder
+    data = build_data(spec, recipe.dataset, data_root, calib_dataset=calib_dataset,
+                      calib_root=calib_root, calib_size=recipe.calib_size,
                       eval_size=recipe.eval_size, batch_size=recipe.eval_batch_size,
                       workers=recipe.workers, seed=recipe.train.seed)
-    train_set = load_dataset(data.dataset, data_root, "train", **dataset_kwargs(spec, data.dataset))
+    train_set = load_dataset(train_name, train_folder, "train", **dataset_kwargs(spec, train_name))
     if ctx.enabled:
         train_loader = ddp.shard_loader(train_set, recipe.batch_size, ctx, recipe.train.seed,
                                         recipe.workers)
@@ -234,6 +274,9 @@ def run_recipe(
     seconds = time.perf_counter() - t0
     out: dict[str, Any] = {
         "recipe": recipe.model_dump(mode="json"), "protocol": data.protocol,
+        "training_data": {"dataset": train_name, "root": None if train_folder is None
+                          else str(train_folder), "images": len(train_set),
+                          "labels_read": recipe.train.loss == "ce"},
         "float_top1": float_top1, "train_seconds": seconds, "history": result.history,
         "world_size": ctx.world_size,
     }
@@ -243,7 +286,7 @@ def run_recipe(
             result.model, data.eval, progress=False).top1
         for row in result.history:
             echo(f"stage {row['stage']} {row.get('bits', '')} epoch {row['epoch']}: loss "
-                 f"{row['loss']:.4f} train {row['train_acc']:.2f} %"
+                 f"{row['loss']:.4f}{train_acc_text(row)}"
                  + (f" top-1 {row['top1']:.2f} %" if "top1" in row else ""))
         if output_dir is not None:
             from ..pipeline import save_quantized, weights_record

@@ -85,6 +85,9 @@ class TrainConfig(BaseModel):
         "none", description="batch augmentation: none, flip, or crop-flip (CIFAR: pad 4, crop, flip)"
     )
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm")
+    loss: Literal["ce", "kd"] = Field(
+        "ce", description="task loss: ce (cross-entropy on the labels) or kd (none: a KD hook's "
+        "distillation term is the whole loss, so the training data need no labels)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     log_every: int = Field(50, ge=1)
     logger: Literal["csv", "tensorboard", "none"] = "csv"
@@ -95,11 +98,15 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError("milestones are fractions of the run, each in (0, 1)")
+        if self.loss == "kd" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to the cross-entropy; loss 'kd' has none")
         return self
 
     def identity(self) -> dict[str, Any]:
-        """The fields that determine the result (compared when resuming)."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in COSMETIC}
+        """The fields that determine the result (compared when resuming). ``loss`` at its
+        default is left out, as in the checkpoints written before it existed."""
+        return {k: v for k, v in self.model_dump(mode="json").items()
+                if k not in COSMETIC and not (k == "loss" and v == "ce")}
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
@@ -229,6 +236,11 @@ def truncate_steps(path: Path, stage: int, step: int) -> None:
         atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def train_acc_text(row: dict[str, Any]) -> str:
+    """``, train A %`` for an epoch row, empty when its images had no labels."""
+    return f", train {row['train_acc']:.2f} %" if "train_acc" in row else ""
+
+
 def _inputs_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, dict):
         return batch.get("input", batch.get("image")), batch["target"]
@@ -306,7 +318,25 @@ class Trainer:
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.criterion is not None:
             return self.criterion(out, y)
+        if self.cfg.loss == "kd":
+            return out.new_zeros(())  # the KD hook's term is the whole loss; y is never read
         return F.cross_entropy(out, y, label_smoothing=self.cfg.label_smoothing)
+
+    def _check_loss(self) -> None:
+        """Label-free training needs its distillation term; cross-entropy needs labels."""
+        if self.criterion is not None:
+            return
+        if self.cfg.loss == "kd" and not any(h.name == "kd" for h in self.hooks):
+            raise ConfigError(
+                "loss 'kd' trains on the distillation term alone but no KD hook was given: pass "
+                "hooks=[lowbit.losses.as_hook(KnowledgeDistillation(teacher))]"
+            )
+        if self.cfg.loss == "ce" and not getattr(getattr(self.data, "dataset", self.data),
+                                                 "labeled", True):
+            raise ConfigError(
+                "the training images have no labels, so the cross-entropy loss cannot train on "
+                "them: use loss 'kd' (--loss kd), which distils from the float model"
+            )
 
     def stop(self) -> None:
         """End the run after the current step (a hook's decision, e.g. a search that met its
@@ -431,6 +461,7 @@ class Trainer:
     def fit(self, resume: bool | str | Path = False) -> list[dict[str, Any]]:
         """Train to ``config.epochs``; returns one metrics row per epoch of this stage."""
         cfg = self.cfg
+        self._check_loss()
         if resume:
             self.resume(None if resume is True else resume)
         dev = model_device(self.model)
@@ -453,8 +484,8 @@ class Trainer:
                 row = self._epoch(net, dev, steps, total, logger)
                 self.history.append(row)
                 if self.ctx.is_main:
-                    log.info("stage %d epoch %d/%d: loss %.4f, train %.2f %%%s (%.1f s)",
-                             self.stage, row["epoch"], cfg.epochs, row["loss"], row["train_acc"],
+                    log.info("stage %d epoch %d/%d: loss %.4f%s%s (%.1f s)",
+                             self.stage, row["epoch"], cfg.epochs, row["loss"], train_acc_text(row),
                              f", top-1 {row['top1']:.2f} %" if "top1" in row else "",
                              row["seconds"])
                 for h in self.hooks:
@@ -478,8 +509,9 @@ class Trainer:
             h.on_epoch_start(self, epoch)
         zero = lambda: torch.zeros((), device=dev)  # noqa: E731
         loss_sum, task_sum, correct, count, bad = zero(), zero(), zero(), zero(), zero()
+        labeled = zero()
         extra_sums = {h.name: zero() for h in self.hooks}
-        w_loss, w_correct, w_count = zero(), zero(), zero()
+        w_loss, w_correct, w_count, w_labeled = zero(), zero(), zero(), zero()
         t0 = time.perf_counter()
         bar = tqdm(total=steps, desc=f"stage {self.stage} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.ctx.is_main), leave=False)
@@ -514,26 +546,29 @@ class Trainer:
                 h.on_step_end(ctx)
             ld = loss.detach()
             bad += ~torch.isfinite(ld)
-            hits = (out.detach().argmax(1) == y).sum()
+            known = y >= 0  # accuracy over the labeled images (UNLABELED targets are -1)
+            hits = ((out.detach().argmax(1) == y) & known).sum()
             n = y.shape[0]
             loss_sum += ld * n
             task_sum += task.detach() * n
             correct += hits
             count += n
+            labeled += known.sum()
             w_loss += ld * n
             w_correct += hits
             w_count += n
+            w_labeled += known.sum()
             self.global_step += 1
             seen += 1
             bar.update(1)
             if seen % cfg.log_every == 0:
                 self._check_health(bad, f"stage {self.stage}, epoch {epoch + 1}, step {seen}")
                 wl = float(w_loss / w_count)
-                wa = 100.0 * float(w_correct / w_count)
+                wa = 100.0 * float(w_correct / w_labeled)  # NaN without labels
                 bar.set_postfix(loss=f"{wl:.3f}", acc=f"{wa:.1f}")
                 logger.step(dict(stage=self.stage, epoch=epoch, step=self.global_step,
                                  lr=opt.param_groups[0]["lr"], loss=wl, acc=wa))
-                w_loss, w_correct, w_count = zero(), zero(), zero()
+                w_loss, w_correct, w_count, w_labeled = zero(), zero(), zero(), zero()
             if self.stopped:
                 break
         bar.close()
@@ -541,11 +576,12 @@ class Trainer:
             raise ConfigError("the training data yielded no batch")
         self._check_health(bad, f"stage {self.stage}, end of epoch {epoch + 1}")
         ddp.check_in_sync(self.model, self.ctx)
-        sums = ddp.all_reduce_sum(torch.stack([loss_sum, task_sum, correct, count]), self.ctx)
-        ls, ts, cr, ct = sums.tolist()
+        sums = ddp.all_reduce_sum(
+            torch.stack([loss_sum, task_sum, correct, count, labeled]), self.ctx)
+        ls, ts, cr, ct, lb = sums.tolist()
         row: dict[str, Any] = dict(
             stage=self.stage, bits=self.stage_label, epoch=epoch + 1, steps=seen, loss=ls / ct, task_loss=ts / ct,
-            train_acc=100.0 * cr / ct, seconds=time.perf_counter() - t0,
+            **({"train_acc": 100.0 * cr / lb} if lb else {}), seconds=time.perf_counter() - t0,
             **{f"loss_{k}": float(v) / seen for k, v in extra_sums.items()},
         )
         if self.eval_fn is not None:
