@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "ReLU6 -> depthwise conv pair so their power-of-two grids fit better, the "
                     "float model unchanged; best with --dw-act-per-channel")
     pq.add_argument("--output", "-o", default=None, help="write results JSON here")
+    pq.add_argument("--overwrite", action="store_true",
+                    help="let --save replace a saved model already in its folder")
     pq.add_argument("--save", default=None,
                     help="save the quantized model to this folder (model.safetensors, "
                     "config.yaml, meta.json), written with -o only once everything succeeded")
@@ -367,7 +369,7 @@ def cmd_ptq(args) -> int:
     from .cost import measure
     from .evaluate import evaluate
     from .models import check_weights_given, get_model, get_spec
-    from .outputs import check_outputs
+    from .outputs import check_outputs, check_save_folder
     from .pipeline import build_data, save_quantized, weights_record
     from .ptq import ptq
     from .report import format_table, write_json
@@ -375,6 +377,7 @@ def cmd_ptq(args) -> int:
     opts = _ptq_options(args)
     mc = _method_config(args, opts)
     check_outputs(files={"--output/-o": args.output}, folders={"--save": args.save})
+    check_save_folder(args.save, overwrite=args.overwrite)
     check_weights_given(args.model, args.weights, args.random_init)
     config = _config_from_args(args)
     spec = get_spec(args.model)

@@ -60,6 +60,23 @@ def check_folder(path: str | os.PathLike[str], flag: str) -> Path:
     return p
 
 
+SAVED_MODEL_FILES = ("model.safetensors", "config.yaml", "meta.json")
+
+
+def check_save_folder(path: str | os.PathLike[str] | None, flag: str = "--save",
+                      overwrite: bool = False) -> Path | None:
+    """A folder for ``save_quantized``: writable, and not holding another saved model unless
+    ``overwrite`` (a saved model is never replaced silently)."""
+    if path is None:
+        return None
+    p = check_folder(path, flag)
+    held = [f for f in SAVED_MODEL_FILES if (p / f).exists()]
+    if held and not overwrite:
+        raise OutputError(f"{flag} {path} already holds a saved model ({', '.join(held)}); give "
+                          "a new folder, or add --overwrite to replace it")
+    return p
+
+
 def check_outputs(files: dict[str, str | None] | None = None,
                   folders: dict[str, str | None] | None = None) -> None:
     """Check every given ``{flag: path}`` (None: not given) and that no two are the same path."""

@@ -111,6 +111,20 @@ def test_saved_files_follow_the_umask(tmp_path, capsys, weights):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
+def test_save_never_replaces_a_saved_model_without_overwrite(tmp_path, capsys, weights):
+    rc, _, err = run(capsys, *PTQ, "-w", weights, "--save", tmp_path / "q")
+    assert rc == 0, err
+    before = (tmp_path / "q" / "model.safetensors").read_bytes()
+    out = tmp_path / "r.json"
+    rc, _, err = run(capsys, *PTQ, "-w", weights, "--save", tmp_path / "q", "-o", out,
+                     "--method", "minmax")
+    assert rc == 2 and "already holds a saved model" in err and "--overwrite" in err
+    assert (tmp_path / "q" / "model.safetensors").read_bytes() == before and not out.exists()
+    rc, _, err = run(capsys, *PTQ, "-w", weights, "--save", tmp_path / "q", "--overwrite",
+                     "--method", "minmax")
+    assert rc == 0, err
+
+
 @pytest.mark.parametrize("command", ["eval", "ptq", "info", "qat", "search"])
 def test_nan_weights_are_refused_by_every_command(command, tmp_path, capsys):
     state = {k: v.contiguous() for k, v in get_model("digits_cnn").state_dict().items()}
