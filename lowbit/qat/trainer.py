@@ -241,6 +241,8 @@ class Trainer:
     ``run_info`` (model name, method, configs) is stored in every checkpoint and compared on
     resume. ``eval_fn(model) -> dict`` adds evaluation metrics to each epoch's row.
     ``reseed=False`` keeps one random stream over all epochs (see the module docstring).
+    ``float_ok=True`` trains a model without quantizers (e.g. a float super-resolution net with
+    an L1 ``criterion``); accuracy is counted only for class-index targets.
     """
 
     def __init__(
@@ -258,6 +260,7 @@ class Trainer:
         stage_label: str = "",
         dist_ctx: ddp.DistContext | None = None,
         reseed: bool = True,
+        float_ok: bool = False,
     ):
         self.model = model
         self.data = train_data
@@ -278,7 +281,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_opt: dict[str, Any] | None = None
-        if not any(True for _ in quantizers(model)):
+        if not float_ok and not any(True for _ in quantizers(model)):
             raise ConfigError(
                 "the model has no quantizers: prepare and calibrate it first "
                 "(lowbit.prepare + lowbit.calibrate), or use lowbit.qat.qat()"
@@ -514,7 +517,8 @@ class Trainer:
                 h.on_step_end(ctx)
             ld = loss.detach()
             bad += ~torch.isfinite(ld)
-            hits = (out.detach().argmax(1) == y).sum()
+            hits = ((out.detach().argmax(1) == y).sum() if y.dim() == 1 and out.dim() == 2
+                    else zero())
             n = y.shape[0]
             loss_sum += ld * n
             task_sum += task.detach() * n
