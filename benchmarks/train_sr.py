@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from lowbit.data import make_loader
 from lowbit.data.sr import SRDataset, sr_image_paths
 from lowbit.models import get_model, get_spec
-from lowbit.qat.trainer import Trainer, TrainConfig
+from lowbit.qat.trainer import TrainConfig, Trainer
 
 
 def l1(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

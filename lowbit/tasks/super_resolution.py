@@ -164,8 +164,11 @@ class SuperResolution(Task):
             calib_loader = make_loader(calib, batch_size, workers=workers)
         parts.append("evaluation " + _describe(eval_part) + f" (x{spec.scale}, bicubic LR)")
         eval_loader = make_loader(evaluation, 1, workers=workers)
-        source = calib_loader.dataset if calib_loader is not None else evaluation
-        example = torch.stack([source[i][0] for i in range(min(len(source), 2))])
+        if calib_loader is not None:  # patches share one size; whole images do not
+            pool = calib_loader.dataset
+            example = torch.stack([pool[i][0] for i in range(min(len(pool), 2))])
+        else:
+            example = evaluation[0][0][None]
         return DataBundle(calib_loader, eval_loader, example, name, "; ".join(parts), info)
 
     def evaluate(self, model, data, reference, *, spec=None, progress, desc, channels_last):
