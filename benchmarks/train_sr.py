@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from lowbit.data import make_loader
 from lowbit.data.sr import SRDataset, sr_image_paths
 from lowbit.models import get_model, get_spec
+from lowbit.qat.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from lowbit.qat.trainer import TrainConfig, Trainer
 
 
@@ -37,7 +38,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--run-dir", required=True, help="checkpoints and logs (resumable)")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--export-only", action="store_true",
+                   help="write --out from the last checkpoint in --run-dir without training "
+                   "(a run stopped at its time limit)")
     args = p.parse_args(argv)
+    if args.export_only:
+        ckpt = load_checkpoint(Path(args.run_dir) / CHECKPOINT_NAME)
+        state = {k: v.contiguous() for k, v in ckpt["model"].items()}
+        save_file(state, args.out, metadata={"epochs": str(ckpt["epoch"]),
+                                             "steps": str(ckpt["global_step"])})
+        print(f"wrote {args.out} from epoch {ckpt['epoch']} (step {ckpt['global_step']})")
+        return
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
