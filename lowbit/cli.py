@@ -217,14 +217,15 @@ def cmd_demo(args) -> int:
 
 def cmd_info(args) -> int:
     if args.list:
-        from .data import list_datasets
         from .models import get_spec, list_models
         from .ptq import PTQ_METHODS
+        from .tasks import get_task, list_tasks
 
         print("models:")
         for name in list_models():
             print(f"  {name:<22} {get_spec(name).description}")
-        print("datasets: " + ", ".join(list_datasets()))
+        for task in list_tasks():
+            print(f"datasets ({task.replace('_', '-')}): " + ", ".join(get_task(task).datasets()))
         print("ptq methods: " + ", ".join(sorted(PTQ_METHODS)))
         return 0
     if not args.model:

@@ -219,3 +219,19 @@ def test_quantized_sr_model_round_trips_through_the_cli(tiny_sr, folder, tmp_pat
     assert res["protocol_info"]["calibration"]["patch"] == 16
     assert main(["eval", *common, "--random-init", "--quantized", str(save), "-o", str(out2)]) == 0
     assert json.loads(out2.read_text())["psnr_y"] == pytest.approx(q["psnr_y"])
+
+
+def test_builtin_weights_ship_small_and_load() -> None:
+    from lowbit.models.registry import get_spec
+
+    path = get_spec("edsr_small_x2").weight_sources["builtin"]()
+    assert path.stat().st_size < 1_000_000
+    model = get_model("edsr_small_x2", weights="builtin")
+    lr = torch.rand(1, 3, 12, 12) * 255
+    assert model(lr).shape == (1, 3, 24, 24)
+    # trained: on a smooth image it beats a random EDSR by far
+    hr = F.interpolate(torch.rand(1, 3, 6, 6) * 255, size=(48, 48), mode="bicubic",
+                       align_corners=False).clamp(0, 255)
+    lr = F.avg_pool2d(hr, 2)
+    err = lambda m: float((m(lr) - hr).abs().mean())  # noqa: E731
+    assert err(model) < 0.5 * err(EDSR(2, 8, 32))
