@@ -221,6 +221,7 @@ def test_quantized_sr_model_round_trips_through_the_cli(tiny_sr, folder, tmp_pat
     assert json.loads(out2.read_text())["psnr_y"] == pytest.approx(q["psnr_y"])
 
 
+@torch.no_grad()
 def test_builtin_weights_ship_small_and_load() -> None:
     from lowbit.models.registry import get_spec
 
