@@ -78,7 +78,7 @@ def test_eval_items_are_whole_images_cut_to_the_scale(folder) -> None:
     lr, hr = ds[0]  # 34 x 41 -> 33 x 39
     assert hr.shape == (3, 33, 39) and lr.shape == (3, 11, 13)
     want = bicubic_down(crop_to_scale(Image.open(folder / "img0.png"), 3), 3)
-    assert torch.equal(lr, torch.from_numpy(np.asarray(want)).permute(2, 0, 1).float())
+    assert torch.equal(lr, torch.from_numpy(np.array(want)).permute(2, 0, 1).float())
 
 
 def test_patches_are_aligned_crops_of_the_pair(folder) -> None:
