@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
@@ -236,3 +238,12 @@ def test_builtin_weights_ship_small_and_load() -> None:
     lr = F.avg_pool2d(hr, 2)
     err = lambda m: float((m(lr) - hr).abs().mean())  # noqa: E731
     assert err(model) < 0.5 * err(EDSR(2, 8, 32))
+
+
+@given(st.floats(0.5, 40.0), st.integers(0, 3))
+def test_psnr_of_a_constant_offset(offset: float, border: int) -> None:
+    a = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(1)) * 200
+    b = a + offset
+    ya, yb = shave(rgb_to_y(a), border), shave(rgb_to_y(b), border)
+    dy = offset * (65.481 + 128.553 + 24.966) / 255  # Y is linear in RGB
+    assert psnr(ya, yb).tolist() == pytest.approx([10 * math.log10(255**2 / dy**2)] * 2)
