@@ -238,14 +238,15 @@ def cmd_demo(args) -> int:
 
 def cmd_info(args) -> int:
     if args.list:
-        from .data import list_datasets
         from .models import get_spec, list_models
         from .ptq import PTQ_METHODS
+        from .tasks import get_task, list_tasks
 
         print("models:")
         for name in list_models():
             print(f"  {name:<22} {get_spec(name).description}")
-        print("datasets: " + ", ".join(list_datasets()))
+        for task in list_tasks():
+            print(f"datasets ({task.replace('_', '-')}): " + ", ".join(get_task(task).datasets()))
         print("ptq methods: " + ", ".join(sorted(PTQ_METHODS)))
         return 0
     if not args.model:
@@ -303,6 +304,7 @@ def cmd_eval(args) -> int:
     from .outputs import check_outputs
     from .pipeline import build_data, load_quantized, weights_record
     from .report import format_table, write_json
+    from .tasks import get_task
 
     check_outputs(files={"--output/-o": args.output})
     weights = _float_weights(args)
@@ -318,13 +320,11 @@ def cmd_eval(args) -> int:
     model = model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     res = evaluate(model, data.eval, reference, progress=not args.no_progress,
-                   desc="eval quantized" if reference is not None else "eval")
+                   desc="eval quantized" if reference is not None else "eval", spec=spec)
     print(f"{args.model} on {data.protocol}")
     if reference is not None:
-        print(format_table([
-            dict(model="float", top1=res.reference_top1, agree=100.0),
-            dict(model=f"quantized ({args.quantized})", top1=res.top1, agree=res.agreement),
-        ], ["model", "top1", "agree"]))
+        rows, metrics = get_task(spec.task).eval_rows(res, f"quantized ({args.quantized})")
+        print(format_table(rows, ["model", *metrics]))
     print(res)
     if args.output:
         write_json(args.output, {"model": args.model, "weights": weights_record(weights),
@@ -373,6 +373,7 @@ def cmd_ptq(args) -> int:
     from .pipeline import build_data, save_quantized, weights_record
     from .ptq import ptq
     from .report import format_table, write_json
+    from .tasks import get_task
 
     opts = _ptq_options(args)
     mc = _method_config(args, opts)
@@ -394,18 +395,16 @@ def cmd_ptq(args) -> int:
     print(qmodel.lowbit_report.summary())
     cov = qmodel.lowbit_report.calib_coverage
     coverage = cov.to_dict() if cov is not None else None
-    float_res = evaluate(model, data.eval, progress=progress, desc="eval float")
-    q_res = evaluate(qmodel, data.eval, reference=model, progress=progress, desc="eval quantized")
+    float_res = evaluate(model, data.eval, progress=progress, desc="eval float", spec=spec)
+    q_res = evaluate(qmodel, data.eval, reference=model, progress=progress, desc="eval quantized",
+                     spec=spec)
     fcost, qcost = measure(model, data.example), measure(qmodel, data.example)
-    rows = [
-        dict(model="float", top1=float_res.top1, top5=float_res.top5, agree=100.0,
-             size_KiB=fcost.size_bytes / 1024, GBitOPs=fcost.bitops / 1e9),
-        dict(model=f"{mc.method} W{args.w_bits}A{args.a_bits or 'float'}", top1=q_res.top1,
-             top5=q_res.top5, agree=q_res.agreement, size_KiB=qcost.size_bytes / 1024,
-             GBitOPs=qcost.bitops / 1e9),
-    ]
+    rows, metrics = get_task(spec.task).ptq_rows(
+        float_res, q_res, f"{mc.method} W{args.w_bits}A{args.a_bits or 'float'}")
+    for row, cost in zip(rows[-2:], (fcost, qcost), strict=True):
+        row.update(size_KiB=cost.size_bytes / 1024, GBitOPs=cost.bitops / 1e9)
     print(f"{args.model} on {data.protocol}; calibration took {ptq_seconds:.1f} s")
-    print(format_table(rows, ["model", "top1", "top5", "agree", "size_KiB", "GBitOPs"]))
+    print(format_table(rows, ["model", *metrics, "size_KiB", "GBitOPs"]))
     # the saved model first, the results file last: a results file means the run completed
     if args.save:
         save_quantized(qmodel, args.save, {"model": args.model,

@@ -1,47 +1,16 @@
-"""Evaluation: top-1/top-5, agreement with a float reference, and output SQNR."""
+"""Evaluation of a model on its task's metrics (classification: top-1/top-5, agreement and
+logit SQNR; super-resolution: PSNR-Y, SSIM, PSNR against the float model)."""
 
 from __future__ import annotations
 
-import logging
-import math
-import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
-from .errors import DataError
-from .utils import model_device
-
-log = logging.getLogger("lowbit")
+from .tasks import get_task
+from .tasks.classification import EvalResult
 
 
-@dataclass
-class EvalResult:
-    top1: float
-    top5: float
-    samples: int
-    agreement: float | None = None
-    sqnr_db: float | None = None
-    reference_top1: float | None = None  # the reference's top-1 on the same samples
-    delta_se: float | None = None  # paired standard error of top1 - reference_top1, in points
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        s = f"top-1 {self.top1:.2f} %  top-5 {self.top5:.2f} %  ({self.samples} samples)"
-        if self.agreement is not None:
-            s += f"  agreement {self.agreement:.2f} %  SQNR {self.sqnr_db:.1f} dB"
-        if self.reference_top1 is not None:
-            s += (f"\n  reference (float) top-1 {self.reference_top1:.2f} %: difference "
-                  f"{self.top1 - self.reference_top1:+.2f} +- {self.delta_se:.2f} points "
-                  "(paired standard error)")
-        return s
-
-
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     data: Iterable,
@@ -50,58 +19,17 @@ def evaluate(
     progress: bool = True,
     desc: str = "eval",
     channels_last: bool = True,
-) -> EvalResult:
-    """Accuracy of ``model`` on ``(input, target)`` batches; with a ``reference`` (the float
-    model), also the % of samples whose top-1 agrees and the SQNR of the logits in dB.
-
-    Counters stay on the device and are read once at the end (no per-batch sync).
+    task: str | None = None,
+    spec=None,
+):
+    """Score ``model`` on ``(input, target)`` batches with the metrics of ``task`` (default: the
+    task of ``spec``, a :class:`lowbit.models.ModelSpec`, else classification); with a
+    ``reference`` (the float model), also how far the outputs are from the reference's.
+    Classification returns an :class:`EvalResult`.
     """
-    from tqdm.auto import tqdm
+    name = task or (spec.task if spec is not None else "classification")
+    return get_task(name).evaluate(model, data, reference, spec=spec, progress=progress,
+                                   desc=desc, channels_last=channels_last)
 
-    dev = model_device(model)
-    model.eval()
-    if reference is not None:
-        reference.eval()
-    zeros = lambda: torch.zeros((), dtype=torch.float64, device=dev)  # noqa: E731
-    top1, top5, agree, sig, noise = zeros(), zeros(), zeros(), zeros(), zeros()
-    ref_top1, d_sq = zeros(), zeros()
-    n = 0
-    t0 = time.perf_counter()
-    try:
-        total = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
-    for x, y in tqdm(data, total=total, desc=desc, disable=not progress, leave=False):
-        x, y = x.to(dev), y.to(dev)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = model(x)
-        k = min(5, out.shape[1])
-        pred = out.topk(k, dim=1).indices
-        hit = pred[:, 0] == y
-        top1 += hit.sum()
-        top5 += (pred == y[:, None]).any(dim=1).sum()
-        if reference is not None:
-            ref = reference(x)
-            ref_pred = ref.argmax(1)
-            agree += (ref_pred == pred[:, 0]).sum()
-            ref_hit = ref_pred == y
-            ref_top1 += ref_hit.sum()
-            d_sq += (hit != ref_hit).sum()  # (hit - ref_hit)^2 is 1 exactly where they differ
-            sig += ref.double().pow(2).sum()
-            noise += (ref.double() - out.double()).pow(2).sum()
-        n += y.shape[0]
-    if n == 0:
-        raise DataError("the evaluation set is empty: pass at least one (input, target) batch")
-    result = EvalResult(100.0 * float(top1) / n, 100.0 * float(top5) / n, n)
-    if reference is not None:
-        result.agreement = 100.0 * float(agree) / n
-        nz = float(noise)
-        result.sqnr_db = math.inf if nz == 0 else 10.0 * math.log10(float(sig) / nz)
-        result.reference_top1 = 100.0 * float(ref_top1) / n
-        mean_d = (float(top1) - float(ref_top1)) / n
-        var_d = max(0.0, float(d_sq) / n - mean_d**2) * n / max(1, n - 1)
-        result.delta_se = 100.0 * math.sqrt(var_d / n)
-    log.info("%s: top-1 %.2f %% on %d images (%.1f s)", desc, result.top1, n,
-             time.perf_counter() - t0)
-    return result
+
+__all__ = ["EvalResult", "evaluate"]

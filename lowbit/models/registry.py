@@ -35,6 +35,9 @@ class ModelSpec:
     ``pretrained`` names the weights the model is meant to run with (empty: none are known, as
     for the demo's digits CNN); the command line then refuses to run it without ``-w`` unless
     asked for random weights, because random weights give a plausible-looking wrong number.
+    ``task`` names the :mod:`lowbit.tasks` entry that chooses the data and metrics
+    (``"classification"``, ``"super_resolution"``); ``scale`` is the upscaling factor of a
+    super-resolution model (1 otherwise).
     """
 
     name: str
@@ -48,8 +51,12 @@ class ModelSpec:
     description: str = ""
     weight_sources: Mapping[str, WeightSource] = field(default_factory=dict)
     pretrained: str = ""
+    task: str = "classification"
+    scale: int = 1
 
     def __post_init__(self) -> None:
+        if self.scale < 1:
+            raise ModelError(f"model spec {self.name!r}: scale must be >= 1, got {self.scale}")
         channels = self.input_size[0]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ModelError(

@@ -253,6 +253,8 @@ class Trainer:
     ``run_info`` (model name, method, configs) is stored in every checkpoint and compared on
     resume. ``eval_fn(model) -> dict`` adds evaluation metrics to each epoch's row.
     ``reseed=False`` keeps one random stream over all epochs (see the module docstring).
+    ``float_ok=True`` trains a model without quantizers (e.g. a float super-resolution net with
+    an L1 ``criterion``); accuracy is counted only for class-index targets.
     """
 
     def __init__(
@@ -270,6 +272,7 @@ class Trainer:
         stage_label: str = "",
         dist_ctx: ddp.DistContext | None = None,
         reseed: bool = True,
+        float_ok: bool = False,
     ):
         self.model = model
         self.data = train_data
@@ -290,7 +293,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_opt: dict[str, Any] | None = None
-        if not any(True for _ in quantizers(model)):
+        if not float_ok and not any(True for _ in quantizers(model)):
             raise ConfigError(
                 "the model has no quantizers: prepare and calibrate it first "
                 "(lowbit.prepare + lowbit.calibrate), or use lowbit.qat.qat()"
@@ -546,8 +549,12 @@ class Trainer:
                 h.on_step_end(ctx)
             ld = loss.detach()
             bad += ~torch.isfinite(ld)
-            known = y >= 0  # accuracy over the labeled images (UNLABELED targets are -1)
-            hits = ((out.detach().argmax(1) == y) & known).sum()
+            if y.dim() == 1 and out.dim() == 2:  # class labels (UNLABELED targets are -1)
+                known = y >= 0
+                hits = ((out.detach().argmax(1) == y) & known).sum()
+            else:  # an image-shaped task (super-resolution): no accuracy
+                known = torch.zeros_like(y, dtype=torch.bool).flatten(1).any(1)
+                hits = zero()
             n = y.shape[0]
             loss_sum += ld * n
             task_sum += task.detach() * n
