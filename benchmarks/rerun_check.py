@@ -4,7 +4,8 @@ Each re-run results file (written by the benchmark's own ``--out``) is matched r
 the committed file it reproduces, on the columns that define a run; the output lists both
 top-1 figures, their difference and the commits. Results: benchmarks/results/rerun_check.json.
 
-    python benchmarks/rerun_check.py --pair /tmp/runs/rerun_r20.json benchmarks/results/rapq.json
+    python benchmarks/rerun_check.py --pair /tmp/runs/rerun_r20.json benchmarks/results/rapq.json \
+        rapq "main 074436c"
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ KEYS = {
     "qat": ("run", "method", "stages", "epochs_per_stage", "augment"),
     "sdq": ("arm", "bits", "a_bits", "epochs", "search_steps"),
 }
-FIELDS = ["kind", "key", "committed_top1", "rerun_top1", "difference", "committed_commit",
-          "rerun_commit", "rerun_file"]
+FIELDS = ["kind", "key", "code", "committed_top1", "rerun_top1", "difference",
+          "committed_commit", "rerun_commit", "rerun_file"]
 
 
 def _key(row: dict, kind: str) -> tuple:
@@ -39,7 +40,7 @@ def _rows(path: Path) -> list[dict]:
     return data["rows"] if isinstance(data, dict) else data
 
 
-def compare(rerun: Path, committed: Path, kind: str) -> list[dict]:
+def compare(rerun: Path, committed: Path, kind: str, code: str) -> list[dict]:
     old = {_key(r, kind): r for r in _rows(committed)}
     out = []
     for r in _rows(rerun):
@@ -48,7 +49,7 @@ def compare(rerun: Path, committed: Path, kind: str) -> list[dict]:
         if c is None:
             want = dict(zip(KEYS[kind], k, strict=True))
             raise SystemExit(f"{rerun}: no committed row in {committed} for {want}")
-        out.append(dict(kind=kind, key=dict(zip(KEYS[kind], k, strict=True)),
+        out.append(dict(kind=kind, key=dict(zip(KEYS[kind], k, strict=True)), code=code,
                         committed_top1=c["top1"], rerun_top1=r["top1"],
                         difference=r["top1"] - c["top1"], committed_commit=c.get("commit"),
                         rerun_commit=r.get("commit"), rerun_file=str(committed.name)))
@@ -57,18 +58,23 @@ def compare(rerun: Path, committed: Path, kind: str) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pair", nargs=3, action="append", metavar=("RERUN", "COMMITTED", "KIND"),
-                    required=True, help=f"KIND is one of {sorted(KEYS)}")
+    ap.add_argument("--pair", nargs=4, action="append",
+                    metavar=("RERUN", "COMMITTED", "KIND", "CODE"), required=True,
+                    help=f"KIND is one of {sorted(KEYS)}; CODE says which code the re-run ran "
+                    "(e.g. 'main 074436c'), since some benchmarks record no commit")
     ap.add_argument("--out", default=str(RESULTS / "rerun_check"))
     args = ap.parse_args()
     out = Path(args.out)
     rows = load_rows(out)
-    for rerun, committed, kind in args.pair:
-        new = compare(Path(rerun), Path(committed), kind)
-        keys = {json.dumps(r["key"], sort_keys=True) for r in new}
-        rows = [r for r in rows if json.dumps(r["key"], sort_keys=True) not in keys] + new
+    def ident(r):
+        return json.dumps([r["key"], r["code"]], sort_keys=True)
+
+    for rerun, committed, kind, code in args.pair:
+        new = compare(Path(rerun), Path(committed), kind, code)
+        keys = {ident(r) for r in new}
+        rows = [r for r in rows if ident(r) not in keys] + new
         for r in new:
-            print(f"{r['key']}: committed {r['committed_top1']:.2f}, re-run {r['rerun_top1']:.2f} "
+            print(f"{r['key']} ({code}): committed {r['committed_top1']:.2f}, re-run {r['rerun_top1']:.2f} "
                   f"({r['difference']:+.2f})")
     save_rows(out, rows, FIELDS)
 
