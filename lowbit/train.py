@@ -1,18 +1,14 @@
-"""A minimal supervised training loop (float training and short QAT fine-tuning in the demo).
+"""Float training on the shared trainer (the demo's digits CNN, the tests' small models).
 
-The full QAT trainer (schedules, checkpoints, DDP, loss plug-ins) lives in ``lowbit.qat``;
-this loop stays small on purpose.
+A thin front to :class:`lowbit.qat.Trainer`: Adam with cosine decay over ``epochs``, cross
+entropy, no checkpoints; every training-like loop runs on that one trainer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-import torch.nn.functional as F
 from torch import nn
-
-from .utils import model_device
 
 
 def train_epochs(
@@ -24,29 +20,12 @@ def train_epochs(
     progress: bool = False,
     seed: int = 0,
 ) -> list[float]:
-    """Adam with cosine decay over ``epochs``; returns the mean loss of each epoch."""
-    from tqdm.auto import tqdm
+    """Train a float ``model`` in place; returns the mean loss of each epoch."""
+    from .qat.trainer import TrainConfig, Trainer
 
-    torch.manual_seed(seed)
-    dev = model_device(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    steps = epochs * len(data)  # type: ignore[arg-type]
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    history = []
-    model.train()
-    for _ in tqdm(range(epochs), desc="train", disable=not progress, leave=False):
-        total = torch.zeros((), device=dev)
-        n = 0
-        for x, y in data:
-            x, y = x.to(dev), y.to(dev)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach()
-            n += 1
-        history.append(float(total) / max(n, 1))
+    cfg = TrainConfig(epochs=epochs, optimizer="adam", lr=lr, weight_decay=weight_decay,
+                      schedule="cosine", bn="train", channels_last=False, logger="none",
+                      seed=seed, progress=progress)
+    history = Trainer(model, data, cfg, float_ok=True).fit()
     model.eval()
-    return history
+    return [row["loss"] for row in history]
