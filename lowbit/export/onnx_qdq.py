@@ -484,20 +484,6 @@ class _QonnxWriter(_Writer):
         out = self.quant(x, scale, zp, grid.bits, grid.signed, narrow, base)
         return _Codes(out, grid, grid.qmin, grid.qmax)
 
-    def fake_quantize(self, v: _Float, grid: Grid, base: str) -> _Float:
-        """A per-channel grid in float ops (Div, Round half to even, Add, Clip, Sub, Mul):
-        onnxruntime would fuse a per-axis QuantizeLinear into kernels that take one
-        zero-point only, and fail; this runs everywhere and rounds as the integer model."""
-        shape = (1, -1, 1, 1)
-        s = self.const(base + "_pc_scale", grid.scale.numpy().astype(np.float32).reshape(shape))
-        z = self.const(base + "_pc_zp", grid.zero_point.numpy().astype(np.float32).reshape(shape))
-        lo = self.const(base + "_pc_lo", np.array(grid.qmin, np.float32))
-        hi = self.const(base + "_pc_hi", np.array(grid.qmax, np.float32))
-        q = self.node("Round", [self.node("Div", [v.name, s], base + "_div")], base + "_round")
-        q = self.node("Clip", [self.node("Add", [q, z], base + "_addzp"), lo, hi], base + "_clip")
-        return _Float(self.node("Mul", [self.node("Sub", [q, z], base + "_subzp"), s],
-                                base + "_fq"))
-
     def materialize(self, v: _Codes) -> str:
         return v.name
 
