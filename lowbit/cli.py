@@ -363,6 +363,14 @@ def _method_config(args, opts: dict):
     return method_config(start or name, **opts)
 
 
+def _bits_label(config) -> str:
+    """``W4A4`` from the config that ran (not the flags: ``--config`` may set other bits), with
+    ``+rules`` when per-layer rules change some layers."""
+    w = config.weight.bits if config.weight is not None else "float"
+    a = config.act.bits if config.act is not None else "float"
+    return f"W{w}A{a}" + ("+rules" if config.layers else "")
+
+
 def cmd_ptq(args) -> int:
     import torch
 
@@ -399,8 +407,8 @@ def cmd_ptq(args) -> int:
     q_res = evaluate(qmodel, data.eval, reference=model, progress=progress, desc="eval quantized",
                      spec=spec)
     fcost, qcost = measure(model, data.example), measure(qmodel, data.example)
-    rows, metrics = get_task(spec.task).ptq_rows(
-        float_res, q_res, f"{mc.method} W{args.w_bits}A{args.a_bits or 'float'}")
+    label = f"{mc.method} {_bits_label(config)}"
+    rows, metrics = get_task(spec.task).ptq_rows(float_res, q_res, label)
     for row, cost in zip(rows[-2:], (fcost, qcost), strict=True):
         row.update(size_KiB=cost.size_bytes / 1024, GBitOPs=cost.bitops / 1e9)
     print(f"{args.model} on {data.protocol}; calibration took {ptq_seconds:.1f} s")

@@ -76,7 +76,8 @@ def gather_inputs(calib_data: Iterable, num_batches: int | None = None) -> torch
     n = sum(b.shape[0] for b in batches)
     if not MIN_CALIB <= n <= MAX_CALIB:
         raise ConfigError(
-            f"RAPQ needs between {MIN_CALIB} and {MAX_CALIB} calibration images, got {n}; "
+            f"calibration-set methods (rapq, brecq, dqss) need between {MIN_CALIB} and "
+            f"{MAX_CALIB} calibration images, got {n}; "
             "1,024 is the usual size (fewer overfit the reconstruction, more only cost memory)"
         )
     x = torch.cat(batches)
