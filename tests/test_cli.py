@@ -112,3 +112,14 @@ def test_ptq_full_range_weights_flag_reaches_the_saved_config(capsys, tmp_path):
     assert rc == 0, err
     weight = json.loads(out_json.read_text())["config"]["weight"]
     assert weight["bits"] == 2 and weight["narrow_range"] is False
+
+
+def test_ptq_table_names_the_bits_of_the_config_that_ran(capsys, tmp_path):
+    from lowbit import QuantConfig
+
+    cfg = tmp_path / "w8a8.yaml"
+    QuantConfig.uniform(8, 8).save(cfg)
+    rc, out, err = run(capsys, "ptq", "-m", "digits_cnn", "--method", "minmax", "--config",
+                       str(cfg), "--calib-size", "32", "--eval-size", "32", "--no-progress")
+    assert rc == 0, err
+    assert "minmax W8A8" in out and "W4A4" not in out
