@@ -21,7 +21,10 @@ from common import load_rows, save_rows  # noqa: E402
 
 
 def key(row: dict) -> tuple:
-    return (row["model"], row.get("method"), row["w_bits"], row["a_bits"])
+    """Rows of one model, method, setting and protocol replace each other; the 1000-class
+    protocols (diverse, narrow) keep one row each."""
+    return (row["model"], row.get("method"), row["w_bits"], row["a_bits"],
+            row.get("protocol_name"))
 
 
 def fields_of(out: Path, rows: list[dict]) -> list[str]:

@@ -28,7 +28,7 @@ def test_replaced_rows_move_to_the_archive(tmp_path):
     write(tmp_path / "res.json", [row("rapq", 1.0), row("pot", 2.0)])
     write(tmp_path / "new.json", [row("rapq", 3.0), row("rapq", 4.0, w=2)])
     replaced = merge(tmp_path / "new.json", tmp_path / "res", note="re-run")
-    assert replaced == [("m", "rapq", 4, 4)]
+    assert replaced == [("m", "rapq", 4, 4, None)]
     rows = {(r["method"], r["w_bits"]): r for r in read(tmp_path / "res.json")}
     assert {k: r["top1"] for k, r in rows.items()} == {("pot", 4): 2.0, ("rapq", 4): 3.0,
                                                         ("rapq", 2): 4.0}
@@ -44,3 +44,13 @@ def test_two_rows_for_one_setting_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="two rows for one setting"):
         merge(tmp_path / "new.json", tmp_path / "res", note=None)
     assert read(tmp_path / "res.json") == [row("pot", 2.0)]
+
+
+def test_rows_of_two_protocols_are_kept_apart(tmp_path):
+    diverse, narrow = ({**row("rapq", t), "protocol_name": p}
+                       for t, p in ((1.0, "diverse"), (2.0, "narrow")))
+    write(tmp_path / "res.json", [diverse, narrow])
+    write(tmp_path / "new.json", [{**row("rapq", 3.0), "protocol_name": "diverse"}])
+    assert merge(tmp_path / "new.json", tmp_path / "res", None) == [("m", "rapq", 4, 4, "diverse")]
+    kept = {r["protocol_name"]: r["top1"] for r in read(tmp_path / "res.json")}
+    assert kept == {"diverse": 3.0, "narrow": 2.0}
