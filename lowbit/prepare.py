@@ -64,9 +64,10 @@ def execution_order(model: nn.Module, example_inputs=None, graph: ModelGraph | N
     example (registration order without one). Leaves never called come last.
     """
     leaves = list(_leaf_modules(model))
+    leaf_names = {n for n, _ in leaves}
     g = graph if graph is not None else trace_graph(model, warn=False)
     if g.traced:
-        called = [n for n in g.order() if n in dict(leaves)]
+        called = [n for n in g.order() if n in leaf_names]
     elif example_inputs is not None:
         called = []
         handles = [m.register_forward_hook(lambda mod, i, o, n=n: called.append(n))
@@ -79,7 +80,8 @@ def execution_order(model: nn.Module, example_inputs=None, graph: ModelGraph | N
         called = list(dict.fromkeys(called))
     else:
         return [n for n, _ in leaves]
-    return called + [n for n, _ in leaves if n not in set(called)]
+    seen = set(called)
+    return called + [n for n, _ in leaves if n not in seen]
 
 
 def find_conv_bn_pairs(model: nn.Module, example_inputs=None) -> list[tuple[str, str]]:

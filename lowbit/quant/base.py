@@ -469,3 +469,21 @@ class Quantizer(nn.Module):
         )
         if prefix + META_KEY in unexpected_keys:
             unexpected_keys.remove(prefix + META_KEY)
+
+
+class SymmetricLevels:
+    """Grid steps per side of a zero-point-0 quantizer (QIL, PACT): ``2^(N-1) - 1`` signed
+    (2 bits: ternary), ``2^N - 1`` unsigned; an undecided sign counts as signed."""
+
+    @property
+    def _is_signed(self) -> bool:
+        return True if self.signed is None else bool(self.signed)
+
+    @property
+    def levels(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self._is_signed else 2**self.bits - 1
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        q = self.levels
+        return (-q, q) if self._is_signed else (0, q)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import EPS, Quantizer
+from .base import EPS, Quantizer, SymmetricLevels
 from .registry import register_quantizer
 
 
@@ -55,7 +55,7 @@ class _PACTQuant(torch.autograd.Function):
 
 
 @register_quantizer("pact")
-class PACTQuantizer(Quantizer):
+class PACTQuantizer(SymmetricLevels, Quantizer):
     """Learned clipping level; see the module docstring. Symmetric grids only."""
 
     min_signed_bits = 2
@@ -71,19 +71,6 @@ class PACTQuantizer(Quantizer):
                 "build it with symmetric=True (or use kind 'lsq' for a learned offset grid)"
             )
         self.alpha = nn.Parameter(torch.ones(1))
-
-    @property
-    def _is_signed(self) -> bool:
-        return True if self.signed is None else bool(self.signed)
-
-    @property
-    def levels(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self._is_signed else 2**self.bits - 1
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        q = self.levels
-        return (-q, q) if self._is_signed else (0, q)
 
     @torch.no_grad()
     def init_from_params(self, scale, zero_point, lo, hi) -> None:

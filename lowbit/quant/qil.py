@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .autograd import grad_scale, round_ste
-from .base import IntegerForm, Quantizer
+from .base import IntegerForm, Quantizer, SymmetricLevels
 from .registry import register_quantizer
 
 D_MIN = 1e-6
@@ -170,7 +170,7 @@ class _SignedInterval(torch.autograd.Function):
 
 
 @register_quantizer("qil")
-class QILQuantizer(Quantizer):
+class QILQuantizer(SymmetricLevels, Quantizer):
     """Interval quantizer; ``signed=True`` is the weight form, ``signed=False`` the activation form.
 
     Options (``QuantizerSpec.options``): ``gamma`` (initial exponent, default 1),
@@ -206,20 +206,6 @@ class QILQuantizer(Quantizer):
         self._gamma_value = float(gamma)
         self.use_grad_scale = grad_scale
         self.fused = fused
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        q = self.levels
-        return (-q, q) if self._is_signed else (0, q)
-
-    @property
-    def _is_signed(self) -> bool:
-        return True if self.signed is None else bool(self.signed)
-
-    @property
-    def levels(self) -> int:
-        """Grid steps per side: ``2^(N-1) - 1`` signed (2 bits: ternary), ``2^N - 1`` unsigned."""
-        return 2 ** (self.bits - 1) - 1 if self._is_signed else 2**self.bits - 1
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", learn_gamma={self.learn_gamma}"
