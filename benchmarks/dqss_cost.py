@@ -6,7 +6,8 @@ thread. ``step``: forward, backward and an Adam step on a batch, for the model p
 LSQ everywhere and for the same model with a 4-way mixture in every searched slot.
 ``layer``: one mixed conv of layer2 (32 channels, 16x16), forward and backward, as lowbit runs
 it (one convolution on the mixed weight and input) and as the pairwise sum of
-``K_w * K_a`` convolutions. Median of ``--repeats`` timings after a warm-up.
+``K_w * K_a`` convolutions. Median of ``--repeats`` timings after a warm-up, in process CPU time (the wall time, which
+on a shared machine includes other jobs' turns, is recorded beside it).
 Results: benchmarks/results/dqss_cost.json.
 
     python benchmarks/dqss_cost.py --threads 1
@@ -15,6 +16,7 @@ Results: benchmarks/results/dqss_cost.json.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -26,14 +28,18 @@ from common import RESULTS, provenance  # noqa: E402
 CANDIDATES = ["mse", "lsq", "qil", "pact"]
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and process-CPU seconds of ``fn`` after a warm-up. On a shared machine the
+    wall time includes waiting for other jobs' turns on the cores; one thread's CPU time does
+    not, so ratios are taken on it."""
     fn()
-    out = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main() -> None:
@@ -58,6 +64,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=NarrowCalibrationWarning)  # random weights
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load = os.getloadavg()[0]
     net = get_model("resnet20").eval()
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
@@ -83,8 +90,7 @@ def main() -> None:
         return step
 
     lsq, mix = model(False), model(True)
-    t_lsq = timed(stepper(lsq), args.repeats)
-    t_mix = timed(stepper(mix), args.repeats)
+    (w_lsq, t_lsq), (w_mix, t_mix) = timed(stepper(lsq), args.repeats), timed(stepper(mix), args.repeats)
 
     layer = mix.get_submodule("layer2.1.conv1")
     a = torch.randn(args.batch, 32, 16, 16).relu().requires_grad_()
@@ -100,11 +106,13 @@ def main() -> None:
                   for i, qw in enumerate(wm.candidates) for j, qa in enumerate(am.candidates))
         out.sum().backward()
 
-    t_eff, t_pair = timed(efficient, args.repeats), timed(pairwise, args.repeats)
-    row = dict(model="resnet20", batch=args.batch, candidates=CANDIDATES,
+    (w_eff, t_eff), (w_pair, t_pair) = timed(efficient, args.repeats), timed(pairwise, args.repeats)
+    row = dict(model="resnet20", batch=args.batch, candidates=CANDIDATES, clock="process CPU",
                lsq_step_s=t_lsq, dqss_step_s=t_mix, step_ratio=t_mix / t_lsq,
                layer="layer2.1.conv1", efficient_s=t_eff, pairwise_s=t_pair,
-               layer_ratio=t_pair / t_eff, repeats=args.repeats,
+               layer_ratio=t_pair / t_eff, wall_s=dict(lsq_step=w_lsq, dqss_step=w_mix,
+                                                       efficient=w_eff, pairwise=w_pair),
+               load_avg_start=load, repeats=args.repeats,
                threads=torch.get_num_threads(), command="python " + " ".join(sys.argv),
                **provenance())
     write_json(args.out, {"rows": [row]})

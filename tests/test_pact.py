@@ -54,6 +54,27 @@ def test_gradients_are_the_papers():
     assert s.alpha.grad.tolist() == [0.0]  # one clipped at each end
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_gradients_equal_the_mask_formulas_at_the_edges(signed):
+    """The saved-``u`` backward against PACT's masks written out, on values that hit the
+    edges exactly (0, the clip level, -clip level)."""
+    g = torch.Generator().manual_seed(1)
+    q = calibrated(PACTQuantizer, torch.tensor([-2.0, 2.0]) if signed else torch.tensor([0.0, 2.0]),
+                   bits=3, signed=signed)
+    q.load_params({"alpha": torch.tensor([1.5])})
+    x = torch.cat([torch.randn(200, generator=g) * 2, torch.tensor([0.0, -0.0, 1.5, -1.5])])
+    x = x.relu() if not signed else x
+    x.requires_grad_()
+    w = torch.randn(x.shape, generator=g)
+    (q(x) * w).sum().backward()
+    qmin, qmax = q.qrange
+    u = x.detach() / (1.5 / qmax)
+    top, bottom = u >= qmax, (u <= qmin if signed else u < 0)
+    assert torch.equal(x.grad, w * ~(top | bottom))
+    expect = (w * top).sum() - ((w * bottom).sum() if signed else 0)
+    assert torch.allclose(q.alpha.grad, expect.reshape(1), atol=1e-5)
+
+
 def test_scale_alone_sets_alpha():
     q = PACTQuantizer(bits=4, signed=False)
     q.load_params({"scale": torch.tensor([0.1])})

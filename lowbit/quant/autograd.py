@@ -32,6 +32,17 @@ def clamp_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return x + (x.clamp(lo, hi) - x).detach()
 
 
+def flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum()`` without the product tensor where both have the same contiguous layout
+    (standard or channels_last), so a flat view pairs their elements."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1))
+    cl = torch.channels_last
+    if a.dim() == 4 and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl):
+        return torch.dot(a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1))
+    return (a * b).sum()
+
+
 def fake_quant(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -57,8 +68,8 @@ def quantize_to_int(
 
 
 class _FixedFakeQuant(torch.autograd.Function):
-    """Fake quantization with fixed scale/zero-point: a few in-place passes in the forward and a
-    saved in-range mask for the straight-through backward.
+    """Fake quantization with fixed scale/zero-point: a few in-place passes in the forward and
+    the saved unclamped codes for the straight-through backward.
 
     It is bit-exact with :func:`quantize_to_int` on the reciprocal scale (same operations in
     the same order). Without autograd it is a little faster on a CPU than
@@ -69,14 +80,19 @@ class _FixedFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, inv_scale, scale, zero_point, qmin, qmax):
         q = torch.mul(x, inv_scale).round_().add_(zero_point)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward((q >= qmin) & (q <= qmax))
-        return q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        if not ctx.needs_input_grad[0]:
+            return q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        # the unclamped codes are integers, so "qmin <= q <= qmax" is the strict range test
+        # of hardtanh_backward at half-integers: one pass, no boolean mask to convert
+        ctx.save_for_backward(q)
+        ctx.bounds = (qmin - 0.5, qmax + 0.5)
+        return q.clamp(qmin, qmax).sub_(zero_point).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None
+        (q,) = ctx.saved_tensors
+        gx = torch.ops.aten.hardtanh_backward(grad, q, *ctx.bounds)
+        return gx, None, None, None, None, None
 
 
 def fixed_fake_quant(

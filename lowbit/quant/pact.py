@@ -20,6 +20,8 @@ reconstruction methods that write a scale and zero-point work on PACT layers too
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -30,28 +32,54 @@ from .registry import register_quantizer
 
 class _PACTQuant(torch.autograd.Function):
     """Codes ``clamp(round(x / s), qmin, qmax)`` with ``s = alpha / q``, output ``codes * s``;
-    the same operations as :func:`~.autograd.quantize_to_int`, so the integer form is bit-exact."""
+    the same operations as :func:`~.autograd.quantize_to_int`, so the integer form is bit-exact.
+
+    Saves ``u = x / s`` alone and takes both gradients as ``hardtanh_backward`` masks of it (one
+    pass each, no boolean tensors to convert): ``x`` passes inside, ``alpha`` sums the clipped
+    ends. The bounds are the float32 neighbours that make the strict comparisons of that
+    kernel equal PACT's ``u >= qmax`` and ``u < 0`` (unsigned) or ``u <= qmin`` (signed)."""
 
     @staticmethod
     def forward(ctx, x, alpha, qmin: int, qmax: int):
         scale = alpha / qmax
         u = x / scale
-        top = u >= qmax
-        bottom = u <= qmin if qmin < 0 else u < 0
         ctx.signed = qmin < 0
-        ctx.save_for_backward(top, bottom)
+        ctx.bounds = (qmin, qmax)
+        ctx.save_for_backward(u)
         ctx.a_shape = alpha.shape
         return torch.round(u).clamp_(qmin, qmax).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        top, bottom = ctx.saved_tensors
-        gx = grad.masked_fill(top | bottom, 0.0) if ctx.needs_input_grad[0] else None
+        (u,) = ctx.saved_tensors
+        qmin, qmax = ctx.bounds
+        hb = torch.ops.aten.hardtanh_backward
+        # unsigned: u == 0 is inside (only u < 0 clips at the bottom)
+        low = float(qmin) if ctx.signed else -_TINY
+        gx = hb(grad, u, low, float(qmax)) if ctx.needs_input_grad[0] else None
         ga = None
         if ctx.needs_input_grad[1]:
-            ga = grad * top - grad * bottom if ctx.signed else grad * top
+            ga = hb(grad, u, _below(qmax), _INF)  # u >= qmax
+            if ctx.signed:
+                ga = ga - hb(grad, u, -_INF, _above(qmin))  # u <= qmin
             ga = ga.sum_to_size(ctx.a_shape)
         return gx, ga, None, None
+
+
+_INF = float("inf")
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@functools.cache
+def _below(v: int) -> float:
+    """The largest float32 below ``v``."""
+    return float(torch.nextafter(torch.tensor(float(v)), torch.tensor(-_INF)))
+
+
+@functools.cache
+def _above(v: int) -> float:
+    """The smallest float32 above ``v``."""
+    return float(torch.nextafter(torch.tensor(float(v)), torch.tensor(_INF)))
 
 
 @register_quantizer("pact")

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .autograd import flat_dot as _dot
 from .autograd import grad_scale, round_ste
 from .base import IntegerForm, Quantizer, SymmetricLevels
 from .registry import register_quantizer
@@ -48,21 +49,6 @@ from .registry import register_quantizer
 D_MIN = 1e-6
 GAMMA_MIN = 1e-2
 COLLAPSE = 1e-4  # an interval below this fraction of its initial width has collapsed
-
-
-def _flat_pair(a: torch.Tensor, b: torch.Tensor):
-    """1-D views of two tensors with the same memory layout (so ``dot`` pairs elements), or None."""
-    if a.is_contiguous() and b.is_contiguous():
-        return a.view(-1), b.view(-1)
-    cl = torch.channels_last
-    if a.dim() == 4 and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl):
-        return a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1)
-    return None
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    pair = _flat_pair(a, b)
-    return torch.dot(*pair) if pair is not None else (a * b).sum()
 
 
 class _UnsignedInterval(torch.autograd.Function):
