@@ -81,6 +81,30 @@ def test_gradients_reach_the_logits_and_every_candidates_parameters():
     assert layer.weight.grad is not None
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mixture_gradients_equal_the_autograd_sum(channels_last):
+    """The fused weighted sum gives the same gradients (input, logits, every candidate's own
+    parameters) as ``sum_i p_i * Q_i(x)`` written out."""
+    layer, x = mixed_conv()
+    mix = layer.input_quant
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(3)) * 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(x.shape)
+    params = [mix.logits, *(p for c in mix.candidates for p in c.parameters() if p.requires_grad)]
+
+    def grads(fn):
+        xx = x.clone().requires_grad_()
+        return torch.autograd.grad((fn(xx) * w).sum(), [xx, *params])
+
+    def explicit(xx):
+        p = mix.probabilities()
+        return sum(p[i] * c.quantize(xx) for i, c in enumerate(mix.candidates))
+
+    for a, b in zip(grads(mix.quantize), grads(explicit), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_temperature_sharpens_the_mixture():
     layer, _ = mixed_conv()
     mix = layer.weight_quant
