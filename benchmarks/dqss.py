@@ -34,7 +34,7 @@ VARIANTS = {"default": {}, "noanneal": {"final_temperature": 1.0}, "nowarmup": {
             "neither": {"warmup": 0.0, "final_temperature": 1.0}}
 FIELDS = ["model", "run", "tag", "w_bits", "a_bits", "top1", "drop", "drop_se", "margin",
           "margin_se", "margin_against",
-          "choices", "iters", "finetune_iters", "calib_images", "eval_images", "seconds",
+          "choices", "iters", "finetune_iters", "calib_images", "eval_images", "seconds", "cpu_seconds",
           "threads", "commit"]
 
 
@@ -103,11 +103,11 @@ def main() -> None:
             for v in args.variants] + [(c, [c], {}) for c in singles]
     runs = {}
     for name, cands, variant in plan:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = dqss_search(net, batches, None, batches[0][0][:2], w_candidates=cands,
                         a_candidates=cands, **{**common, **variant})
-        seconds = time.perf_counter() - t0
-        runs[name] = (r, correct(r.model, test_loader), seconds)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        runs[name] = (r, correct(r.model, test_loader), seconds, cpu)
         print(f"{name}: {100 * float(runs[name][1].double().mean()):.2f} % in {seconds:.0f} s",
               flush=True)
     searched = [n for n in runs if n.startswith("dqss")]
@@ -116,7 +116,7 @@ def main() -> None:
     rows = [r for r in load_rows(Path(args.out))
             if not (r.get("tag", "") == args.tag and r["w_bits"] == w_bits
                     and r["a_bits"] == a_bits)]
-    for name, (r, hits, seconds) in runs.items():
+    for name, (r, hits, seconds, cpu) in runs.items():
         drop, drop_se = paired(float_hits, hits)
         # a search: its margin over the best single strategy; a single: DQSS's margin over it
         if name in searched:
@@ -135,7 +135,7 @@ def main() -> None:
             choices=r.counts() if name in searched else None,
             per_layer=r.choices if name in searched else None,
             units=r.history, iters=args.iters, finetune_iters=args.finetune_iters,
-            calib_images=len(calib), eval_images=int(hits.numel()), seconds=seconds,
+            calib_images=len(calib), eval_images=int(hits.numel()), seconds=seconds, cpu_seconds=cpu,
             settings=r.settings.model_dump(mode="json"),
             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             load_avg_start=os.getloadavg()[0], threads=torch.get_num_threads(),

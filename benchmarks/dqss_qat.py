@@ -41,7 +41,7 @@ RUNS = {
 }
 FIELDS = ["model", "run", "w_bits", "a_bits", "top1", "drop", "drop_se", "margin", "margin_se",
           "margin_against", "choices", "steps", "batch_size", "train_images", "eval_images",
-          "seconds", "threads", "commit"]
+          "seconds", "cpu_seconds", "threads", "commit"]
 
 
 def main() -> None:
@@ -82,11 +82,11 @@ def main() -> None:
     runs = {}
     for name in args.runs:
         wc, ac, variant = RUNS[name]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = dqss_search(net, batches, None, batches[0][0][:2], w_candidates=wc,
                         a_candidates=ac, **{**common, **variant})
-        seconds = time.perf_counter() - t0
-        runs[name] = (r, correct(r.model, test_loader), seconds)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        runs[name] = (r, correct(r.model, test_loader), seconds, cpu)
         print(f"{name}: {100 * float(runs[name][1].double().mean()):.2f} % in {seconds:.0f} s",
               flush=True)
     searched = [n for n in runs if n.startswith("dqss")]
@@ -94,7 +94,7 @@ def main() -> None:
                key=lambda n: float(runs[n][1].double().mean()))
     rows = [r for r in load_rows(Path(args.out))
             if not (r["w_bits"] == w_bits and r["a_bits"] == a_bits and r["run"] in runs)]
-    for name, (r, hits, seconds) in runs.items():
+    for name, (r, hits, seconds, cpu) in runs.items():
         drop, drop_se = paired(float_hits, hits)
         if name in searched:
             margin, margin_se = paired(hits, runs[best][1]) if best else (None, None)
@@ -112,7 +112,7 @@ def main() -> None:
             margins=against, choices=r.counts() if name in searched else None,
             per_layer=r.choices if name in searched else None, history=r.history,
             steps=args.steps, batch_size=args.batch_size, train_images=n_train,
-            eval_images=int(hits.numel()), seconds=seconds,
+            eval_images=int(hits.numel()), seconds=seconds, cpu_seconds=cpu,
             settings=r.settings.model_dump(mode="json"),
             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             load_avg_start=os.getloadavg()[0], threads=torch.get_num_threads(),
