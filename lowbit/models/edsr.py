@@ -120,6 +120,7 @@ def _builtin(name: str):
 for _s in SCALES:
     _register(f"edsr_baseline_x{_s}", _s, 16, 64,
               f"EDSR-baseline x{_s} (16 blocks, 64 channels; loads public EDSR checkpoints)")
-_register("edsr_small_x2", 2, 8, 32, "small EDSR x2 (8 blocks, 32 channels; builtin weights "
-          "trained by lowbit on Imagenette photos)",
-          weight_sources={"builtin": _builtin("edsr_small_x2")}, pretrained="builtin")
+for _s in (2, 4):
+    _register(f"edsr_small_x{_s}", _s, 8, 32, f"small EDSR x{_s} (8 blocks, 32 channels; builtin "
+              "weights trained by lowbit on Imagenette photos)",
+              weight_sources={"builtin": _builtin(f"edsr_small_x{_s}")}, pretrained="builtin")

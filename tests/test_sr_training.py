@@ -1,0 +1,96 @@
+"""Training methods on super-resolution models: QAT (LSQ/QIL with L1/L2), the SDQ search and
+DQSS, on a tiny EDSR and synthetic photos."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lowbit.cli import main
+from lowbit.models import ModelSpec, registry
+from lowbit.models.edsr import EDSR
+
+
+def _photo(h: int, w: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(1, 3, max(2, h // 4), max(2, w // 4), generator=g)
+    img = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
+    arr = (img * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+    return Image.fromarray(arr.numpy(), "RGB")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "hr"
+    d.mkdir()
+    for i in range(8):
+        _photo(24 + 2 * i, 28, i).save(d / f"img{i}.png")
+    return d
+
+
+@pytest.fixture
+def tiny_sr(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_model(ModelSpec(
+        name="edsr_test_x2", builder=lambda: EDSR(2, 2, 8), num_classes=0,
+        input_size=(3, 8, 8), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        default_dataset="sr-folder", task="super_resolution", scale=2))
+    return "edsr_test_x2"
+
+
+def _qat(model, folder, out, *extra):
+    return main(["qat", "-m", model, "--random-init", "-d", "sr-folder", "--data-root",
+                 str(folder), "--no-progress", "--batch-size", "4", "--calib-size", "4",
+                 "--eval-size", "2", "--max-steps", "2", "--optimizer", "adam", "--lr", "1e-3",
+                 "-o", str(out), *extra])
+
+
+@pytest.mark.parametrize("method,loss", [("lsq", None), ("qil", "l2")])
+def test_qat_trains_an_sr_model_with_a_pixel_loss(tiny_sr, folder, tmp_path, method, loss):
+    out = tmp_path / "run"
+    extra = ["--loss", loss] if loss else []
+    assert _qat(tiny_sr, folder, out, "--method", method, *extra) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["recipe"]["train"]["loss"] == (loss or "l1")  # l1: the SR task's default
+    assert res["recipe"]["patch"] is None and res["training_data"]["dataset"] == "sr-folder"
+    row = res["history"][-1]
+    assert 0 < res["ssim"] <= 1 and res["psnr_y"] == row["psnr_y"]
+    assert res["float_psnr_y"] > 0 and "top1" not in res and "train_acc" not in row
+    # the loss is the pixel error of the output: random weights on 0..255 images give tens
+    # of pixels of L1, and its square under L2
+    assert row["task_loss"] > (300 if loss == "l2" else 5)
+    assert (out / "model").is_dir()
+    assert main(["eval", "-m", tiny_sr, "--random-init", "-d", "sr-folder", "--data-root",
+                 str(folder), "--eval-size", "2", "--no-progress", "--quantized",
+                 str(out / "model"), "-o", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["psnr_y"] == pytest.approx(
+        res["psnr_y"])
+
+
+def test_sr_qat_resumes_and_extends(tiny_sr, folder, tmp_path):
+    out = tmp_path / "run"
+    assert _qat(tiny_sr, folder, out, "--method", "lsq", "--patch", "12") == 0
+    first = json.loads((out / "results.json").read_text())["history"]
+    assert _qat(tiny_sr, folder, out, "--method", "lsq", "--patch", "12", "--epochs", "2",
+                "--resume") == 0
+    hist = json.loads((out / "results.json").read_text())["history"]
+    assert [r["epoch"] for r in hist] == [1, 2] and hist[0] == first[0]
+    # a changed loss is another run: refused on resume
+    assert _qat(tiny_sr, folder, out, "--method", "lsq", "--patch", "12", "--epochs", "3",
+                "--loss", "l2", "--resume") == 2
+
+
+def test_losses_of_another_task_are_refused(tiny_sr, folder, tmp_path, capsys):
+    assert _qat(tiny_sr, folder, tmp_path / "a", "--method", "lsq", "--loss", "ce") == 2
+    assert "use --loss l1 or l2" in capsys.readouterr().err
+    assert _qat(tiny_sr, folder, tmp_path / "b", "--method", "lsq", "--kd-weight", "1") == 2
+    assert "distillation" in capsys.readouterr().err
+    assert main(["qat", "-m", "resnet20", "--random-init", "--loss", "l1", "--no-progress",
+                 "-o", str(tmp_path / "c")]) == 2
+    assert "use --loss ce or kd" in capsys.readouterr().err
+    assert _qat(tiny_sr, folder, tmp_path / "d", "--method", "lsq", "--patch", "13") == 2
+    assert "multiple of the scale" in capsys.readouterr().err
