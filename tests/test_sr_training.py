@@ -94,3 +94,35 @@ def test_losses_of_another_task_are_refused(tiny_sr, folder, tmp_path, capsys):
     assert "use --loss ce or kd" in capsys.readouterr().err
     assert _qat(tiny_sr, folder, tmp_path / "d", "--method", "lsq", "--patch", "13") == 2
     assert "multiple of the scale" in capsys.readouterr().err
+
+
+def _search(model, folder, out, *extra):
+    return main(["search", "-m", model, "--random-init", "-d", "sr-folder", "--data-root",
+                 str(folder), "--no-progress", "--no-plot", "--batch-size", "4",
+                 "--calib-batches", "1", "-o", str(out), *extra])
+
+
+def test_sdq_search_on_an_sr_model_meets_its_budget_without_labels(tiny_sr, folder, tmp_path,
+                                                                   capsys):
+    from lowbit.config import QuantConfig
+
+    out = tmp_path / "sdq"
+    assert _search(tiny_sr, folder, out, "-b", "3", "--steps", "6", "--check-every", "2") == 0
+    res = json.loads((out / "search.json").read_text())
+    assert res["settings"]["loss"] == "l1"  # the SR task's loss, not the cross-entropy
+    assert res["achieved"] <= 3.0 + 1e-9
+    assert "--kd-weight" not in capsys.readouterr().out  # no logit distillation for SR
+    # the found config retrains with QAT on the same model
+    assert QuantConfig.load(out / "config.yaml").weight.kind == "lsq"
+    assert _qat(tiny_sr, folder, tmp_path / "re", "--config", str(out / "config.yaml")) == 0
+    assert _search(tiny_sr, folder, tmp_path / "bad", "-b", "3", "--loss", "ce") == 2
+    assert _search(tiny_sr, folder, tmp_path / "sweep", "-b", "3", "-b", "4") == 2
+
+
+def test_dqss_ptq_on_an_sr_model(tiny_sr, folder, tmp_path, capsys):
+    out = tmp_path / "dqss"
+    assert _search(tiny_sr, folder, out, "--method", "dqss", "--mode", "ptq", "--iters", "2",
+                   "--finetune-iters", "1", "--eval-size", "2") == 0
+    assert "searched model: PSNR-Y" in capsys.readouterr().out
+    assert (out / "config.yaml").is_file()
+    assert _search(tiny_sr, folder, tmp_path / "q", "--method", "dqss", "--mode", "qat") == 2
