@@ -126,3 +126,17 @@ def test_dqss_ptq_on_an_sr_model(tiny_sr, folder, tmp_path, capsys):
     assert "searched model: PSNR-Y" in capsys.readouterr().out
     assert (out / "config.yaml").is_file()
     assert _search(tiny_sr, folder, tmp_path / "q", "--method", "dqss", "--mode", "qat") == 2
+
+
+@torch.no_grad()
+def test_builtin_x4_weights_load_and_beat_an_untrained_net() -> None:
+    from lowbit.models import get_model, get_spec
+
+    assert get_spec("edsr_small_x4").weight_sources["builtin"]().stat().st_size < 1_000_000
+    model = get_model("edsr_small_x4", weights="builtin")
+    hr = F.interpolate(torch.rand(1, 3, 6, 6) * 255, size=(48, 48), mode="bicubic",
+                       align_corners=False).clamp(0, 255)
+    lr = F.avg_pool2d(hr, 4)
+    assert model(lr).shape == hr.shape
+    err = lambda m: float((m(lr) - hr).abs().mean())  # noqa: E731
+    assert err(model) < 0.5 * err(EDSR(4, 8, 32))
