@@ -148,10 +148,13 @@ def main(argv: list[str] | None = None) -> None:
         r.setdefault("run", command)
     if args.into and Path(args.into).is_file():
         old = json.loads(Path(args.into).read_text())
+        for r in old["rows"]:  # rows of a file written before rows named their run
+            r.setdefault("run", old["command"])
         new = {(r["dataset"], r["model"]) for r in rows}
         rows = [r for r in old["rows"] if (r["dataset"], r["model"]) not in new] + rows
         order = {d: i for i, d in enumerate(dict.fromkeys(r["dataset"] for r in old["rows"]))}
-        rows.sort(key=lambda r: order.get(r["dataset"], len(order)))
+        rank = {"bicubic": 0, "float": 1}
+        rows.sort(key=lambda r: (order.get(r["dataset"], len(order)), rank.get(r["model"], 2)))
     target = args.into or args.out
     write_json(target, {"model": args.model, "weights": args.weights, "rows": rows,
                         "command": "per row: 'run' (the benchmark command) and 'command'"})

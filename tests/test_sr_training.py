@@ -140,3 +140,21 @@ def test_builtin_x4_weights_load_and_beat_an_untrained_net() -> None:
     assert model(lr).shape == hr.shape
     err = lambda m: float((m(lr) - hr).abs().mean())  # noqa: E731
     assert err(model) < 0.5 * err(EDSR(4, 8, 32))
+
+
+def test_qat_with_the_pams_policy_keeps_the_edges_float(tiny_sr, folder, tmp_path):
+    """Only the body's blocks quantized: the first/last layers are float, which the stage's
+    bit setting must resolve exactly as prepare did."""
+    cfg = tmp_path / "pams.yaml"
+    cfg.write_text("weight: {kind: lsq, bits: 4}\nact: {kind: lsq, bits: 4}\n"
+                   "first_layer: float\nlast_layer: float\n"
+                   "layers:\n  - {match: 'tail.*', keep_float: true}\n"
+                   "  - {match: 'body.2', keep_float: true}\n")
+    out = tmp_path / "run"
+    assert _qat(tiny_sr, folder, out, "--config", str(cfg)) == 0
+    from safetensors.torch import load_file
+
+    assert json.loads((out / "results.json").read_text())["recipe"]["method"] == "lsq"
+    keys = load_file(out / "model" / "model.safetensors").keys()
+    quantized = {k.split(".weight_quant")[0] for k in keys if ".weight_quant" in k}
+    assert quantized == {f"body.{b}.body.{c}" for b in (0, 1) for c in (0, 2)}
