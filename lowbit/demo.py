@@ -128,18 +128,18 @@ def _row(method, wa, q, reference, data, example, t0) -> dict:
 def _sr_halves(scale: int):
     """scikit-learn's china/flower photos cut into a training part (left) and an evaluation
     part (right), as whole ``(lr, hr)`` pixel tensors with bicubic LR."""
-    from .data.sr import _sklearn_paths, bicubic_down, crop_to_scale, read_rgb
-    from .data.sr import _to_tensor as to_tensor
+    from .data.sr import bicubic_down, crop_to_scale, image_tensor, read_rgb, sklearn_photos
 
     zero, one = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
     train, test = [], []
-    for path in _sklearn_paths(None, "test"):
+    for path in sklearn_photos():
         img = read_rgb(path)
         w, h = img.size
         cut = int(w * SR_TRAIN_SHARE) // scale * scale
         for part, box in ((train, (0, 0, cut, h)), (test, (cut, 0, w, h))):
             hr = crop_to_scale(img.crop(box), scale)
-            part.append((to_tensor(bicubic_down(hr, scale), zero, one), to_tensor(hr, zero, one)))
+            part.append((image_tensor(bicubic_down(hr, scale), zero, one),
+                         image_tensor(hr, zero, one)))
     return train, test
 
 
