@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick-iters", type=int, default=100,
                       help="rapq-quick's network-wide scale adjustment steps (default 100)")
     demo.add_argument("--sdq-steps", type=int, default=300, help="SDQ search steps (default 300)")
+    demo.add_argument("--sr-steps", type=int, default=200,
+                      help="super-resolution part: training steps of the tiny SR net (default "
+                      "200; 0 skips the part); its BRECQ takes --recon-iters / 5")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -231,7 +234,7 @@ def cmd_demo(args) -> int:
     check_outputs(folders={"--output-dir": args.output_dir})
     run_demo(args.output_dir, epochs=args.epochs, qat_epochs=args.qat_epochs,
              recon_iters=args.recon_iters, quick_iters=args.quick_iters,
-             sdq_steps=args.sdq_steps, seed=args.seed,
+             sdq_steps=args.sdq_steps, sr_steps=args.sr_steps, seed=args.seed,
              progress=not args.no_progress)
     return 0
 

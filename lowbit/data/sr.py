@@ -73,7 +73,7 @@ def bicubic_down(image: Image.Image, scale: int) -> Image.Image:
     return image.resize((w // scale, h // scale), Image.BICUBIC)
 
 
-def _to_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def image_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     arr = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     pixels = arr.view(image.size[1], image.size[0], 3).permute(2, 0, 1).float()
     return (pixels - mean) / std
@@ -136,8 +136,8 @@ class SRDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         hr_img = crop_to_scale(read_rgb(self.paths[index]), self.scale)
-        lr = _to_tensor(bicubic_down(hr_img, self.scale), self.mean, self.std)
-        hr = _to_tensor(hr_img, self.mean, self.std)
+        lr = image_tensor(bicubic_down(hr_img, self.scale), self.mean, self.std)
+        hr = image_tensor(hr_img, self.mean, self.std)
         if self.patch is None:
             return lr, hr
         gen = (torch.Generator().manual_seed(self.seed * 1_000_003 + index)
@@ -180,6 +180,11 @@ def _sklearn_paths(root: Path | None, split: str) -> list[Path]:
                         ) from None
     folder = Path(sklearn.datasets.__file__).parent / "images"
     return [folder / "china.jpg", folder / "flower.jpg"]
+
+
+def sklearn_photos() -> list[Path]:
+    """scikit-learn's bundled photos (china.jpg, flower.jpg): the test images of sr-sklearn."""
+    return _sklearn_paths(None, "test")
 
 
 def _folder_paths(root: Path | None, split: str) -> list[Path]:

@@ -66,10 +66,15 @@ def upsampler(scale: int, channels: int) -> nn.Sequential:
 
 
 class EDSR(nn.Module):
-    """Input and output are RGB in ``[0, rgb_range]`` (255 for the public checkpoints)."""
+    """Input and output are RGB in ``[0, rgb_range]`` (255 for the public checkpoints).
+
+    ``bicubic_skip`` (not in EDSR; VDSR's global residual) adds the bicubic upsampling of the
+    input to the output and starts the last conv at zero, so an untrained net is bicubic and a
+    few seconds of training already improve on it (the demo's tiny net).
+    """
 
     def __init__(self, scale: int = 2, n_blocks: int = 16, channels: int = 64,
-                 res_scale: float = 1.0, rgb_range: float = 255.0):
+                 res_scale: float = 1.0, rgb_range: float = 255.0, bicubic_skip: bool = False):
         super().__init__()
         if n_blocks < 1 or channels < 1:
             raise ModelError(f"EDSR needs n_blocks >= 1 and channels >= 1, got {n_blocks}, "
@@ -84,17 +89,24 @@ class EDSR(nn.Module):
         self.tail = nn.Sequential(upsampler(scale, channels),
                                   nn.Conv2d(channels, 3, 3, padding=1))
         self.add_mean = MeanShift(rgb_range, 1)
+        self.bicubic_skip = bicubic_skip
+        if bicubic_skip:
+            nn.init.zeros_(self.tail[-1].weight)
+            nn.init.zeros_(self.tail[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head(self.sub_mean(x))
-        x = x + self.body(x)
-        return self.add_mean(self.tail(x))
+        y = self.head(self.sub_mean(x))
+        y = y + self.body(y)
+        if self.bicubic_skip:
+            return self.tail(y) + F.interpolate(x, scale_factor=self.scale, mode="bicubic",
+                                                align_corners=False)
+        return self.add_mean(self.tail(y))
 
 
 def _register(name: str, scale: int, n_blocks: int, channels: int, description: str,
-              weight_sources=None, pretrained: str = "") -> None:
+              weight_sources=None, pretrained: str = "", bicubic_skip: bool = False) -> None:
     def build() -> EDSR:
-        return EDSR(scale, n_blocks, channels)
+        return EDSR(scale, n_blocks, channels, bicubic_skip=bicubic_skip)
 
     # the LR input side is free (fully convolutional); input_size is the calibration/example size
     register_model(ModelSpec(
@@ -120,6 +132,9 @@ def _builtin(name: str):
 for _s in SCALES:
     _register(f"edsr_baseline_x{_s}", _s, 16, 64,
               f"EDSR-baseline x{_s} (16 blocks, 64 channels; loads public EDSR checkpoints)")
-_register("edsr_small_x2", 2, 8, 32, "small EDSR x2 (8 blocks, 32 channels; builtin weights "
-          "trained by lowbit on Imagenette photos)",
-          weight_sources={"builtin": _builtin("edsr_small_x2")}, pretrained="builtin")
+for _s in (2, 4):
+    _register(f"edsr_small_x{_s}", _s, 8, 32, f"small EDSR x{_s} (8 blocks, 32 channels; builtin "
+              "weights trained by lowbit on Imagenette photos)",
+              weight_sources={"builtin": _builtin(f"edsr_small_x{_s}")}, pretrained="builtin")
+_register("edsr_tiny_x2", 2, 2, 16, "tiny EDSR x2 with a bicubic skip (2 blocks, 16 channels; "
+          "lowbit demo trains it in seconds)", bicubic_skip=True)

@@ -104,9 +104,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--augment", choices=["none", "flip", "crop-flip"], default=S,
                    help="batch augmentation (default none; CIFAR recipes use crop-flip)")
     t.add_argument("--grad-clip", type=float, default=S, help="clip the global gradient norm")
-    t.add_argument("--loss", choices=["ce", "kd"], default=S,
-                   help="task loss: ce (cross-entropy on the labels; default) or kd (distil from "
-                   "the float model only: no labels are read, any images train)")
+    t.add_argument("--loss", default=S, metavar="NAME",
+                   help="task loss: classifiers ce (cross-entropy on the labels; default) or kd "
+                   "(distil from the float model only: no labels are read, any images train); "
+                   "super-resolution models l1 (default) or l2 against the HR image")
+    t.add_argument("--patch", type=int, default=S,
+                   help="super-resolution: HR training patch side (default input_size x scale)")
     t.add_argument("--label-smoothing", type=float, default=S, help="default 0")
     t.add_argument("--distill", type=float, default=S, dest="kd_weight", metavar="WEIGHT",
                    help="deprecated alias of --kd-weight")
@@ -140,7 +143,7 @@ TRAIN_FLAGS = ["epochs", "max_steps_per_epoch", "optimizer", "lr", "quant_lr", "
 RECIPE_FLAGS = ["method", "model", "weights", "dataset", "batch_size", "calib_size", "eval_size",
                 "workers", "observer", "quant_config", "kd_teacher", "kd_teacher_weights",
                 "kd_weight", "kd_temperature", "ebr", "ebr_entropy_weight", "train_dataset",
-                "calib_dataset"]
+                "calib_dataset", "patch"]
 
 
 def _config_method(path: str) -> str | None:
@@ -207,10 +210,11 @@ def run_folder(args, command: str, model: str, checkpoints=("checkpoint.pt",)):
 
 
 def run(args) -> int:
-    from ..models import check_weights_given
-    from .recipes import run_recipe, train_source
+    from ..models import check_weights_given, get_spec
+    from ..tasks import get_task
+    from .recipes import resolve_loss, run_recipe, train_source
 
-    recipe = build_recipe(args)
+    recipe = resolve_loss(build_recipe(args))
     check_weights_given(recipe.model, recipe.weights, args.random_init)
     train_source(recipe, args.data_root, args.train_root)
     out_dir = run_folder(args, "qat", recipe.model)
@@ -218,7 +222,10 @@ def run(args) -> int:
     out = run_recipe(recipe, data_root=args.data_root, train_root=args.train_root,
                      calib_root=args.calib_root, output_dir=out_dir,
                      resume=args.resume, eval_float=not args.no_eval_float)
-    if out.get("top1") is not None:
-        print(f"{recipe.method} {recipe.model}: top-1 {out['top1']:.2f} % "
-              f"(float {out['float_top1']}); results in {out_dir}")
+    task = get_task(get_spec(recipe.model).task)
+    if all(out.get(k) is not None for k in task.score_keys):
+        base = {k: out.get(f"float_{k}") for k in task.score_keys}
+        float_text = task.headline(base) if None not in base.values() else "not evaluated"
+        print(f"{recipe.method} {recipe.model}: {task.headline(out)} "
+              f"(float {float_text}); results in {out_dir}")
     return 0

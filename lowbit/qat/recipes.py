@@ -141,6 +141,9 @@ class Recipe(RecipeBase):
         "'images': any folder of unlabeled images, for train.loss 'kd')")
     calib_dataset: str | None = Field(
         None, description="dataset of the calibration images (default: the training images')")
+    patch: int | None = Field(
+        None, ge=1, description="super-resolution: the HR training patch side (default the "
+        "model's input_size x scale)")
 
     @model_validator(mode="before")
     @classmethod
@@ -184,25 +187,43 @@ def load_recipe(path: str | Path) -> Recipe:
     return load_yaml_model(Recipe, path, "recipe", "; see the files under recipes/")
 
 
+def resolve_loss(recipe: RecipeBase) -> RecipeBase:
+    """``recipe`` with its loss checked against the model's task, the task's default loss
+    (``ce`` for classifiers, ``l1`` for super-resolution) standing in for an unset one."""
+    from ..models import get_spec
+    from ..tasks import check_loss_task, get_task
+
+    spec = get_spec(recipe.model)
+    if "loss" not in recipe.train.model_fields_set and recipe.train.loss not in (
+            get_task(spec.task).losses):
+        train = recipe.train.model_copy(update={"loss": get_task(spec.task).losses[0]})
+        recipe = recipe.model_copy(update={"train": train})
+    check_loss_task(spec, recipe.train.loss)
+    kd = recipe.kd_spec()
+    if kd is not None and not get_task(spec.task).distillation:
+        raise ConfigError(f"distillation (kd_teacher / kd_weight) compares class logits; "
+                          f"{spec.name} is a {spec.task.replace('_', '-')} model: drop it")
+    return recipe
+
+
 def train_source(
     recipe: Recipe, data_root: str | Path | None = None, train_root: str | Path | None = None
 ) -> tuple[str, str | Path | None]:
     """The dataset and folder of the training images: ``train_root`` without a
     ``train_dataset`` is a folder of unlabeled ``images``; the evaluation dataset's training
-    split otherwise. Cross-entropy on images without labels is refused here, before any loading.
+    split otherwise. A loss the images cannot feed (cross-entropy without labels) is refused
+    here, before any loading.
     """
-    from ..data import is_labeled
     from ..models import get_spec
+    from ..tasks import get_task
 
-    eval_name = (recipe.dataset or get_spec(recipe.model).default_dataset).lower()
-    name = (recipe.train_dataset or ("images" if train_root is not None else eval_name)).lower()
+    spec = get_spec(recipe.model)
+    task = get_task(spec.task)
+    eval_name = (recipe.dataset or spec.default_dataset).lower()
+    name = (recipe.train_dataset or ("images" if train_root is not None
+                                     else task.train_dataset(eval_name))).lower()
     root = train_root if train_root is not None else (data_root if name == eval_name else None)
-    if recipe.train.loss == "ce" and not is_labeled(name):
-        raise ConfigError(
-            f"the training images ({name!r}{f' at {root}' if root else ''}) have no labels, so "
-            "the cross-entropy loss cannot train on them: use --loss kd (distils from the float "
-            "model; no labels are read)"
-        )
+    task.check_training(spec, recipe.train.loss, name)
     return name, root
 
 
@@ -222,14 +243,17 @@ def run_recipe(
     Training images come from :func:`train_source`; the quantizers' calibration images from
     ``calib_root`` / ``recipe.calib_dataset`` if given, else from the training images.
     """
-    from ..data import load_dataset, make_loader
+    from ..data import make_loader
     from ..losses import as_hook
     from ..models import get_model, get_spec
-    from ..pipeline import build_data, dataset_kwargs
+    from ..pipeline import build_data
+    from ..tasks import get_task
 
     ctx = ddp.init_from_env()
+    recipe = resolve_loss(recipe)
     torch.manual_seed(recipe.train.seed)
     spec = get_spec(recipe.model)
+    task = get_task(spec.task)
     train_name, train_folder = train_source(recipe, data_root, train_root)
     calib_dataset = recipe.calib_dataset
     if calib_root is None and calib_dataset is None and (
@@ -239,7 +263,7 @@ def run_recipe(
                       calib_root=calib_root, calib_size=recipe.calib_size,
                       eval_size=recipe.eval_size, batch_size=recipe.eval_batch_size,
                       workers=recipe.workers, seed=recipe.train.seed)
-    train_set = load_dataset(train_name, train_folder, "train", **dataset_kwargs(spec, train_name))
+    train_set = task.train_set(spec, train_name, train_folder, patch=recipe.patch)
     if ctx.enabled:
         train_loader = ddp.shard_loader(train_set, recipe.batch_size, ctx, recipe.train.seed,
                                         recipe.workers)
@@ -252,15 +276,17 @@ def run_recipe(
         raise ConfigError("quant_config applies to a single stage; drop the extra stages")
     hooks = [as_hook(t) for t in recipe.loss_terms(model, data.example.to(ctx.device))]
     progress = recipe.train.progress and ctx.is_main
-    float_top1 = None
+    float_scores: dict[str, Any] = dict.fromkeys(task.score_keys)
     if eval_float and ctx.is_main:
-        float_top1 = evaluate(model, data.eval, progress=progress, desc="eval float").top1
-        echo(f"float {recipe.model}: top-1 {float_top1:.2f} % ({data.protocol})")
+        float_scores = task.scores(evaluate(model, data.eval, progress=progress,
+                                            desc="eval float", spec=spec))
+        echo(f"float {recipe.model}: {task.headline(float_scores)} ({data.protocol})")
+
+    def scores(m):
+        return task.scores(evaluate(m, data.eval, progress=False, spec=spec))
 
     def eval_fn(m):
-        if not ctx.is_main:
-            return {}
-        return {"top1": evaluate(m, data.eval, progress=False).top1}
+        return scores(m) if ctx.is_main else {}
 
     t0 = time.perf_counter()
     result = qat(
@@ -277,17 +303,18 @@ def run_recipe(
         "training_data": {"dataset": train_name, "root": None if train_folder is None
                           else str(train_folder), "images": len(train_set),
                           "labels_read": recipe.train.loss == "ce"},
-        "float_top1": float_top1, "train_seconds": seconds, "history": result.history,
-        "world_size": ctx.world_size,
+        **{f"float_{k}": v for k, v in float_scores.items()},
+        "train_seconds": seconds, "history": result.history, "world_size": ctx.world_size,
     }
     if ctx.is_main:
-        final = [r for r in result.history if "top1" in r]
-        out["top1"] = final[-1]["top1"] if final else evaluate(
-            result.model, data.eval, progress=False).top1
+        final = result.history[-1] if result.history else {}
+        keys = task.score_keys
+        out.update({k: final[k] for k in keys} if all(k in final for k in keys)
+                   else scores(result.model))
         for row in result.history:
             echo(f"stage {row['stage']} {row.get('bits', '')} epoch {row['epoch']}: loss "
                  f"{row['loss']:.4f}{train_acc_text(row)}"
-                 + (f" top-1 {row['top1']:.2f} %" if "top1" in row else ""))
+                 + (f" {task.headline(row)}" if all(k in row for k in keys) else ""))
         if output_dir is not None:
             from ..pipeline import save_quantized, weights_record
             from ..report import write_json

@@ -82,7 +82,18 @@ def apply_bits(model: nn.Module, config: QuantConfig) -> dict[str, tuple[int, in
     rules as ``prepare``); returns the new ``{layer: (w_bits, a_bits)}``."""
     reverse = {v: k for k, v in QUANT_LAYERS.items()}
     layers = list(quant_layers(model))
-    plans = config.resolve([(n, type_label(m, reverse[type(m)])) for n, m in layers])
+    # every quantizable layer, kept-float ones too, with prepare's first/last layers at the
+    # ends: a config that keeps the edges float (the PAMS policy of SR nets) resolves as it did
+    named = [(n, type_label(m, reverse[type(m)]) if type(m) in reverse else type_label(m))
+             for n, m in model.named_modules() if type(m) in reverse or type(m) in QUANT_LAYERS]
+    report = getattr(model, "lowbit_report", None)
+    for edge, at in ((getattr(report, "first_layer", None), 0),
+                     (getattr(report, "last_layer", None), None)):
+        item = next((x for x in named if x[0] == edge), None)
+        if item is not None:
+            named.remove(item)
+            named.insert(len(named) if at is None else 0, item)
+    plans = config.resolve(named)
     out = {}
     for name, mod in layers:
         plan = plans[name]

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
@@ -85,8 +84,9 @@ class TrainConfig(BaseModel):
         "none", description="batch augmentation: none, flip, or crop-flip (CIFAR: pad 4, crop, flip)"
     )
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm")
-    loss: Literal["ce", "kd"] = Field(
-        "ce", description="task loss: ce (cross-entropy on the labels) or kd (none: a KD hook's "
+    loss: str = Field(
+        "ce", description="task loss: ce (classification: cross-entropy on the labels), l1 or "
+        "l2 (super-resolution: pixel error against the HR image), or kd (none: a KD hook's "
         "distillation term is the whole loss, so the training data need no labels)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     log_every: int = Field(50, ge=1)
@@ -98,8 +98,13 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError("milestones are fractions of the run, each in (0, 1)")
-        if self.loss == "kd" and self.label_smoothing:
-            raise ValueError("label_smoothing applies to the cross-entropy; loss 'kd' has none")
+        from lowbit.tasks import loss_names
+
+        if self.loss not in loss_names():
+            raise ValueError(f"unknown loss {self.loss!r}; known: {', '.join(loss_names())}")
+        if self.loss != "ce" and self.label_smoothing:
+            raise ValueError(f"label_smoothing applies to the cross-entropy; loss "
+                             f"{self.loss!r} has none")
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -241,6 +246,13 @@ def train_acc_text(row: dict[str, Any]) -> str:
     return f", train {row['train_acc']:.2f} %" if "train_acc" in row else ""
 
 
+def _eval_text(row: dict[str, Any], keys: Sequence[str]) -> str:
+    """The epoch's evaluation metrics (``keys``, those ``eval_fn`` returned) for its log line."""
+    if "top1" in row:
+        return f", top-1 {row['top1']:.2f} %"
+    return "".join(f", {k} {row[k]:.4g}" for k in keys if isinstance(row.get(k), float))
+
+
 def _inputs_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, dict):
         return batch.get("input", batch.get("image")), batch["target"]
@@ -283,6 +295,8 @@ class Trainer:
         self.run_info.setdefault("train", self.cfg.identity())
         self.eval_fn = eval_fn
         self.criterion = criterion
+        self._task_loss = None
+        self._eval_keys: list[str] = []
         self.stage = stage
         self.stage_label = stage_label
         self.ctx = dist_ctx or ddp.current()
@@ -323,7 +337,11 @@ class Trainer:
             return self.criterion(out, y)
         if self.cfg.loss == "kd":
             return out.new_zeros(())  # the KD hook's term is the whole loss; y is never read
-        return F.cross_entropy(out, y, label_smoothing=self.cfg.label_smoothing)
+        if self._task_loss is None:
+            from lowbit.tasks import loss_function
+
+            self._task_loss = loss_function(self.cfg.loss, self.cfg)
+        return self._task_loss(out, y)
 
     def _check_loss(self) -> None:
         """Label-free training needs its distillation term; cross-entropy needs labels."""
@@ -489,7 +507,7 @@ class Trainer:
                 if self.ctx.is_main:
                     log.info("stage %d epoch %d/%d: loss %.4f%s%s (%.1f s)",
                              self.stage, row["epoch"], cfg.epochs, row["loss"], train_acc_text(row),
-                             f", top-1 {row['top1']:.2f} %" if "top1" in row else "",
+                             _eval_text(row, self._eval_keys),
                              row["seconds"])
                 for h in self.hooks:
                     h.on_epoch_end(self, self.epoch, row)
@@ -593,5 +611,7 @@ class Trainer:
         )
         if self.eval_fn is not None:
             self.model.eval()
-            row.update(self.eval_fn(self.model))
+            scores = self.eval_fn(self.model)
+            self._eval_keys = list(scores)
+            row.update(scores)
         return row

@@ -79,6 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--cost-growth", type=float, default=1.05,
                    help="cost weight multiplier at each check still over budget (1.05)")
     s.add_argument("--calib-batches", type=int, default=8, help="batches initialising LSQ (8)")
+    s.add_argument("--loss", default=None, metavar="NAME",
+                   help="task loss of the search steps (default: the model's task's, ce for "
+                   "classifiers, l1 for super-resolution; l2 also)")
 
     q = p.add_argument_group("dqss (--method dqss; also uses --a-bits, --first-last, --per-tensor, "
                              "--observer, --steps, --lr, --quant-lr, --calib-batches, "
@@ -129,11 +132,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _task_loss(args) -> str:
+    """``--loss``, checked against the model's task, or that task's default loss."""
+    from ..models import get_spec
+    from ..tasks import check_loss_task, get_task
+
+    spec = get_spec(args.model)
+    loss = args.loss or get_task(spec.task).losses[0]
+    check_loss_task(spec, loss)
+    return loss
+
+
 def _settings(args):
     from ..config import validate_model
     from .sdq import SDQSettings
 
     return validate_model(SDQSettings, dict(
+        loss=_task_loss(args),
         min_bits=args.min_bits, max_bits=args.max_bits, a_bits=args.a_bits,
         first_last=args.first_last, per_channel=not args.per_tensor, observer=args.observer,
         steps=args.steps,
@@ -173,6 +188,7 @@ def _run_dqss(args) -> int:
     from ..errors import ConfigError
     from ..models import check_weights_given, get_model, get_spec
     from ..qat.cli import run_folder
+    from ..tasks import get_task
     from .registry import run_search
 
     if args.budget:
@@ -181,6 +197,9 @@ def _run_dqss(args) -> int:
     if not args.model:
         raise LowbitError("give --model (and --mode ptq|qat)")
     settings = _dqss_settings(args)
+    if settings.mode == "qat" and _task_loss(args) != "ce":
+        raise ConfigError(f"--method dqss --mode qat trains with the cross-entropy, which "
+                          f"{args.model} has no labels for: use --mode ptq")
     check_weights_given(args.model, args.weights, args.random_init)
     run_folder(args, "search", args.model)
     print(f"run folder: {args.output_dir}")
@@ -202,8 +221,9 @@ def _run_dqss(args) -> int:
         data = build_data(spec, args.dataset, args.data_root, eval_size=args.eval_size,
                           batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                           calibration=False)
-        res = evaluate(result.model, data.eval, progress=not args.no_progress)
-        print(f"searched model: top-1 {res.top1:.2f} % on {data.protocol}")
+        res = evaluate(result.model, data.eval, progress=not args.no_progress, spec=spec)
+        task = get_task(spec.task)
+        print(f"searched model: {task.headline(task.scores(res))} on {data.protocol}")
     weights = f" -w {args.weights}" if args.weights else ""
     print(f"calibrate with it: lowbit ptq -m {args.model}{weights} --config {files['config']} "
           "--method mse (a calibration method keeps each layer's kind and observer)")
@@ -214,11 +234,13 @@ def _run_dqss(args) -> int:
 
 
 def _train_loader(spec, args):
-    from ..data import load_dataset, make_loader, subset
-    from ..pipeline import dataset_kwargs
+    from ..data import make_loader, subset
+    from ..tasks import get_task
 
-    name = args.dataset or spec.default_dataset
-    train = load_dataset(name, args.data_root, "train", **dataset_kwargs(spec, name))
+    task = get_task(spec.task)
+    eval_name = (args.dataset or spec.default_dataset).lower()
+    name = task.train_dataset(eval_name)  # --data-root is its folder (the only one given)
+    train = task.train_set(spec, name, args.data_root)
     if args.train_size is not None and args.train_size < len(train):
         train = subset(train, args.train_size, args.seed)
     return make_loader(train, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed)
@@ -276,6 +298,9 @@ def run(args) -> int:
                           "run it from Python (lowbit.search.run_search) or use sdq")
     budgets = [Budget.parse(b) for b in args.budget]
     settings = _settings(args)
+    if len(budgets) > 1 and settings.loss != "ce":
+        raise LowbitError("a Pareto sweep (several --budget) scores by top-1; for this model "
+                          "search one budget per run and evaluate each config")
     check_weights_given(args.model, args.weights, args.random_init)
     run_folder(args, "search", args.model,
                checkpoints=("checkpoint.pt",) if len(budgets) == 1 else ("*/checkpoint.pt",))
@@ -293,8 +318,8 @@ def run(args) -> int:
         files = result.save(args.output_dir, plot=plot)
         print(result.table())
         print("wrote " + ", ".join(str(p) for p in files.values()))
-        print(f"retrain with: lowbit qat -m {args.model} --config {files['config']} "
-              "--ebr --kd-weight 1")
+        kd = " --kd-weight 1" if settings.loss == "ce" else ""
+        print(f"retrain with: lowbit qat -m {args.model} --config {files['config']} --ebr{kd}")
         return 0
 
     from ..pipeline import build_data

@@ -73,6 +73,8 @@ class SDQSettings(BaseModel):
         1.05, ge=1, description="cost weight multiplier at each check that ends over budget"
     )
     calib_batches: int = Field(8, ge=1, description="batches to initialise the LSQ steps")
+    loss: str = Field("ce", description="task loss of the search steps (ce for classifiers, "
+                      "l1 or l2 for super-resolution: no labels needed)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -229,7 +231,7 @@ def sdq_search(
     cost = ExpectedCost([q for _, q in searched], const, coef, budget, settings.cost_weight)
     rule = StepDown(searched, cost, cost_of, settings)
     trainer = Trainer(
-        qmodel, data, _train_config(settings, data, progress, output_dir),
+        qmodel, data, _train_config(settings, data, progress, output_dir, settings.loss),
         hooks=[as_hook(cost), rule, *hooks], output_dir=output_dir, dist_ctx=dist_ctx,
         reseed=False, run_info={
             "model": model_name or type(model).__name__, "method": "sdq-search",
@@ -256,7 +258,8 @@ def sdq_search(
                      settings=settings, model=qmodel)
 
 
-def _train_config(settings: SDQSettings, data, progress: bool, output_dir) -> TrainConfig:
+def _train_config(settings: SDQSettings, data, progress: bool, output_dir,
+                  loss: str = "ce") -> TrainConfig:
     """The trainer options of a search: Adam without decay at constant learning rates, one
     "epoch" per pass over ``data`` (cycled up to ``steps``), health checks at every check."""
     try:
@@ -270,7 +273,7 @@ def _train_config(settings: SDQSettings, data, progress: bool, output_dir) -> Tr
         optimizer="adam", lr=settings.lr, quant_lr=settings.quant_lr, weight_decay=0.0,
         schedule="constant", channels_last=False, log_every=settings.check_every,
         logger="csv" if output_dir is not None else "none", seed=settings.seed,
-        progress=progress,
+        progress=progress, loss=loss,
     )
 
 

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Task, get_task, list_tasks, register_task, task_of_dataset
+from .base import (
+    Task,
+    check_loss_task,
+    get_task,
+    list_tasks,
+    loss_function,
+    loss_names,
+    register_task,
+    task_of_dataset,
+)
 
 _BUILTIN = ("classification", "super_resolution")
 
@@ -19,4 +28,5 @@ def load_builtin() -> None:
         importlib.import_module(f"{__name__}.{name}")
 
 
-__all__ = ["Task", "get_task", "list_tasks", "load_builtin", "register_task", "task_of_dataset"]
+__all__ = ["Task", "check_loss_task", "get_task", "list_tasks", "load_builtin", "loss_function",
+           "loss_names", "register_task", "task_of_dataset"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -15,10 +15,16 @@ class Task:
 
     ``evaluate`` returns a result with ``to_dict()`` and ``__str__``; ``ptq_rows`` and
     ``eval_rows`` turn results into the command line's table rows (``model`` plus the metric
-    columns they name).
+    columns they name). Training (QAT, the SDQ search) asks the task for its losses
+    (``losses``, the first is the default), its training set and its headline metrics.
     """
 
     name = ""
+    losses: tuple[str, ...] = ()
+    #: the keys of ``scores``
+    score_keys: tuple[str, ...] = ()
+    #: whether the logit distillation of lowbit.losses applies to this task's outputs
+    distillation = False
 
     def datasets(self) -> list[str]:
         """Dataset names this task's models accept."""
@@ -39,6 +45,32 @@ class Task:
     def eval_rows(self, res, label: str) -> tuple[list[dict], list[str]]:
         """Rows comparing a quantized model (``res``, evaluated with its float reference) with
         that reference."""
+        raise NotImplementedError
+
+    def loss(self, name: str, cfg) -> Callable:
+        """The training loss ``name`` (one of ``losses``) as ``fn(output, target) -> scalar``;
+        ``cfg`` is the :class:`lowbit.qat.TrainConfig` (e.g. its label smoothing)."""
+        raise NotImplementedError
+
+    def check_training(self, spec, loss: str, dataset: str) -> None:
+        """Refuse, before any loading, a loss the training data cannot feed."""
+
+    def train_dataset(self, dataset: str) -> str:
+        """The dataset whose training split trains a model evaluated on ``dataset`` (itself,
+        unless it is a test-only set)."""
+        return dataset
+
+    def train_set(self, spec, dataset: str, root, *, patch: int | None = None):
+        """The training split of ``dataset`` for ``spec`` (``patch``: the training crop of an
+        image-to-image task, in output pixels)."""
+        raise NotImplementedError
+
+    def scores(self, res) -> dict[str, float]:
+        """The headline metrics of an evaluation result (the columns of training histories)."""
+        raise NotImplementedError
+
+    def headline(self, scores: dict[str, float]) -> str:
+        """``scores`` as one short phrase, e.g. ``top-1 71.20 %``."""
         raise NotImplementedError
 
 
@@ -71,6 +103,32 @@ def get_task(name: str) -> Task:
     if name not in tasks:
         raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(tasks))}")
     return tasks[name]
+
+
+def loss_names() -> list[str]:
+    """Every task's training losses, plus ``kd`` (distillation alone)."""
+    return sorted({n for t in _loaded().values() for n in t.losses} | {"kd"})
+
+
+def loss_function(name: str, cfg) -> Callable:
+    """The training loss called ``name`` in whichever task defines it."""
+    for task in _loaded().values():
+        if name in task.losses:
+            return task.loss(name, cfg)
+    raise ConfigError(f"unknown loss {name!r}; known losses: {', '.join(loss_names())}")
+
+
+def check_loss_task(spec, loss: str) -> None:
+    """Refuse a loss of another task than the model's (``ce`` for an SR net, ``l1`` for a
+    classifier), naming the model's losses."""
+    task = get_task(spec.task)
+    if loss in task.losses or (loss == "kd" and task.distillation):
+        return
+    ok = list(task.losses) + (["kd"] if task.distillation else [])
+    raise ConfigError(
+        f"loss {loss!r} does not apply to {spec.name}, a {spec.task.replace('_', '-')} model: "
+        f"use --loss {' or '.join(ok)}"
+    )
 
 
 def task_of_dataset(dataset: str) -> str | None:

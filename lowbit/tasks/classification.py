@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lowbit.errors import DataError
+from lowbit.errors import ConfigError, DataError
 from lowbit.utils import model_device
 
 from .base import Task, check_dataset_task, register_task
@@ -116,6 +116,9 @@ def evaluate_classifier(
 
 class Classification(Task):
     name = "classification"
+    losses = ("ce",)
+    score_keys = ("top1",)
+    distillation = True
 
     def datasets(self) -> list[str]:
         from lowbit.data import list_datasets
@@ -141,6 +144,34 @@ class Classification(Task):
         rows = [dict(model="float", top1=res.reference_top1, agree=100.0),
                 dict(model=label, top1=res.top1, agree=res.agreement)]
         return rows, ["top1", "agree"]
+
+    def loss(self, name, cfg):
+        import functools
+
+        import torch.nn.functional as F
+
+        return functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
+
+    def check_training(self, spec, loss, dataset):
+        from lowbit.data import is_labeled
+
+        if loss == "ce" and not is_labeled(dataset):
+            raise ConfigError(
+                f"the training images ({dataset!r}) have no labels, so the cross-entropy loss "
+                "cannot train on them: use --loss kd (distils from the float model; no labels "
+                "are read)")
+
+    def train_set(self, spec, dataset, root, *, patch=None):
+        from lowbit.data import load_dataset
+        from lowbit.pipeline import dataset_kwargs
+
+        return load_dataset(dataset, root, "train", **dataset_kwargs(spec, dataset))
+
+    def scores(self, res):
+        return {"top1": res.top1}
+
+    def headline(self, scores):
+        return f"top-1 {scores['top1']:.2f} %"
 
 
 register_task(Classification())

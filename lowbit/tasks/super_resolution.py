@@ -119,8 +119,18 @@ def _describe(part: dict) -> str:
     return f"{part['dataset']}/{part['split']} at {part['root']}: {kind}{what} images"
 
 
+def l1_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).abs().mean()
+
+
+def l2_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).square().mean()
+
+
 class SuperResolution(Task):
     name = "super_resolution"
+    losses = ("l1", "l2")  # L1 first: EDSR's and the low-bit SR papers' training loss
+    score_keys = ("psnr_y", "ssim")
 
     def datasets(self) -> list[str]:
         from lowbit.data.sr import list_sr_datasets
@@ -148,7 +158,7 @@ class SuperResolution(Task):
             eval_part["images"] = eval_size
         info, parts, calib_loader = {"evaluation": eval_part}, [], None
         if calibration:
-            cname = (calib_dataset or ("sr-imagenette" if name == "sr-sklearn" else name)).lower()
+            cname = (calib_dataset or self.train_dataset(name)).lower()
             check_dataset_task(spec, cname)
             croot = calib_root if calib_root is not None else (root if cname == name else None)
             cpaths, cfolder = sr_image_paths(cname, croot, "train")
@@ -190,6 +200,29 @@ class SuperResolution(Task):
         rows = [self._row("float", res.reference_psnr_y, res.reference_ssim, None),
                 self._row(label, res.psnr_y, res.ssim, res.psnr_vs_reference)]
         return rows, ["psnr_y", "ssim", "vs_float"]
+
+
+    def loss(self, name, cfg):
+        return {"l1": l1_loss, "l2": l2_loss}[name]
+
+    def train_dataset(self, dataset):
+        return "sr-imagenette" if dataset == "sr-sklearn" else dataset  # sr-sklearn: test only
+
+    def train_set(self, spec, dataset, root, *, patch=None):
+        """Random HR patches (default: the calibration patch, ``input_size`` x ``scale``) with
+        the eight flips/rotations, re-drawn every epoch."""
+        from lowbit.data.sr import SRDataset, sr_image_paths
+
+        check_dataset_task(spec, dataset)
+        paths, _ = sr_image_paths(dataset, root, "train")
+        return SRDataset(paths, spec.scale, spec.mean, spec.std,
+                         patch=patch or spec.input_size[1] * spec.scale, augment=True)
+
+    def scores(self, res):
+        return {"psnr_y": res.psnr_y, "ssim": res.ssim}
+
+    def headline(self, scores):
+        return f"PSNR-Y {scores['psnr_y']:.3f} dB, SSIM {scores['ssim']:.4f}"
 
 
 register_task(SuperResolution())
