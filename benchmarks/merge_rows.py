@@ -22,9 +22,10 @@ from common import load_rows, save_rows  # noqa: E402
 
 def key(row: dict) -> tuple:
     """Rows of one model, method, setting and protocol replace each other; the 1000-class
-    protocols (diverse, narrow) keep one row each."""
+    protocols (diverse, narrow) keep one row each, and so do the variants and calibration sets
+    of narrow_calib.py."""
     return (row["model"], row.get("method"), row["w_bits"], row["a_bits"],
-            row.get("protocol_name"))
+            row.get("protocol_name"), row.get("variant"), row.get("calib"))
 
 
 def fields_of(out: Path, rows: list[dict]) -> list[str]:
