@@ -22,12 +22,14 @@ from common import load_rows, save_rows  # noqa: E402
 
 def key(row: dict) -> tuple:
     """Rows of one model, method, setting and protocol replace each other; the 1000-class
-    protocols (diverse, narrow) keep one row each. Rows without a method are told apart by
-    their ``run`` and ``tag`` (benchmarks/dqss.py)."""
+    protocols (diverse, narrow) keep one row each, and so do the variants and calibration sets
+    of narrow_calib.py. Rows without a method are told apart by their ``run`` and ``tag``
+    (benchmarks/dqss.py)."""
     name = row.get("method", row.get("run"))
     if row.get("tag"):
         name = f"{name} [{row['tag']}]"
-    return (row["model"], name, row["w_bits"], row["a_bits"], row.get("protocol_name"))
+    return (row["model"], name, row["w_bits"], row["a_bits"], row.get("protocol_name"),
+            row.get("variant"), row.get("calib"))
 
 
 def fields_of(out: Path, rows: list[dict]) -> list[str]:

@@ -5,6 +5,10 @@ what 10-class Imagenette calibration does to 1000-class ImageNet models. Each ru
 ResNet-20 on ``--calib-size`` seeded training images, either of every class (``diverse``) or of
 the classes in ``--classes`` only (``narrow``), and evaluates on the whole CIFAR-10 test set,
 paired with the float model on the same images. Results: benchmarks/results/narrow_calib.json.
+Variants other than ``nodiversify`` and ``invert-half`` run with the default ``diversify="auto"``
+(on for the narrow set); rows named ``default`` measured before that option existed are
+``nodiversify``. Rows ``aug-mix`` and ``invert-ce`` are removed experiments
+(docs/notes/narrow-calibration.md).
 
     python benchmarks/narrow_calib.py --calib narrow diverse --methods rapq brecq \\
         --variants default nobn --setting W2A4 --iters 300 --threads 1
@@ -26,7 +30,9 @@ from common import MODELS, RESULTS, data_root, load_rows, provenance, run_child,
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 # variant -> options of lowbit.ptq (reconstruction methods); each is one hypothesis
 VARIANTS = {
-    "default": {},
+    "default": {},  # rows before the diversify option: what "nodiversify" is now
+    "nodiversify": {"diversify": "off"},
+    "invert-half": {"diversify": "on"},  # half the images pushed toward random classes
     "nobn": {"bn_guided": False},
     "search": {"iters": 0},
     "rw": {"round_weight": 0.1},

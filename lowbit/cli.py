@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--bn-guided", choices=["auto", "on", "off"], default=None,
                     help="rapq/brecq: BatchNorm-statistics term (default auto: on when the "
                     "model's BNs carry statistics)")
+    pq.add_argument("--diversify", choices=["auto", "on", "off"], default=None,
+                    help="rapq/brecq: push half the calibration images toward random classes "
+                    "of the float model before reconstruction, so it does not fit a few "
+                    "classes (default auto: when the calibration set covers few classes; "
+                    "docs/calibration.md)")
     pq.add_argument("--bias-correction", action="store_true",
                     help="re-centre each quantized layer's output mean on the float model's "
                     "(empirical bias correction, last step; any method)")
@@ -343,6 +348,7 @@ def _ptq_options(args) -> dict:
     given = {"iters": args.iters, "round_weight": args.round_weight,
              "lr_round": args.lr_round, "quick_iters": args.quick_iters,
              "bn_guided": bn[args.bn_guided] if args.bn_guided else None,
+             "diversify": args.diversify,
              "bias_correction": True if args.bias_correction else None,
              "pot_rescale": args.pot_rescale, "percentile": args.percentile}
     return {k: v for k, v in given.items() if v is not None or (k == "bn_guided" and args.bn_guided)}

@@ -163,7 +163,8 @@ class _ReconFields(MethodConfig):
 
     RECON_KEYS: ClassVar[tuple[str, ...]] = (
         "iters", "batch_size", "lr_round", "lr_scale", "round_weight", "warmup", "beta",
-        "bn_weight", "learn_w_scale", "learn_a_scale", "exponent_search", "chunk", "seed")
+        "bn_weight", "learn_w_scale", "learn_a_scale", "exponent_search", "diversify",
+        "diversify_share", "diversify_steps", "chunk", "seed")
     POT: ClassVar[bool] = True
 
     iters: int = Field(
@@ -196,6 +197,15 @@ class _ReconFields(MethodConfig):
     exponent_search: bool = Field(
         _default("exponent_search"), description="power of two: first pick each unit's "
         "exponents (and signed inputs' zero-points) among their neighbours")
+    diversify: Literal["auto", "on", "off"] = Field(
+        _default("diversify"), description="before reconstruction, push a share of the "
+        "calibration images toward random classes of the float model (BN statistics matched "
+        "where the model has them), so the rounding is not fitted to a few classes: 'auto' "
+        "when the calibration set covers few classes, 'on', 'off' (docs/calibration.md)")
+    diversify_share: float = Field(_default("diversify_share"), ge=0, le=1,
+                                   description="share of the calibration images replaced")
+    diversify_steps: int = Field(_default("diversify_steps"), ge=0,
+                                 description="input-gradient steps per replaced image")
     chunk: int = Field(_default("chunk"), ge=1,
                        description="images per forward pass outside the optimisation steps")
     seed: int = Field(0, description="seed of the batch sampling")

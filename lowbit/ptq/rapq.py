@@ -50,6 +50,7 @@ from .reconstruct import (
     wrap_quantizers,
 )
 from .registry import ptq, register_ptq
+from .synthetic import diversify
 
 log = logging.getLogger("lowbit")
 
@@ -303,7 +304,8 @@ def _recon_step(qmodel, x, opts: ReconOptions, pot: bool, targets, info) -> None
         info["quick"] = {"naive_error": before, "adjusted_error": before, "kept": True,
                          "seconds": 0.0, "iters": 0}
     backup = copy.deepcopy(qmodel.state_dict())
-    rep = reconstruct(qmodel, x, opts, pot=pot, bn=targets)
+    rep = reconstruct(qmodel, _diversified(qmodel, x, opts, targets, info), opts, pot=pot,
+                      bn=targets)
     after = output_error(_outputs(qmodel, x_eval, opts.chunk, use_float=False), ref).item()
     kept = after <= before
     if not kept:
@@ -313,6 +315,27 @@ def _recon_step(qmodel, x, opts: ReconOptions, pot: bool, targets, info) -> None
     info["seconds_cache"] = rep.seconds_cache
     info["seconds_reconstruct"] = rep.seconds_optimise
     info["lr_round"] = opts.resolved_lr_round()
+
+
+def _diversified(qmodel, x, opts: ReconOptions, targets, info) -> torch.Tensor:
+    """The reconstruction's inputs: ``x``, a share of it pushed toward random classes when
+    ``opts.diversify`` says so (``auto``: the calibration set covers few classes)."""
+    cover = getattr(getattr(qmodel, "lowbit_report", None), "calib_coverage", None)
+    on = opts.diversify == "on" or (opts.diversify == "auto" and cover is not None
+                                    and cover.narrow)
+    if not on or opts.diversify_share == 0 or opts.diversify_steps == 0:
+        info["diversify"] = {"mode": opts.diversify, "applied": False}
+        return x
+    t = time.perf_counter()
+    out = diversify(qmodel, x, targets, share=opts.diversify_share,
+                    steps=opts.diversify_steps, seed=opts.seed)
+    info["diversify"] = {"mode": opts.diversify, "applied": out is not x,
+                         "share": opts.diversify_share, "steps": opts.diversify_steps,
+                         "bn_targets": len(targets), "seconds": time.perf_counter() - t}
+    if out is not x:
+        log.info("rapq: %d of %d calibration images pushed toward random classes for "
+                 "reconstruction", int(round(opts.diversify_share * x.shape[0])), x.shape[0])
+    return out
 
 
 def _finish(qmodel, x, float_means, info, t_start) -> nn.Module:

@@ -221,6 +221,7 @@ def bn_targets(model: nn.Module, example_inputs, folded: bool = True):
     return targets, skipped
 
 
+DIVERSIFY = ("auto", "on", "off")
 ROUND_TRAVEL = 30.0  # lr_round * iters of the default: 0.1 at 300 steps, 0.03 at 1,000
 
 
@@ -251,6 +252,13 @@ class ReconOptions:
     after the gradient has pointed one way for many steps. ``exponent_search``: with
     power-of-two scales, first pick every exponent of the unit among its neighbours by the
     layers' output errors (:mod:`lowbit.ptq.exponent_search`); no effect on float scales.
+
+    ``diversify``: before reconstruction, replace ``diversify_share`` of the calibration images
+    by copies pushed in ``diversify_steps`` input-gradient steps toward random classes of the
+    float model (:mod:`lowbit.ptq.synthetic`): ``"auto"`` when the calibration images cover few
+    of the model's classes (the :class:`~lowbit.errors.NarrowCalibrationWarning` condition),
+    ``"on"`` always (classifiers), ``"off"`` never. Without it the rounding is fitted to the
+    few classes' features (docs/calibration.md).
     """
 
     iters: int = 1000
@@ -264,6 +272,9 @@ class ReconOptions:
     learn_w_scale: bool = False
     learn_a_scale: bool | None = None
     exponent_search: bool = True
+    diversify: str = "auto"
+    diversify_share: float = 0.5
+    diversify_steps: int = 40
     chunk: int = 64
     block_types: tuple[type[nn.Module], ...] | None = None
     seed: int = 0
@@ -280,6 +291,13 @@ class ReconOptions:
             )
         if self.lr_round is not None and not 0 < self.lr_round < float("inf"):
             raise ConfigError(f"lr_round must be a positive learning rate, got {self.lr_round}")
+        if self.diversify not in DIVERSIFY:
+            raise ConfigError(
+                f"diversify must be one of {DIVERSIFY}, got {self.diversify!r}")
+        if not 0 <= self.diversify_share <= 1 or self.diversify_steps < 0:
+            raise ConfigError(
+                "diversify needs 0 <= diversify_share <= 1 and diversify_steps >= 0, got "
+                f"{self.diversify_share} and {self.diversify_steps}")
         if self.iters == 0 and not (pot and self.exponent_search):
             raise ConfigError(
                 "iters=0 runs the exponent search alone, which needs power-of-two scales and "
