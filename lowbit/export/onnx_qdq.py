@@ -28,6 +28,12 @@ from ..graph.ops import Op, resolve
 from .integer import Grid, IntegerModel
 
 OPSET = 21
+# onnxruntime's U8S8 kernels on x86 CPUs without VNNI (AVX2, AVX-512F) sum pairs of uint8 x
+# int8 products in int16 (vpmaddubsw), which saturates once two weight codes exceed 128 in
+# magnitude together (255 * 128 = 32640 is the most that is safe); 8-bit weights are then
+# written as uint8 around zero-point 128 (U8U8, exact everywhere), weights of 7 bits or fewer
+# stay int8.
+U8S8_SAFE = 64
 
 
 @dataclass
@@ -179,11 +185,14 @@ class _Writer:
         return self.quantize(y, Grid.of(q), base)
 
     def weight(self, lf, name: str) -> str:
-        """int8 weight codes dequantized per output channel (axis 0)."""
-        w_codes = lf.weight_codes.numpy().astype(np.int8)
-        w = self.const(name + "_w", w_codes)
+        """Weight codes dequantized per output channel (axis 0): int8, or uint8 with
+        zero-point 128 where a code exceeds :data:`U8S8_SAFE` (see there)."""
+        codes = lf.weight_codes
+        shifted = bool((codes.abs() > U8S8_SAFE).any())
+        dtype, zp = (np.uint8, 128) if shifted else (np.int8, 0)
+        w = self.const(name + "_w", (codes + zp).numpy().astype(dtype))
         ws = self.const(name + "_w_scale", lf.weight_scale.numpy().astype(np.float32))
-        wz = self.const(name + "_w_zp", np.zeros(w_codes.shape[0], np.int8))
+        wz = self.const(name + "_w_zp", np.full(codes.shape[0], zp, dtype))
         return self.node("DequantizeLinear", [w, ws, wz], name + "_wdq", axis=0)
 
     def bias(self, lf, name: str) -> str:
