@@ -342,6 +342,31 @@ def _add(a: IntValue, b: IntValue, stats: Stats) -> IntValue:
     return acc
 
 
+MAX_ALIGN = 30  # bits one operand of a two-grid add may be shifted left by
+
+
+def add_codes(values: list[IntValue], grid: Grid, stats: Stats | None = None) -> IntValue:
+    """Codes on different grids added straight onto ``grid`` (what QLinearAdd computes):
+    ``round(sum_i M_i * (c_i - z_i)) + z``, each ``M_i = s_i / s`` dyadic, the sum exact."""
+    dims = max(v.data.dim() for v in values)
+    parts = []
+    for v in values:
+        m, n = dyadic((_dim1(v.scale.float(), dims) / _dim1(grid.scale, dims)).float())
+        if stats is not None:
+            stats.multipliers.append(m.flatten())
+        parts.append((v.centred() * m, n))
+    top = torch.stack([n.max() for _, n in parts]).max()
+    total = 0
+    for p, n in parts:
+        if bool((top - n > MAX_ALIGN).any()):
+            raise ExportError("a residual add joins grids whose scales differ by more than "
+                              f"2**{MAX_ALIGN}; give both inputs one grid (a QAdd point)")
+        total = total + torch.bitwise_left_shift(p, top - n)
+    q = shift_round(total, top) + _dim1(grid.zero_point, dims)
+    q = q.clamp(grid.qmin, grid.qmax)
+    return IntValue(q, grid.scale, grid.zero_point, grid)
+
+
 class IntegerModel:
     """Runs a calibrated lowbit model on integers, node by node of its fx graph.
 
@@ -390,11 +415,7 @@ class IntegerModel:
         return self._maybe_requant(op.node, out)
 
     def _qadd(self, op: Op, a, b) -> IntValue:
-        q = op.module.quant
-        grid = Grid.of(q)
-        ca, cb = self._codes_for(a, grid, q), self._codes_for(b, grid, q)
-        out = IntValue(ca.centred() + cb.centred(), grid.scale, _ZERO)
-        return self._maybe_requant(op.node, out)
+        return qadd(op, [a, b], self._codes_for, self.targets.get(op.node), self.stats)
 
     def _float(self, op: Op, args):
         self.stats.float_ops[op.name] = op.kind
@@ -500,6 +521,24 @@ class IntegerModel:
             else:
                 env[op.node] = self._step(op, env)
         raise ExportError("the graph has no output")
+
+
+def qadd(op: Op, args: list, codes_for, target: Quantizer | None, stats: Stats) -> IntValue:
+    """A QAdd: passthrough inputs keep their grids, the others are requantized onto the
+    QAdd's; on one grid the codes add in int32, on two they go straight onto the target grid
+    (:func:`add_codes`)."""
+    q = op.module.quant
+    grid = Grid.of(q)
+    vals = []
+    for v, through in zip(args, op.module.passthrough, strict=True):
+        on_grid = through and isinstance(v, IntValue) and v.grid is not None
+        vals.append(v if on_grid else codes_for(v, grid, q))
+    if all(v.grid.same(vals[0].grid) for v in vals):
+        out = IntValue(vals[0].centred() + vals[1].centred(), vals[0].grid.scale, _ZERO)
+        return out if target is None else requantize(out, Grid.of(target), stats)
+    if target is None:
+        return _add(vals[0], vals[1], stats)
+    return add_codes(vals, Grid.of(target), stats)
 
 
 def integer_model(qmodel: nn.Module) -> IntegerModel:

@@ -33,6 +33,7 @@ from .integer import (
     _accumulate,
     _add,
     _avgpool,
+    qadd,
     requantize,
 )
 
@@ -124,9 +125,11 @@ class BitExact(nn.Module):
             self.layer_inputs[op.name] = x.data
             return self._emit(op, IntValue(_accumulate(lf, x.centred()), lf.acc_scale, _ZERO))
         if k == "qadd":
-            q = op.module.quant
-            a, b = self._codes(args[0], q), self._codes(args[1], q)
-            return self._emit(op, IntValue(a.centred() + b.centred(), a.scale, _ZERO))
+            ins = [self._int(v) if t and self._int(v) is not None else v
+                   for v, t in zip(args, op.module.passthrough, strict=True)]
+            out = qadd(op, ins, lambda v, g, q: self._codes(v, q), self.im.targets.get(op.node),
+                       self.im.stats)
+            return _Real(out.real(), out.grid) if out.grid is not None else out
         if k == "quant":
             c = self._codes(args[0], op.module)
             return _Real(c.real(), c.grid)

@@ -283,6 +283,9 @@ def requant_target(node: fx.Node, modules: dict[str, nn.Module]) -> Quantizer | 
     if op is None:
         return None
     q = input_quantizer(op)
-    if q is not None and end in op.args[: 2 if op.kind == "qadd" else 1]:
+    if op.kind == "qadd":
+        slots = [a for a, p in zip(op.args[:2], op.module.passthrough, strict=True) if not p]
+        return q if end in slots else None
+    if q is not None and end in op.args[:1]:
         return q
     return None
