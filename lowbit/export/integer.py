@@ -13,8 +13,9 @@ scale (:func:`_add` says which); average pools sum in int32 and fold ``1 / N`` i
 multiplier. Activation clamps clamp codes, bounds rounded onto the grid (exact, as rounding is
 monotone).
 
-torch has no integer convolution on the CPU: products are summed exactly in float64 (integers
-below ``2**53``) and checked to fit int32.
+torch has no integer convolution on the CPU: products are summed exactly in float32 where
+every partial sum stays below ``2**24`` (weights split into high and low parts when needed),
+else in float64, and checked to fit int32.
 """
 
 from __future__ import annotations
@@ -261,17 +262,39 @@ def _exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64)
 
 
-def _accumulate(lf: LayerForm, x: torch.Tensor) -> torch.Tensor:
-    """Exact int32 accumulation (float64 holds the integer sums exactly)."""
-    mod = lf.module
-    w = _exact(lf.weight_codes)
+FLOAT32_EXACT = 2**24  # float32 holds every integer below this exactly
+SPLIT = 16  # weight codes split as SPLIT * high + low, low in [0, SPLIT)
+
+
+def _sums(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if isinstance(mod, nn.Conv2d):
-        if mod.padding_mode != "zeros":
-            raise ExportError(f"layer {lf.name!r}: padding mode {mod.padding_mode!r} is not "
-                              "exported")
-        acc = F.conv2d(_exact(x), w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+        return F.conv2d(x, w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+    return F.linear(x, w)
+
+
+def _accumulate(lf: LayerForm, x: torch.Tensor) -> torch.Tensor:
+    """Exact int32 accumulation. Integer sums are exact in float32 while the sum of the
+    terms' magnitudes stays below ``2**24`` (every partial sum does, in any order), so the
+    weight codes are split into high and low parts where one product would not fit; float64
+    where even that would not."""
+    mod = lf.module
+    if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+        raise ExportError(f"layer {lf.name!r}: padding mode {mod.padding_mode!r} is not "
+                          "exported")
+    codes = lf.weight_codes
+    k = codes[0].numel()  # terms per output (per group for grouped convs)
+    x_max = int(x.abs().max()) if x.numel() else 0
+    w_max = int(codes.abs().max()) if codes.numel() else 0
+    xf = x.to(torch.float32)
+    if k * x_max * w_max < FLOAT32_EXACT:
+        acc = _sums(mod, xf, codes.to(x.device, torch.float32)).to(torch.float64)
+    elif k * x_max * max(SPLIT, w_max // SPLIT + 1) < FLOAT32_EXACT:
+        high = torch.div(codes, SPLIT, rounding_mode="floor")
+        low = codes - SPLIT * high
+        acc = (_sums(mod, xf, high.to(x.device, torch.float32)).to(torch.float64) * SPLIT
+               + _sums(mod, xf, low.to(x.device, torch.float32)).to(torch.float64))
     else:
-        acc = F.linear(_exact(x), w)
+        acc = _sums(mod, _exact(x), _exact(codes).to(x.device))
     acc = acc.round().to(torch.int64)
     if lf.bias is not None:
         acc = acc + (lf.bias.reshape([1, -1] + [1] * (acc.dim() - 2)))
