@@ -462,9 +462,21 @@ class IntegerModel:
             return data.size(*args[1:])
         if k == "getitem" and not isinstance(args[0], (torch.Tensor, IntValue)):
             return args[0][op.attrs["index"]]
+        if k == "concat":
+            return self._concat(op, args[0])
         x = args[0]
         if not isinstance(x, IntValue):  # a float region (before the first quantizer)
             return self._float_op(op, args)
+        if k == "pixel_shuffle":
+            if x.scale.numel() > 1:
+                raise ExportError(f"{op.name}: pixel shuffle of a tensor with per-channel "
+                                  "scales mixes channels; requantize it first")
+            return IntValue(F.pixel_shuffle(x.data, op.attrs["factor"]), x.scale,
+                            x.zero_point, x.grid)
+        if k == "upsample":
+            f = op.attrs["factor"]
+            data = x.data.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
+            return IntValue(data, x.scale, x.zero_point, x.grid)
         if k == "clamp":
             return clamp_codes(x, op.attrs["lo"], op.attrs["hi"])
         if k == "identity":
@@ -495,6 +507,30 @@ class IntegerModel:
                 return a.real() + b
             return self._maybe_requant(op.node, _add(a, b, self.stats))
         raise ExportError(f"{op.name}: the integer model cannot run {k!r} here")
+
+    def _concat(self, op: Op, parts: list):
+        """Codes on one grid concatenate as they are; along channels, different grids (or
+        accumulators) give per-channel scales and zero-points, requantized by the next
+        quantizer."""
+        dim = op.attrs["dim"]
+        if not all(isinstance(v, IntValue) for v in parts):
+            self.stats.float_ops[op.name] = "concat of a float value"
+            return torch.cat([v.real() if isinstance(v, IntValue) else v for v in parts], dim)
+        data = torch.cat([v.data for v in parts], dim)
+        first = parts[0]
+        if first.grid is not None and all(v.grid is not None and v.grid.same(first.grid)
+                                          for v in parts):
+            return IntValue(data, first.scale, first.zero_point, first.grid)
+        if dim % data.dim() != 1:
+            raise ExportError(f"{op.name}: concat of tensors on different grids is exported "
+                              "along channels only; give them one grid")
+
+        def per_channel(t, v):
+            return t.reshape(-1).expand(v.data.shape[1]) if t.numel() == 1 else t.reshape(-1)
+
+        scale = torch.cat([per_channel(v.scale.float(), v) for v in parts])
+        zp = torch.cat([per_channel(v.zero_point, v) for v in parts])
+        return IntValue(data, scale, zp, None)
 
     def _pad(self, op: Op, x: IntValue) -> IntValue:
         pad = op.attrs["pad"]

@@ -356,10 +356,43 @@ class _Writer:
               (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))]
         return self.on_tensor(v, lambda n: self.node("Slice", [n, *cs], op.name))
 
+    def concat(self, op: Op, parts):
+        dim = op.attrs["dim"]
+        first = parts[0]
+        if all(isinstance(v, _Codes) for v in parts) and all(v.grid.same(first.grid)
+                                                              for v in parts):
+            name = self.node("Concat", [self.materialize(v) for v in parts], op.name, axis=dim)
+            return _Codes(name, first.grid, *self._range(first.grid))
+        self.report.dequantized[op.name] = ("concat of inputs on different grids (in float; "
+                                            "give them one grid to concatenate codes)")
+        return _Float(self.node("Concat", [self.as_float(v).name for v in parts], op.name,
+                                axis=dim))
+
+    def _range(self, grid: Grid) -> tuple[int, int]:
+        info = np.iinfo(self.container(grid))
+        return int(info.min), int(info.max)
+
+    def pixel_shuffle(self, op: Op, v):
+        if isinstance(v, _Codes) and v.grid.scale.numel() > 1:
+            v = self.as_float(v)
+        return self.on_tensor(v, lambda n: self.node("DepthToSpace", [n], op.name,
+                                                     blocksize=op.attrs["factor"], mode="CRD"))
+
+    def upsample(self, op: Op, v):
+        f = float(op.attrs["factor"])
+        scales = self.const("scales", np.array([1.0, 1.0, f, f], np.float32))
+        return self.on_tensor(v, lambda n: self.node(
+            "Resize", [n, "", scales], op.name, mode="nearest",
+            coordinate_transformation_mode="asymmetric", nearest_mode="floor"))
+
     def float_module(self, op: Op, v):
         mod = op.module
         x = self.as_float(v)
         self.report.dequantized[op.name] = f"kept float ({type(mod).__name__})"
+        if type(mod).__name__ == "MeanShift":  # a fixed 1x1 conv held in buffers
+            ins = [x.name, self.const(op.name + "_w", mod.weight.detach().numpy()),
+                   self.const(op.name + "_b", mod.bias.detach().numpy())]
+            return _Float(self.node("Conv", ins, op.name, kernel_shape=[1, 1]))
         if isinstance(mod, nn.Conv2d):
             ins = [x.name, self.const(op.name + "_w", mod.weight.detach().numpy())]
             if mod.bias is not None:
@@ -426,6 +459,8 @@ class _Writer:
                    "quant": lambda op, v: self.quantize(v, Grid.of(op.module), op.name), "add": self.add, "clamp": self.clamp,
                    "avgpool": self.avgpool, "maxpool": self.maxpool, "flatten": self.flatten,
                    "pad": self.pad, "slice": self.slice, "float": self.float_module,
+                   "concat": self.concat, "pixel_shuffle": self.pixel_shuffle,
+                   "upsample": self.upsample,
                    "identity": lambda op, v: v}.get(k)
         if handler is None:
             raise ExportError(f"{op.name}: {k!r} is not written to ONNX")
