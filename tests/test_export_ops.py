@@ -76,3 +76,58 @@ def test_bilinear_upsampling_is_refused_by_name():
     with pytest.raises(lowbit.errors.ExportError, match="nearest by one integer factor"):
         q, _ = quantized(Bilinear, "w8a8", points=False, size=8)
         IntegerModel(q)
+
+
+def _edsr_quantized(points=True):
+    from lowbit.models.edsr import EDSR
+    from lowbit.nn.points import insert_points
+
+    torch.manual_seed(0)
+    model = EDSR(scale=2, n_blocks=2, channels=8).eval()
+    x = torch.rand(12, 3, 12, 12) * 255
+    q = lowbit.prepare(model, lowbit.QuantConfig.uniform(8, 8), x[:2])
+    if points:
+        q, _ = insert_points(q)
+    lowbit.calibrate(q, [x[:8]], progress=False)
+    return q, x
+
+
+def test_edsr_exports_and_onnxruntime_matches_the_integer_reference(tmp_path):
+    """Mean shifts (float), residual blocks, the long skip and PixelShuffle: every conv is a
+    QLinearConv; outputs within one code of the integer reference (the float mean shift
+    before the first quantizer rounds differently in onnxruntime now and then)."""
+    pytest.importorskip("onnx")
+    from lowbit.export.onnx_qdq import to_onnx
+
+    q, x = _edsr_quantized()
+    model, report = to_onnx(q, x[:2])
+    assert set(report.dequantized) == {"conv2d", "conv2d_1"}  # the two mean shifts
+    sess, ops = _ort(model, tmp_path)
+    n_conv = sum(isinstance(m, nn.Conv2d) for m in q.modules())
+    assert ops.count("QLinearConv") == n_conv and "DepthToSpace" in ops, ops
+    got = torch.from_numpy(sess.run(None, {"input": x[8:].numpy()})[0])
+    ref = IntegerModel(q).run(x[8:])
+    step = max(float(m.params()["scale"]) for n, m in q.named_modules()
+               if n.startswith("outq") and "." not in n)  # the output grid's step is the largest
+    d = (got - ref).abs()
+    assert float(d.max()) <= step * 1.001 and float((d > 1e-4).double().mean()) < 0.02
+    assert torch.equal(bit_exact(q)(x[8:]), ref)
+
+
+def test_cli_exports_a_saved_edsr_folder(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from lowbit.cli import main
+    from lowbit.models import get_model
+    from lowbit.pipeline import save_quantized
+
+    model = get_model("edsr_small_x2", "builtin")
+    x = torch.rand(2, 3, 48, 48) * 255
+    q = lowbit.prepare(model, lowbit.QuantConfig.uniform(8, 8), x)
+    lowbit.calibrate(q, [x], progress=False)
+    save_quantized(q, tmp_path / "saved", {"model": "edsr_small_x2", "weights": "builtin"})
+    assert main(["export", "--quantized", str(tmp_path / "saved"),
+                 "-o", str(tmp_path / "edsr.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "integer layers: 9" in out and "kept float (conv2d with constant weights)" in out
+    assert "residual add in float" in out  # without --points the adds stay float, listed
+    assert (tmp_path / "edsr.onnx").is_file()

@@ -464,6 +464,12 @@ class IntegerModel:
             return args[0][op.attrs["index"]]
         if k == "concat":
             return self._concat(op, args[0])
+        if k == "const":
+            return op.attrs["value"]
+        if k == "float_fn":  # a function with constant weights, on real values
+            self.stats.float_ops[op.name] = "float function"
+            real = [a.real() if isinstance(a, IntValue) else a for a in args]
+            return op.node.target(*real, **op.node.kwargs)
         x = args[0]
         if not isinstance(x, IntValue):  # a float region (before the first quantizer)
             return self._float_op(op, args)

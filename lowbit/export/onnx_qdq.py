@@ -385,6 +385,24 @@ class _Writer:
             "Resize", [n, "", scales], op.name, mode="nearest",
             coordinate_transformation_mode="asymmetric", nearest_mode="floor"))
 
+    def float_fn(self, op: Op, x, weight, bias=None, *rest):
+        """``F.conv2d`` with constant weights (EDSR's mean shifts), in float."""
+        node = op.node
+        names = ["stride", "padding", "dilation", "groups"]
+        vals = dict(zip(names, rest, strict=False)) | dict(node.kwargs)
+        if not isinstance(weight, torch.Tensor) or not (bias is None
+                                                        or isinstance(bias, torch.Tensor)):
+            raise ExportError(f"{op.name}: conv2d is exported with constant weights only")
+        stride, pad, dil = (_pair_of(vals.get(n, d)) for n, d in
+                            (("stride", 1), ("padding", 0), ("dilation", 1)))
+        ins = [self.as_float(x).name, self.const(op.name + "_w", weight.numpy())]
+        if bias is not None:
+            ins.append(self.const(op.name + "_b", bias.numpy()))
+        self.report.dequantized[op.name] = "kept float (conv2d with constant weights)"
+        return _Float(self.node("Conv", ins, op.name, kernel_shape=list(weight.shape[2:]),
+                                strides=list(stride), pads=list(pad) * 2, dilations=list(dil),
+                                group=int(vals.get("groups", 1))))
+
     def float_module(self, op: Op, v):
         mod = op.module
         x = self.as_float(v)
@@ -460,11 +478,16 @@ class _Writer:
                    "avgpool": self.avgpool, "maxpool": self.maxpool, "flatten": self.flatten,
                    "pad": self.pad, "slice": self.slice, "float": self.float_module,
                    "concat": self.concat, "pixel_shuffle": self.pixel_shuffle,
-                   "upsample": self.upsample,
+                   "upsample": self.upsample, "float_fn": self.float_fn,
+                   "const": lambda op: op.attrs["value"],
                    "identity": lambda op, v: v}.get(k)
         if handler is None:
             raise ExportError(f"{op.name}: {k!r} is not written to ONNX")
         return handler(op, *args)
+
+
+def _pair_of(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _offset(grid: Grid) -> int:

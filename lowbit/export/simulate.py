@@ -137,6 +137,8 @@ class BitExact(nn.Module):
             x = self._int(args[0])
             if x is not None:
                 return self._emit(op, _avgpool(op, x))
+        if k == "const":
+            return op.attrs["value"]
         if k in COMMUTING and args and isinstance(args[0], IntValue):
             return self.im._step(op, env)  # an accumulator through clamps, pools, pads
         if k == "add":

@@ -209,6 +209,8 @@ def _function_op(node: fx.Node) -> Op:
         vals = dict(zip(names, args[1:], strict=False)) | kw
         return _upsample(node, args[:1], vals.get("scale_factor"), vals.get("mode", "nearest"),
                          vals.get("size"))
+    if f is F.conv2d:  # a conv with constant weights (EDSR's mean shift): kept float
+        return Op("float_fn", node, args)
     if f is operator.getitem:
         return Op("getitem", node, args[:1], {"index": args[1]})
     raise ExportError(
@@ -261,6 +263,11 @@ def describe(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
         return Op("output", node, [node.args[0]])
     if node.op == "call_module":
         return _module_op(node, modules[node.target])
+    if node.op == "get_attr":
+        owner, _, attr = node.target.rpartition(".")
+        value = getattr(modules[owner], attr)
+        if isinstance(value, torch.Tensor):
+            return Op("const", node, [], {"value": value.detach()})
     if node.op == "call_function":
         op = _function_op(node)
     elif node.op == "call_method":
