@@ -1,20 +1,30 @@
 """Deployment benchmark: latency, top-1 and file size of exported models on onnxruntime.
 
 Rows per model: float torch (eager), float onnxruntime, onnxruntime's own ``quantize_static``
-(QDQ, U8S8, per channel: what a user would otherwise pick), and lowbit's W8A8, W4A8 and RAPQ
-power-of-two W4A8 exports with the integer model's quantization points (lowbit.nn.points)
-calibrated after PTQ (``packed_kib``: the same weights packed at their bit-width). Latency: median of ``--reps`` runs at batch 1 and 32, 2 threads,
-OMP_WAIT_POLICY=PASSIVE. Top-1 of lowbit's exports is measured three ways: onnxruntime, the
-fake-quant simulation (with points) and, on a subset, the integer reference.
+(QDQ, U8S8, per channel: what a user would otherwise pick), and lowbit's exports with the
+integer model's quantization points (lowbit.nn.points) calibrated after PTQ: W8A8 (8-bit
+weights as uint8, exact on every CPU), W8A8 with ``int8_weights`` (U8S8 as quantize_static),
+W4A8 and a power-of-two W4A8 (``--pot-method``). ``packed_kib``: the same weights packed at
+their bit-width.
 
-    python benchmarks/export_bench.py --model resnet20                 # full
+Latency: all sessions run round-robin (one call each, in turn, ``--reps`` rounds), so
+background load hits every row alike (batch 1: three times as many rounds); median per row at batch 1 and 32, 2 threads,
+OMP_WAIT_POLICY=PASSIVE; ``ms_*_vs_ort``: median of the per-round ratios to quantize_static.
+Top-1 on all evaluation images: onnxruntime and the fake-quant simulation; on the first
+``--int-size`` images: the integer reference, the bit-exact simulation and onnxruntime again
+(``*_subset``; ``int_vs_ort_argmax``: fraction of those images where the two predict the same
+class). ``one_code_frac``: the default simulation's fraction of layer-input codes one code off
+the integer reference, on one batch.
+
+    python benchmarks/export_bench.py --model resnet20 --int-size 1000 --out /tmp/runs/x/r20
+    python benchmarks/export_bench.py --model mobilenet_v2_tflite --pot-method pot ...
     python benchmarks/export_bench.py --model resnet20 --quick         # a short check
-Results: benchmarks/results/export_bench.{csv,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -23,9 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, protocol_data, provenance, save_rows, weights  # noqa: E402
 
-FIELDS = ["model", "variant", "top1_ort", "top1_sim", "top1_int", "top1_ort_int_subset", "ms_b1",
-          "ms_b32", "size_kib", "packed_kib",
-          "integer_layers", "dequantized", "eval_images", "calib_images"]
+FIELDS = ["model", "method", "w_bits", "a_bits", "protocol_name", "top1_ort", "top1_sim",
+          "top1_int_subset", "top1_bitexact_subset", "top1_ort_subset", "int_vs_ort_argmax",
+          "one_code_frac", "ms_b1", "ms_b32", "ms_b1_vs_ort", "ms_b32_vs_ort", "size_kib",
+          "packed_kib", "integer_layers", "dequantized", "eval_images", "int_images",
+          "calib_images", "ptq_seconds", "load_avg"]
 THREADS = 2
 
 
@@ -39,50 +51,50 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _latency(fn, x, reps: int) -> float:
-    for _ in range(3):
-        fn(x)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
-
-
 def _ort_run(sess):
     return lambda x: sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
 
-def _top1(fn, loader) -> float:
+def _predict(fn, batches):
     import torch
 
-    right = total = 0
-    for x, y in loader:
-        out = torch.as_tensor(fn(x))
-        right += int((out.argmax(1) == y).sum())
-        total += len(y)
-    return 100.0 * right / total
+    return torch.cat([torch.as_tensor(fn(x)).argmax(1) for x, _ in batches])
 
 
-def _batches(x):
+def _top1(pred, batches) -> float:
     import torch
 
-    return {1: x[:1].contiguous(), 32: torch.cat([x] * (32 // len(x) + 1))[:32].contiguous()}
+    y = torch.cat([y for _, y in batches])
+    return round(100.0 * float((pred == y).double().mean()), 2)
+
+
+def _round_robin(fns: dict, x, reps: int) -> dict:
+    """Median latency per function, each called once per round in turn (warm-up first)."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn(x)
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--calib", type=int, default=1024)
+    ap.add_argument("--calib", type=int, default=1024, help="CIFAR models; ImageNet models "
+                    "calibrate on the diverse protocol's 650")
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--int-size", type=int, default=256, help="images for the integer reference")
-    ap.add_argument("--iters", type=int, default=1000, help="rapq reconstruction steps")
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--pot-method", default="rapq", help="rapq, or pot (no reconstruction)")
+    ap.add_argument("--iters", type=int, default=None, help="rapq reconstruction steps")
+    ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--quick", action="store_true",
                     help="200 images, 128 calibration, 30 rapq steps, 10 reps")
-    ap.add_argument("--out", default=str(RESULTS / "export_bench"))
+    ap.add_argument("--out", default=str(RESULTS / "export"))
     a = ap.parse_args()
     if a.quick:
         a.calib, a.eval_size, a.int_size, a.iters, a.reps = 128, 200, 64, 30, 10
@@ -96,6 +108,7 @@ def main() -> None:
     )
 
     import lowbit
+    from lowbit.export import agreement, bit_exact
     from lowbit.export.integer import IntegerModel
     from lowbit.models import get_model
     from lowbit.nn.points import calibrate_points, insert_points
@@ -106,20 +119,27 @@ def main() -> None:
                          batch_size=64)
     model = get_model(a.model, weights(a.model)).eval()
     example = data.example
-    shapes = _batches(example)
+    evals = list(data.eval)
+    subset = []
+    for x, y in evals:
+        if sum(len(b[1]) for b in subset) >= a.int_size:
+            break
+        subset.append((x, y))
     tmp = Path(tempfile.mkdtemp(prefix="export_bench_"))
-    rows = []
+    protocol = "cifar10" if a.model.startswith("resnet") else "diverse"
+    rows, runners = [], {}
 
-    def row(variant, fn, path=None, **extra):
-        r = {"model": a.model, "variant": variant, "eval_images": len(data.eval.dataset),
+    def row(method, fn, bits=(32, 32), path=None, **extra):
+        r = {"model": a.model, "method": method, "w_bits": bits[0], "a_bits": bits[1],
+             "protocol_name": protocol, "eval_images": sum(len(y) for _, y in evals),
              "calib_images": len(data.calib.dataset), **extra}
-        r["top1_ort"] = round(_top1(fn, data.eval), 2)
-        for b, x in shapes.items():
-            r[f"ms_b{b}"] = round(_latency(fn, x, a.reps), 3)
+        r["top1_ort"] = _top1(_predict(fn, evals), evals)
         if path is not None:
             r["size_kib"] = round(path.stat().st_size / 1024, 1)
         rows.append(r)
+        runners[method] = fn
         print({k: r.get(k) for k in FIELDS if k in r}, flush=True)
+        return r
 
     with torch.no_grad():
         row("float torch", lambda x: model(x))
@@ -127,7 +147,7 @@ def main() -> None:
         torch.onnx.export(model, example, str(fpath), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-        row("float onnxruntime", _ort_run(_session(fpath)), fpath)
+        row("float onnxruntime", _ort_run(_session(fpath)), path=fpath)
 
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -141,29 +161,63 @@ def main() -> None:
         quantize_static(str(fpath), str(qpath), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8)
-        row("onnxruntime quantize_static U8S8", _ort_run(_session(qpath)), qpath)
+        anchor = "onnxruntime quantize_static U8S8"
+        row(anchor, _ort_run(_session(qpath)), (8, 8), qpath)
 
-    settings = [("lowbit W8A8 mse", "mse", lowbit.QuantConfig.uniform(8, 8, observer="mse"), {}),
-                ("lowbit W4A8 mse", "mse", lowbit.QuantConfig.uniform(4, 8, observer="mse"), {}),
-                ("lowbit W4A8 rapq (power of two)", "rapq",
-                 lowbit.QuantConfig.uniform(4, 8, kind="pot"), {"iters": a.iters})]
-    for name, method, config, opts in settings:
+    pot_opts = {} if a.iters is None or a.pot_method != "rapq" else {"iters": a.iters}
+    pot_name = f"lowbit {a.pot_method}" + (f" {a.iters} iters" if pot_opts else "")
+    settings = [("lowbit mse", "mse", lowbit.QuantConfig.uniform(8, 8, observer="mse"), {},
+                 (8, 8)),
+                ("lowbit mse", "mse", lowbit.QuantConfig.uniform(4, 8, observer="mse"), {},
+                 (4, 8)),
+                (pot_name, a.pot_method, lowbit.QuantConfig.uniform(4, 8, kind="pot"),
+                 pot_opts, (4, 8))]
+    for name, method, config, opts, bits in settings:
+        t0 = time.perf_counter()
         q = lowbit.ptq(model, method, data.calib, config, example, progress=False, **opts)
+        seconds = round(time.perf_counter() - t0, 1)
         q, points = insert_points(q)
         calibrate_points(q, points, data.calib)
-        path = tmp / f"{name.split()[1]}_{method}.onnx"
-        report = lowbit.export(q, example, "onnx", path)
-        packed = tmp / f"{path.stem}_packed"
-        lowbit.export(q, example, "packed", packed)
-        top_sim = _top1(lambda x, q=q: q(x), data.eval)
-        im = IntegerModel(q)
-        sub = [b for i, b in enumerate(data.eval) if i * 64 < a.int_size]
-        sess = _session(path)
-        row(name, _ort_run(sess), path, top1_sim=round(top_sim, 2),
-            top1_int=round(_top1(im.run, sub), 2),
-            top1_ort_int_subset=round(_top1(_ort_run(sess), sub), 2),
-            integer_layers=len(report.integer), dequantized=len(report.dequantized),
-            packed_kib=round((packed / "weights.safetensors").stat().st_size / 1024, 1))
+        top_sim = _top1(_predict(lambda x, q=q: q(x), evals), evals)
+        int_pred = _predict(IntegerModel(q).run, subset)
+        sim = bit_exact(q)
+        exact_pred = _predict(sim, subset)
+        one = agreement(q, subset[0][0][:16])["all"]["one_frac"]
+        variants = [(f"{name} W{bits[0]}A{bits[1]}", False)]
+        if bits[0] == 8:
+            variants.append((f"{name} W{bits[0]}A{bits[1]} int8 weights", True))
+        for label, int8 in variants:
+            path = tmp / f"{label.replace(' ', '_')}.onnx"
+            report = lowbit.export(q, example, "onnx", path, int8_weights=int8)
+            packed = tmp / f"{path.stem}_packed"
+            lowbit.export(q, example, "packed", packed)
+            fn = _ort_run(_session(path))
+            ort_sub = _predict(fn, subset)
+            row(label, fn, bits, path, top1_sim=top_sim,
+                top1_int_subset=_top1(int_pred, subset),
+                top1_bitexact_subset=_top1(exact_pred, subset),
+                top1_ort_subset=_top1(ort_sub, subset),
+                int_vs_ort_argmax=round(float((ort_sub == int_pred).double().mean()), 4),
+                one_code_frac=round(one, 5), int_images=sum(len(y) for _, y in subset),
+                integer_layers=len(report.integer), dequantized=len(report.dequantized),
+                ptq_seconds=seconds,
+                packed_kib=round((packed / "weights.safetensors").stat().st_size / 1024, 1))
+    import os
+
+    with torch.no_grad():
+        for b in (1, 32):
+            x = torch.cat([example] * (b // len(example) + 1))[:b].contiguous()
+            times = _round_robin(runners, x, a.reps * (3 if b == 1 else 1))
+            for r in rows:
+                t = times[r["method"]]
+                r[f"ms_b{b}"] = round(1e3 * statistics.median(t), 3)
+                r[f"ms_b{b}_vs_ort"] = round(statistics.median(
+                    ti / ta for ti, ta in zip(t, times[anchor], strict=True)), 3)
+    load = round(os.getloadavg()[0], 2)
+    for r in rows:
+        r["load_avg"] = load
+        print({k: r.get(k) for k in ("method", "w_bits", "ms_b1", "ms_b32", "ms_b1_vs_ort",
+                                     "ms_b32_vs_ort")}, flush=True)
     save_rows(Path(a.out), [{**r, **provenance()} for r in rows], FIELDS)
 
 

@@ -480,7 +480,10 @@ def test_qonnx_converts_to_qcdq_and_runs_on_onnxruntime():
     model, _ = to_qonnx(q, x[:2])
     qcdq = ModelWrapper(model).transform(QuantToQCDQ()).model
     assert "Quant" not in {n.op_type for n in qcdq.graph.node}
-    sess = ort.InferenceSession(qcdq.SerializeToString(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()  # qonnx writes 8-bit weights as int8: no fusion into the U8S8
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # kernels,
+    sess = ort.InferenceSession(qcdq.SerializeToString(), so,  # which saturate without VNNI
+                                providers=["CPUExecutionProvider"])
     xs = on_grid(q, x[16:])
     got = torch.from_numpy(sess.run(None, {"input": xs.numpy()})[0])
     assert torch.equal(got, IntegerModel(q).run(xs))
@@ -551,3 +554,34 @@ def test_a_bias_too_large_for_int32_widens_that_channels_weight_grid(tmp_path):
     report = lowbit.export(q, x[:2], "packed", tmp_path / "p")
     assert "c3" in report.extra["bias_rescaled"] and "int32 bias fits" in report.summary()
     assert torch.equal(read_packed(tmp_path / "p")["c3.weight"], lf.weight_form.codes)
+
+
+@pytest.mark.parametrize("config", ["w8a8", "pot_w4a8"])
+def test_residual_stream_enters_qlinearadd_without_requantization(config, tmp_path):
+    """QAdd passes the stream (already on an output point's grid) through, so onnxruntime
+    fuses everything: one QuantizeLinear (the input) and one DequantizeLinear (the output)."""
+    pytest.importorskip("onnx")
+    from lowbit.export.onnx_qdq import to_onnx
+
+    q, x = quantized(Residual, config)
+    assert [m.passthrough for m in q.modules() if isinstance(m, QAdd)] == [(True, False),
+                                                                           (False, True)]
+    model, _ = to_onnx(q, x[:2])
+    sess, ops = _ort(model, tmp_path)
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops
+    xs = on_grid(q, x[16:])
+    assert torch.equal(torch.from_numpy(sess.run(None, {"input": xs.numpy()})[0]),
+                       IntegerModel(q).run(xs))
+
+
+def test_int8_weights_option_writes_8_bit_weights_as_int8():
+    onnx = pytest.importorskip("onnx")
+    from lowbit.export.onnx_qdq import to_onnx
+
+    q, x = quantized(Plain, "w8a8")
+    types = {}
+    for int8 in (False, True):
+        model, _ = to_onnx(q, x[:2], int8_weights=int8)
+        types[int8] = {i.data_type for i in model.graph.initializer if i.name.startswith("c3_w_")
+                       and i.name.split("_")[2].isdigit()}
+    assert types == {False: {onnx.TensorProto.UINT8}, True: {onnx.TensorProto.INT8}}

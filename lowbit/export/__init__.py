@@ -3,6 +3,7 @@
 * :func:`export` (also ``lowbit.export``): ONNX QCDQ for onnxruntime, an integer model folder
   or packed low-bit weights;
 * :mod:`lowbit.export.integer`: the integer-only reference the formats are checked against;
+* :func:`bit_exact`: the fake-quant model with the integer model's arithmetic (bit for bit);
 * :mod:`lowbit.export.onnx_qdq`, :mod:`lowbit.export.packed`: the writers.
 
 onnx and onnxruntime are optional (``pip install lowbit[export]``) and imported only when used.
@@ -14,8 +15,10 @@ import types
 from ..errors import ExportError
 from .api import FORMATS, export
 from .onnx_qdq import ExportReport
+from .simulate import BitExact, agreement, bit_exact
 
-__all__ = ["FORMATS", "ExportError", "ExportReport", "export"]
+__all__ = ["FORMATS", "BitExact", "ExportError", "ExportReport", "agreement", "bit_exact",
+           "export"]
 
 
 class _CallableModule(types.ModuleType):

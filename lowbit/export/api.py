@@ -138,7 +138,8 @@ def _qonnx_check(model, im: IntegerModel, example: torch.Tensor) -> dict:
 
 
 def export(qmodel: nn.Module, example: torch.Tensor, format: str = "onnx",
-           path: str | Path | None = None, *, check: bool = True) -> ExportReport:
+           path: str | Path | None = None, *, check: bool = True,
+           int8_weights: bool = False) -> ExportReport:
     """Export a calibrated lowbit model.
 
     ``format``: ``onnx`` (QCDQ for onnxruntime, a file), ``qonnx`` (a file: ``Quant`` nodes
@@ -147,8 +148,9 @@ def export(qmodel: nn.Module, example: torch.Tensor, format: str = "onnx",
     ``packed`` (a folder: 1/2/4/8-bit codes packed into bytes and ``manifest.json``).
     ``example`` is one input batch (its shape fixes all but the batch dimension). ``check``
     runs the file (onnxruntime, or qonnx's executor) on the example against the integer
-    reference. Returns the
-    export report: what runs on integers, what stayed float and why.
+    reference. ``int8_weights`` (onnx): 8-bit weights as int8, for onnxruntime's U8S8
+    kernels (:func:`lowbit.export.onnx_qdq.to_onnx`). Returns the export report: what runs
+    on integers, what stayed float and why.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -161,17 +163,19 @@ def export(qmodel: nn.Module, example: torch.Tensor, format: str = "onnx",
     was_training = qmodel.training
     qmodel.eval()
     try:
-        return _export(qmodel.cpu(), example, format, out, check)
+        return _export(qmodel.cpu(), example, format, out, check, int8_weights)
     finally:
         qmodel.train(was_training)
 
 
-def _export(qmodel, example, format, out: Path, check: bool) -> ExportReport:
+def _export(qmodel, example, format, out: Path, check: bool,
+            int8_weights: bool = False) -> ExportReport:
     im = IntegerModel(qmodel)
     if format in FILE_FORMATS:
         from .onnx_qdq import to_onnx, to_qonnx
 
-        model, report = (to_onnx if format == "onnx" else to_qonnx)(qmodel, example, im)
+        model, report = to_onnx(qmodel, example, im, int8_weights=int8_weights) \
+            if format == "onnx" else to_qonnx(qmodel, example, im)
         data = model.SerializeToString()
         if check:
             run = _ort_check if format == "onnx" else _qonnx_check

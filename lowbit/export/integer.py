@@ -13,8 +13,9 @@ scale (:func:`_add` says which); average pools sum in int32 and fold ``1 / N`` i
 multiplier. Activation clamps clamp codes, bounds rounded onto the grid (exact, as rounding is
 monotone).
 
-torch has no integer convolution on the CPU: products are summed exactly in float64 (integers
-below ``2**53``) and checked to fit int32.
+torch has no integer convolution on the CPU: products are summed exactly in float32 where
+every partial sum stays below ``2**24`` (weights split into high and low parts when needed),
+else in float64, and checked to fit int32.
 """
 
 from __future__ import annotations
@@ -261,17 +262,39 @@ def _exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64)
 
 
-def _accumulate(lf: LayerForm, x: torch.Tensor) -> torch.Tensor:
-    """Exact int32 accumulation (float64 holds the integer sums exactly)."""
-    mod = lf.module
-    w = _exact(lf.weight_codes)
+FLOAT32_EXACT = 2**24  # float32 holds every integer below this exactly
+SPLIT = 16  # weight codes split as SPLIT * high + low, low in [0, SPLIT)
+
+
+def _sums(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if isinstance(mod, nn.Conv2d):
-        if mod.padding_mode != "zeros":
-            raise ExportError(f"layer {lf.name!r}: padding mode {mod.padding_mode!r} is not "
-                              "exported")
-        acc = F.conv2d(_exact(x), w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+        return F.conv2d(x, w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+    return F.linear(x, w)
+
+
+def _accumulate(lf: LayerForm, x: torch.Tensor) -> torch.Tensor:
+    """Exact int32 accumulation. Integer sums are exact in float32 while the sum of the
+    terms' magnitudes stays below ``2**24`` (every partial sum does, in any order), so the
+    weight codes are split into high and low parts where one product would not fit; float64
+    where even that would not."""
+    mod = lf.module
+    if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+        raise ExportError(f"layer {lf.name!r}: padding mode {mod.padding_mode!r} is not "
+                          "exported")
+    codes = lf.weight_codes
+    k = codes[0].numel()  # terms per output (per group for grouped convs)
+    x_max = int(x.abs().max()) if x.numel() else 0
+    w_max = int(codes.abs().max()) if codes.numel() else 0
+    xf = x.to(torch.float32)
+    if k * x_max * w_max < FLOAT32_EXACT:
+        acc = _sums(mod, xf, codes.to(x.device, torch.float32)).to(torch.float64)
+    elif k * x_max * max(SPLIT, w_max // SPLIT + 1) < FLOAT32_EXACT:
+        high = torch.div(codes, SPLIT, rounding_mode="floor")
+        low = codes - SPLIT * high
+        acc = (_sums(mod, xf, high.to(x.device, torch.float32)).to(torch.float64) * SPLIT
+               + _sums(mod, xf, low.to(x.device, torch.float32)).to(torch.float64))
     else:
-        acc = F.linear(_exact(x), w)
+        acc = _sums(mod, _exact(x), _exact(codes).to(x.device))
     acc = acc.round().to(torch.int64)
     if lf.bias is not None:
         acc = acc + (lf.bias.reshape([1, -1] + [1] * (acc.dim() - 2)))
@@ -342,6 +365,31 @@ def _add(a: IntValue, b: IntValue, stats: Stats) -> IntValue:
     return acc
 
 
+MAX_ALIGN = 30  # bits one operand of a two-grid add may be shifted left by
+
+
+def add_codes(values: list[IntValue], grid: Grid, stats: Stats | None = None) -> IntValue:
+    """Codes on different grids added straight onto ``grid`` (what QLinearAdd computes):
+    ``round(sum_i M_i * (c_i - z_i)) + z``, each ``M_i = s_i / s`` dyadic, the sum exact."""
+    dims = max(v.data.dim() for v in values)
+    parts = []
+    for v in values:
+        m, n = dyadic((_dim1(v.scale.float(), dims) / _dim1(grid.scale, dims)).float())
+        if stats is not None:
+            stats.multipliers.append(m.flatten())
+        parts.append((v.centred() * m, n))
+    top = torch.stack([n.max() for _, n in parts]).max()
+    total = 0
+    for p, n in parts:
+        if bool((top - n > MAX_ALIGN).any()):
+            raise ExportError("a residual add joins grids whose scales differ by more than "
+                              f"2**{MAX_ALIGN}; give both inputs one grid (a QAdd point)")
+        total = total + torch.bitwise_left_shift(p, top - n)
+    q = shift_round(total, top) + _dim1(grid.zero_point, dims)
+    q = q.clamp(grid.qmin, grid.qmax)
+    return IntValue(q, grid.scale, grid.zero_point, grid)
+
+
 class IntegerModel:
     """Runs a calibrated lowbit model on integers, node by node of its fx graph.
 
@@ -390,11 +438,7 @@ class IntegerModel:
         return self._maybe_requant(op.node, out)
 
     def _qadd(self, op: Op, a, b) -> IntValue:
-        q = op.module.quant
-        grid = Grid.of(q)
-        ca, cb = self._codes_for(a, grid, q), self._codes_for(b, grid, q)
-        out = IntValue(ca.centred() + cb.centred(), grid.scale, _ZERO)
-        return self._maybe_requant(op.node, out)
+        return qadd(op, [a, b], self._codes_for, self.targets.get(op.node), self.stats)
 
     def _float(self, op: Op, args):
         self.stats.float_ops[op.name] = op.kind
@@ -418,9 +462,27 @@ class IntegerModel:
             return data.size(*args[1:])
         if k == "getitem" and not isinstance(args[0], (torch.Tensor, IntValue)):
             return args[0][op.attrs["index"]]
+        if k == "concat":
+            return self._concat(op, args[0])
+        if k == "const":
+            return op.attrs["value"]
+        if k == "float_fn":  # a function with constant weights, on real values
+            self.stats.float_ops[op.name] = "float function"
+            real = [a.real() if isinstance(a, IntValue) else a for a in args]
+            return op.node.target(*real, **op.node.kwargs)
         x = args[0]
         if not isinstance(x, IntValue):  # a float region (before the first quantizer)
             return self._float_op(op, args)
+        if k == "pixel_shuffle":
+            if x.scale.numel() > 1:
+                raise ExportError(f"{op.name}: pixel shuffle of a tensor with per-channel "
+                                  "scales mixes channels; requantize it first")
+            return IntValue(F.pixel_shuffle(x.data, op.attrs["factor"]), x.scale,
+                            x.zero_point, x.grid)
+        if k == "upsample":
+            f = op.attrs["factor"]
+            data = x.data.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
+            return IntValue(data, x.scale, x.zero_point, x.grid)
         if k == "clamp":
             return clamp_codes(x, op.attrs["lo"], op.attrs["hi"])
         if k == "identity":
@@ -451,6 +513,30 @@ class IntegerModel:
                 return a.real() + b
             return self._maybe_requant(op.node, _add(a, b, self.stats))
         raise ExportError(f"{op.name}: the integer model cannot run {k!r} here")
+
+    def _concat(self, op: Op, parts: list):
+        """Codes on one grid concatenate as they are; along channels, different grids (or
+        accumulators) give per-channel scales and zero-points, requantized by the next
+        quantizer."""
+        dim = op.attrs["dim"]
+        if not all(isinstance(v, IntValue) for v in parts):
+            self.stats.float_ops[op.name] = "concat of a float value"
+            return torch.cat([v.real() if isinstance(v, IntValue) else v for v in parts], dim)
+        data = torch.cat([v.data for v in parts], dim)
+        first = parts[0]
+        if first.grid is not None and all(v.grid is not None and v.grid.same(first.grid)
+                                          for v in parts):
+            return IntValue(data, first.scale, first.zero_point, first.grid)
+        if dim % data.dim() != 1:
+            raise ExportError(f"{op.name}: concat of tensors on different grids is exported "
+                              "along channels only; give them one grid")
+
+        def per_channel(t, v):
+            return t.reshape(-1).expand(v.data.shape[1]) if t.numel() == 1 else t.reshape(-1)
+
+        scale = torch.cat([per_channel(v.scale.float(), v) for v in parts])
+        zp = torch.cat([per_channel(v.zero_point, v) for v in parts])
+        return IntValue(data, scale, zp, None)
 
     def _pad(self, op: Op, x: IntValue) -> IntValue:
         pad = op.attrs["pad"]
@@ -500,6 +586,24 @@ class IntegerModel:
             else:
                 env[op.node] = self._step(op, env)
         raise ExportError("the graph has no output")
+
+
+def qadd(op: Op, args: list, codes_for, target: Quantizer | None, stats: Stats) -> IntValue:
+    """A QAdd: passthrough inputs keep their grids, the others are requantized onto the
+    QAdd's; on one grid the codes add in int32, on two they go straight onto the target grid
+    (:func:`add_codes`)."""
+    q = op.module.quant
+    grid = Grid.of(q)
+    vals = []
+    for v, through in zip(args, op.module.passthrough, strict=True):
+        on_grid = through and isinstance(v, IntValue) and v.grid is not None
+        vals.append(v if on_grid else codes_for(v, grid, q))
+    if all(v.grid.same(vals[0].grid) for v in vals):
+        out = IntValue(vals[0].centred() + vals[1].centred(), vals[0].grid.scale, _ZERO)
+        return out if target is None else requantize(out, Grid.of(target), stats)
+    if target is None:
+        return _add(vals[0], vals[1], stats)
+    return add_codes(vals, Grid.of(target), stats)
 
 
 def integer_model(qmodel: nn.Module) -> IntegerModel:

@@ -28,6 +28,12 @@ from ..graph.ops import Op, resolve
 from .integer import Grid, IntegerModel
 
 OPSET = 21
+# onnxruntime's U8S8 kernels on x86 CPUs without VNNI (AVX2, AVX-512F) sum pairs of uint8 x
+# int8 products in int16 (vpmaddubsw), which saturates once two weight codes exceed 128 in
+# magnitude together (255 * 128 = 32640 is the most that is safe); 8-bit weights are then
+# written as uint8 around zero-point 128 (U8U8, exact everywhere), weights of 7 bits or fewer
+# stay int8.
+U8S8_SAFE = 64
 
 
 @dataclass
@@ -89,7 +95,8 @@ def _onnx():
 
 
 class _Writer:
-    def __init__(self, im: IntegerModel, example: torch.Tensor):
+    def __init__(self, im: IntegerModel, example: torch.Tensor, int8_weights: bool = False):
+        self.int8_weights = int8_weights
         self.onnx = _onnx()
         self.h = self.onnx.helper
         self.im = im
@@ -179,11 +186,15 @@ class _Writer:
         return self.quantize(y, Grid.of(q), base)
 
     def weight(self, lf, name: str) -> str:
-        """int8 weight codes dequantized per output channel (axis 0)."""
-        w_codes = lf.weight_codes.numpy().astype(np.int8)
-        w = self.const(name + "_w", w_codes)
+        """Weight codes dequantized per output channel (axis 0): int8, or uint8 with
+        zero-point 128 where a code exceeds :data:`U8S8_SAFE` (see there) unless
+        ``int8_weights``."""
+        codes = lf.weight_codes
+        shifted = not self.int8_weights and bool((codes.abs() > U8S8_SAFE).any())
+        dtype, zp = (np.uint8, 128) if shifted else (np.int8, 0)
+        w = self.const(name + "_w", (codes + zp).numpy().astype(dtype))
         ws = self.const(name + "_w_scale", lf.weight_scale.numpy().astype(np.float32))
-        wz = self.const(name + "_w_zp", np.zeros(w_codes.shape[0], np.int8))
+        wz = self.const(name + "_w_zp", np.full(codes.shape[0], zp, dtype))
         return self.node("DequantizeLinear", [w, ws, wz], name + "_wdq", axis=0)
 
     def bias(self, lf, name: str) -> str:
@@ -225,10 +236,13 @@ class _Writer:
         return out
 
     def qadd(self, op: Op, a, b):
+        """Passthrough inputs enter on their own grids (QLinearAdd takes one per input)."""
         grid = Grid.of(op.module.quant)
-        fa = self.as_float(self.quantize(a, grid, op.name + "_a"))
-        fb = self.as_float(self.quantize(b, grid, op.name + "_b"))
-        y = _Float(self.node("Add", [fa.name, fb.name], op.name))
+        fs = []
+        for v, through, tag in zip((a, b), op.module.passthrough, "ab", strict=True):
+            on_grid = through and isinstance(v, _Codes)
+            fs.append(self.as_float(v if on_grid else self.quantize(v, grid, op.name + "_" + tag)))
+        y = _Float(self.node("Add", [fs[0].name, fs[1].name], op.name))
         return self.requant_out(op.node, y, op.name)
 
     def add(self, op: Op, a, b):
@@ -314,7 +328,9 @@ class _Writer:
             begins[d], ends[d] = pad[2 * i], pad[2 * i + 1]
         pads = self.const("pads", np.array(begins + ends, np.int64))
         if isinstance(v, _Codes):
-            if v.grid.scale.numel() > 1 or not self.integer_clamps:
+            if not self.integer_clamps:  # QONNX: float values on the grid; zeros stay on it
+                return _Codes(self.node("Pad", [v.name, pads], op.name), v.grid, v.lo, v.hi)
+            if v.grid.scale.numel() > 1:
                 v = self.as_float(v)
             else:
                 value = self.const("pad_value", np.array(
@@ -340,10 +356,61 @@ class _Writer:
               (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))]
         return self.on_tensor(v, lambda n: self.node("Slice", [n, *cs], op.name))
 
+    def concat(self, op: Op, parts):
+        dim = op.attrs["dim"]
+        first = parts[0]
+        if all(isinstance(v, _Codes) for v in parts) and all(v.grid.same(first.grid)
+                                                              for v in parts):
+            name = self.node("Concat", [self.materialize(v) for v in parts], op.name, axis=dim)
+            return _Codes(name, first.grid, *self._range(first.grid))
+        self.report.dequantized[op.name] = ("concat of inputs on different grids (in float; "
+                                            "give them one grid to concatenate codes)")
+        return _Float(self.node("Concat", [self.as_float(v).name for v in parts], op.name,
+                                axis=dim))
+
+    def _range(self, grid: Grid) -> tuple[int, int]:
+        info = np.iinfo(self.container(grid))
+        return int(info.min), int(info.max)
+
+    def pixel_shuffle(self, op: Op, v):
+        if isinstance(v, _Codes) and v.grid.scale.numel() > 1:
+            v = self.as_float(v)
+        return self.on_tensor(v, lambda n: self.node("DepthToSpace", [n], op.name,
+                                                     blocksize=op.attrs["factor"], mode="CRD"))
+
+    def upsample(self, op: Op, v):
+        f = float(op.attrs["factor"])
+        scales = self.const("scales", np.array([1.0, 1.0, f, f], np.float32))
+        return self.on_tensor(v, lambda n: self.node(
+            "Resize", [n, "", scales], op.name, mode="nearest",
+            coordinate_transformation_mode="asymmetric", nearest_mode="floor"))
+
+    def float_fn(self, op: Op, x, weight, bias=None, *rest):
+        """``F.conv2d`` with constant weights (EDSR's mean shifts), in float."""
+        node = op.node
+        names = ["stride", "padding", "dilation", "groups"]
+        vals = dict(zip(names, rest, strict=False)) | dict(node.kwargs)
+        if not isinstance(weight, torch.Tensor) or not (bias is None
+                                                        or isinstance(bias, torch.Tensor)):
+            raise ExportError(f"{op.name}: conv2d is exported with constant weights only")
+        stride, pad, dil = (_pair_of(vals.get(n, d)) for n, d in
+                            (("stride", 1), ("padding", 0), ("dilation", 1)))
+        ins = [self.as_float(x).name, self.const(op.name + "_w", weight.numpy())]
+        if bias is not None:
+            ins.append(self.const(op.name + "_b", bias.numpy()))
+        self.report.dequantized[op.name] = "kept float (conv2d with constant weights)"
+        return _Float(self.node("Conv", ins, op.name, kernel_shape=list(weight.shape[2:]),
+                                strides=list(stride), pads=list(pad) * 2, dilations=list(dil),
+                                group=int(vals.get("groups", 1))))
+
     def float_module(self, op: Op, v):
         mod = op.module
         x = self.as_float(v)
         self.report.dequantized[op.name] = f"kept float ({type(mod).__name__})"
+        if type(mod).__name__ == "MeanShift":  # a fixed 1x1 conv held in buffers
+            ins = [x.name, self.const(op.name + "_w", mod.weight.detach().numpy()),
+                   self.const(op.name + "_b", mod.bias.detach().numpy())]
+            return _Float(self.node("Conv", ins, op.name, kernel_shape=[1, 1]))
         if isinstance(mod, nn.Conv2d):
             ins = [x.name, self.const(op.name + "_w", mod.weight.detach().numpy())]
             if mod.bias is not None:
@@ -410,10 +477,17 @@ class _Writer:
                    "quant": lambda op, v: self.quantize(v, Grid.of(op.module), op.name), "add": self.add, "clamp": self.clamp,
                    "avgpool": self.avgpool, "maxpool": self.maxpool, "flatten": self.flatten,
                    "pad": self.pad, "slice": self.slice, "float": self.float_module,
+                   "concat": self.concat, "pixel_shuffle": self.pixel_shuffle,
+                   "upsample": self.upsample, "float_fn": self.float_fn,
+                   "const": lambda op: op.attrs["value"],
                    "identity": lambda op, v: v}.get(k)
         if handler is None:
             raise ExportError(f"{op.name}: {k!r} is not written to ONNX")
         return handler(op, *args)
+
+
+def _pair_of(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _offset(grid: Grid) -> int:
@@ -506,10 +580,10 @@ class _QonnxWriter(_Writer):
 
 
 def _write(writer: type[_Writer], qmodel: nn.Module, example: torch.Tensor,
-           im: IntegerModel | None):
+           im: IntegerModel | None, **options):
     im = im or IntegerModel(qmodel)
     with torch.no_grad():
-        w = writer(im, example.detach().cpu())
+        w = writer(im, example.detach().cpu(), **options)
         model = w.write()
     w.report.shifts_only = im.power_of_two or None
     return model, w.report
@@ -520,6 +594,9 @@ def to_qonnx(qmodel: nn.Module, example: torch.Tensor, im: IntegerModel | None =
     return _write(_QonnxWriter, qmodel, example, im)
 
 
-def to_onnx(qmodel: nn.Module, example: torch.Tensor, im: IntegerModel | None = None):
-    """The ONNX QCDQ model (an ``onnx.ModelProto``) and its :class:`ExportReport`."""
-    return _write(_Writer, qmodel, example, im)
+def to_onnx(qmodel: nn.Module, example: torch.Tensor, im: IntegerModel | None = None, *,
+            int8_weights: bool = False):
+    """The ONNX QCDQ model (an ``onnx.ModelProto``) and its :class:`ExportReport`.
+    ``int8_weights`` writes 8-bit weights as int8 too (onnxruntime's U8S8 kernels, as its
+    ``quantize_static`` does): fastest, exact on CPUs with VNNI, saturating on x86 without."""
+    return _write(_Writer, qmodel, example, im, int8_weights=int8_weights)

@@ -24,7 +24,8 @@ from .trace import ADD_TARGETS, trace_graph
 
 # ops that commute with a monotone rounding to a grid whose zero is a code: an accumulator
 # can be requantized before them with the same result as after them
-COMMUTING = {"clamp", "maxpool", "flatten", "reshape", "slice", "pad", "identity"}
+COMMUTING = {"clamp", "maxpool", "flatten", "reshape", "slice", "pad", "identity",
+             "pixel_shuffle", "upsample"}
 
 
 @dataclass
@@ -71,6 +72,20 @@ def _pair(v) -> tuple[int, int]:
 
 
 FLOAT_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
+FLOAT_MODULES = {"MeanShift"}  # fixed affine maps kept float (EDSR's mean shifts)
+
+
+def _upsample(node, args, scale, mode, size=None) -> Op:
+    """Nearest upsampling by an integer factor (it repeats values, so it acts on codes)."""
+    k = scale if not isinstance(scale, (tuple, list)) else tuple(set(scale))
+    if isinstance(k, tuple) and len(k) == 1:
+        k = k[0]
+    if mode != "nearest" or size is not None or not isinstance(k, (int, float)) \
+            or float(k) != int(k) or int(k) < 1:
+        raise ExportError(f"{node.name}: upsampling is exported as nearest by one integer "
+                          f"factor (scale_factor=k, mode='nearest'), got mode {mode!r}, "
+                          f"scale_factor {scale!r}, size {size!r}")
+    return Op("upsample", node, args, {"factor": int(k)})
 
 
 def _module_op(node: fx.Node, mod: nn.Module) -> Op:
@@ -107,7 +122,11 @@ def _module_op(node: fx.Node, mod: nn.Module) -> Op:
                         mod.count_include_pad, mod.divisor_override)
     if isinstance(mod, (nn.ZeroPad2d, nn.ConstantPad2d)) and float(mod.value) == 0.0:
         return Op("pad", node, args, {"pad": tuple(mod.padding)})
-    if isinstance(mod, FLOAT_LAYERS):
+    if isinstance(mod, nn.PixelShuffle):
+        return Op("pixel_shuffle", node, args, {"factor": int(mod.upscale_factor)})
+    if isinstance(mod, nn.Upsample):
+        return _upsample(node, args, mod.scale_factor, mod.mode, mod.size)
+    if isinstance(mod, FLOAT_LAYERS) or type(mod).__name__ in FLOAT_MODULES:
         return Op("float", node, args, module=mod)
     raise ExportError(
         f"layer {node.target!r} ({type(mod).__name__}) is not known to the exporter; it is "
@@ -179,6 +198,19 @@ def _function_op(node: fx.Node) -> Op:
             raise ExportError(f"{node.name}: only zero padding is exported, got mode {mode!r} "
                               f"value {value!r}")
         return Op("pad", node, args[:1], {"pad": tuple(pad)})
+    if f in (torch.cat, torch.concat):
+        dim = kw.get("dim", args[1] if len(args) > 1 else 0)
+        return Op("concat", node, [list(args[0])], {"dim": dim})
+    if f is F.pixel_shuffle:
+        return Op("pixel_shuffle", node, args[:1],
+                  {"factor": int(kw.get("upscale_factor", args[1] if len(args) > 1 else 0))})
+    if f is F.interpolate:
+        names = ["size", "scale_factor", "mode"]
+        vals = dict(zip(names, args[1:], strict=False)) | kw
+        return _upsample(node, args[:1], vals.get("scale_factor"), vals.get("mode", "nearest"),
+                         vals.get("size"))
+    if f is F.conv2d:  # a conv with constant weights (EDSR's mean shift): kept float
+        return Op("float_fn", node, args)
     if f is operator.getitem:
         return Op("getitem", node, args[:1], {"index": args[1]})
     raise ExportError(
@@ -231,6 +263,11 @@ def describe(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
         return Op("output", node, [node.args[0]])
     if node.op == "call_module":
         return _module_op(node, modules[node.target])
+    if node.op == "get_attr":
+        owner, _, attr = node.target.rpartition(".")
+        value = getattr(modules[owner], attr)
+        if isinstance(value, torch.Tensor):
+            return Op("const", node, [], {"value": value.detach()})
     if node.op == "call_function":
         op = _function_op(node)
     elif node.op == "call_method":
@@ -283,6 +320,9 @@ def requant_target(node: fx.Node, modules: dict[str, nn.Module]) -> Quantizer | 
     if op is None:
         return None
     q = input_quantizer(op)
-    if q is not None and end in op.args[: 2 if op.kind == "qadd" else 1]:
+    if op.kind == "qadd":
+        slots = [a for a, p in zip(op.args[:2], op.module.passthrough, strict=True) if not p]
+        return q if end in slots else None
+    if q is not None and end in op.args[:1]:
         return q
     return None

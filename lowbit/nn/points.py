@@ -49,15 +49,23 @@ class BiasQuant(nn.Module):
 
 
 class QAdd(nn.Module):
-    """``a + b`` with both inputs on one quantizer's grid (one scale, one zero-point); the
-    quantizer's observer sees both inputs, so its range covers both."""
+    """``a + b`` of two inputs on integer grids. An input that already lies on a quantizer's
+    grid (the residual stream after an output point) is added as it is (``passthrough``);
+    the others are quantized by ``quant`` (the quantizer's observer sees them). Integer kernels
+    (QLinearAdd) take one grid per input, so the stream needs no requantization, which
+    onnxruntime would run as separate float ops."""
 
-    def __init__(self, quant: Quantizer):
+    def __init__(self, quant: Quantizer, passthrough: tuple[bool, bool] = (False, False)):
         super().__init__()
         self.quant = quant
+        self.passthrough = tuple(passthrough)
+
+    def extra_repr(self) -> str:
+        return f"passthrough={self.passthrough}"
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.quant(a) + self.quant(b)
+        pa, pb = self.passthrough
+        return (a if pa else self.quant(a)) + (b if pb else self.quant(b))
 
 
 @dataclass
@@ -147,6 +155,12 @@ def insert_points(model: nn.Module, *, bias: bool = True, outputs: bool = True,
                 new = graph.call_module(name, (end,))
             end.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
             report.outputs[name] = end.name
+    if adds:
+        modules = dict(gm.named_modules())
+        for node in graph.nodes:
+            if node.op == "call_module" and isinstance(modules[node.target], QAdd):
+                modules[node.target].passthrough = tuple(
+                    _on_grid(a, modules) for a in node.args[:2])
     if bias:
         for name, mod in gm.named_modules():
             if isinstance(mod, QuantLayerMixin) and mod.bias is not None \
@@ -158,6 +172,24 @@ def insert_points(model: nn.Module, *, bias: bool = True, outputs: bool = True,
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
     return gm, report
+
+
+def _on_grid(node, modules: dict[str, nn.Module]) -> bool:
+    """The value is a quantizer's output, through ops that keep values on its grid."""
+    from ..graph.ops import COMMUTING, describe
+
+    while isinstance(node, fx.Node):
+        if node.op == "call_module" and isinstance(modules.get(node.target), Quantizer):
+            return True
+        if node.op == "placeholder":
+            return False
+        op = describe(node, modules)
+        clamp_off_grid = op.kind == "clamp" and (op.attrs.get("hi") is not None
+                                                 or op.attrs.get("lo") not in (None, 0.0))
+        if op.kind not in COMMUTING or clamp_off_grid:  # a bound may lie between codes
+            return False
+        node = op.args[0]
+    return False
 
 
 def share_grids(model: nn.Module, report: PointsReport) -> list[str]:
