@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--weights", "-w", default=None, help="float weights (default: meta.json)")
     ex.add_argument("--no-check", action="store_true",
                     help="skip running the file against the integer reference")
+    ex.add_argument("--int8-weights", action="store_true",
+                    help="onnx: 8-bit weights as int8 (onnxruntime's faster U8S8 kernels), exact "
+                    "only on CPUs with VNNI; default uint8 around 128, exact everywhere "
+                    "(docs/export.md)")
     ex.add_argument("--points", action="store_true",
                     help="add the integer model's quantization points (int32 bias, QAdd, "
                     "output grids; docs/export.md) and calibrate them on --calib-size images "

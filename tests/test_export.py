@@ -2,6 +2,7 @@
 
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -443,6 +444,21 @@ def test_cli_exports_a_saved_folder(tmp_path, capsys):
                      "-o", str(tmp_path / "m2.onnx")]) == 0
         assert "onnxruntime against the integer reference on the example: max |diff| 0" \
             in capsys.readouterr().out
+        assert main(["export", "--quantized", str(tmp_path / "saved"), "--format", "int",
+                     "--int8-weights", "-o", str(tmp_path / "y")]) == 2
+        assert "--int8-weights applies to --format onnx only" in capsys.readouterr().err
+        assert main(["export", "--quantized", str(tmp_path / "saved"), "--int8-weights",
+                     "--no-check", "-o", str(tmp_path / "m3.onnx")]) == 0
+        import onnx
+        from onnx import numpy_helper
+
+        def containers(path):  # the 8-bit containers of conv/linear weights
+            arrays = [numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer]
+            return [a for a in arrays if a.ndim > 1 and a.dtype in (np.int8, np.uint8)]
+
+        weights, shifted = containers(tmp_path / "m3.onnx"), containers(tmp_path / "m2.onnx")
+        assert weights and all(w.dtype == np.int8 for w in weights)
+        assert any(w.dtype == np.uint8 for w in shifted)  # the 8-bit first/last layers
 
 
 # -- QONNX -----------------------------------------------------------------------------------

@@ -44,7 +44,10 @@ def run(args) -> int:
     qmodel = load_quantized(get_model(name, weights), folder, example)
     if args.points:
         qmodel = _with_points(qmodel, spec, args)
-    report = export(qmodel, example, args.format, out, check=not args.no_check)
+    if args.int8_weights and args.format != "onnx":
+        raise ConfigError("--int8-weights applies to --format onnx only")
+    report = export(qmodel, example, args.format, out, check=not args.no_check,
+                    int8_weights=args.int8_weights)
     print(report.summary())
     diff = report.extra.get("runtime_vs_integer_max_abs")
     if diff is not None:
