@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
+    ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4],
+                    help="QIL weight and activation bits (results: label_free.json at 4, "
+                    "label_free_wBaB.json otherwise)")
     args = ap.parse_args()
 
     import torch
@@ -77,7 +80,7 @@ def main() -> None:
     for name in args.only:
         recipe = Recipe(
             name=name, model="resnet20", weights=w, dataset="cifar10", method="qil",
-            stages=[{"w_bits": 4, "a_bits": 4}], batch_size=args.batch_size, calib_size=1024,
+            stages=[{"w_bits": args.bits, "a_bits": args.bits}], batch_size=args.batch_size, calib_size=1024,
             eval_size=500,  # the per-epoch check only; the result is on all test images below
             train=dict(epochs=args.epochs, max_steps_per_epoch=args.steps, lr=LR,
                        quant_lr=QUANT_LR, schedule="cosine", augment="crop-flip",
@@ -103,9 +106,10 @@ def main() -> None:
               f"{row['agreement_with_float']:.2f} %)"
               + (f", {row['diff_vs_labels']:+.2f} +- {row['diff_se']:.2f} vs labels"
                  if "diff_se" in row else ""), flush=True)
-    write_json(RESULTS / "label_free.json", {
+    b = args.bits
+    write_json(RESULTS / ("label_free.json" if b == 4 else f"label_free_w{b}a{b}.json"), {
         "command": "python benchmarks/label_free.py " + " ".join(sys.argv[1:]),
-        "model": "resnet20", "method": "qil", "bits": "4/4",
+        "model": "resnet20", "method": "qil", "bits": f"{b}/{b}",
         "setting": f"{args.epochs} epochs x {args.steps} steps of batch {args.batch_size}; SGD "
                    f"lr {LR} (quantizers {QUANT_LR}), cosine, crop-flip, BN folded, per-channel, "
                    "first/last 8 bit, MSE observer; KD: float ResNet-20 teacher, T=1, weight 1",
