@@ -415,11 +415,7 @@ def _optimise_unit(unit: nn.Module, q_args: tuple, target: torch.Tensor, opts: R
     stats: list[torch.Tensor] = []
 
     def bn_hook(mod, inputs, out):
-        tgt = bn[mod]
-        dims = [d for d in range(out.dim()) if d != 1]
-        mean = out.mean(dims)
-        std = torch.sqrt(out.var(dims, unbiased=False) + 1e-5)
-        stats.append(((mean - tgt.mean) ** 2 + (std - tgt.std) ** 2).sum())
+        stats.append(bn_statistics_error(out, bn[mod]))
 
     handles = [m.register_forward_hook(bn_hook) for m in bn] if opts.bn_weight > 0 else []
     gen = torch.Generator().manual_seed(opts.seed)
@@ -507,3 +503,13 @@ def reconstruct(
     report.seconds_optimise = sum(u.seconds for u in report.units)
     report.seconds_cache = total - report.seconds_optimise
     return report
+
+
+def bn_statistics_error(out: torch.Tensor, target) -> torch.Tensor:
+    """Squared distance of a layer output's per-channel batch mean and std from the BN
+    statistics ``target`` (``.mean``, ``.std``): the term that keeps reconstructed or
+    synthesised activations on the float model's distribution."""
+    dims = [d for d in range(out.dim()) if d != 1]
+    mean = out.mean(dims)
+    std = torch.sqrt(out.var(dims, unbiased=False) + 1e-5)
+    return ((mean - target.mean) ** 2 + (std - target.std) ** 2).sum()

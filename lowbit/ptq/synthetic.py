@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..prepare import float_mode
+from .reconstruct import bn_statistics_error
 
 LR = 0.05  # Adam's step on the normalised pixels
 BATCH = 128  # images optimised together (their batch statistics are matched)
@@ -49,11 +50,7 @@ def diversify(
     terms: list[torch.Tensor] = []
 
     def hook(mod, inputs, out):
-        t = mods[mod]
-        dims = [d for d in range(out.dim()) if d != 1]
-        mean = out.mean(dims)
-        std = torch.sqrt(out.var(dims, unbiased=False) + 1e-5)
-        terms.append(((mean - t.mean) ** 2).sum() + ((std - t.std) ** 2).sum())
+        terms.append(bn_statistics_error(out, mods[mod]))
 
     handles = [m.register_forward_hook(hook) for m in mods]
     grads = [(p, p.requires_grad) for p in qmodel.parameters()]
