@@ -41,7 +41,17 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, data_root, load_rows, provenance, run_child, save_rows, weights  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    PROTOCOLS,
+    RESULTS,
+    load_rows,
+    protocol_data,
+    provenance,
+    run_child,
+    save_rows,
+    weights,
+)
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 INSTALL = ("python -m venv /tmp/brevenv --system-site-packages && /tmp/brevenv/bin/pip install "
@@ -74,7 +84,7 @@ FIELDS = ["model", "setting", "w_bits", "a_bits", "top1", "top5", "agreement", "
           "preprocess_max_diff", "seconds_quantize", "seconds_calibrate",
           "seconds_bias_correction", "ptq_seconds", "eval_seconds", "wall_seconds",
           "peak_rss_mib", "load_avg_start", "threads", "brevitas_version", "torch_version",
-          "brevitas_options", "protocol", "commit", "command"]
+          "brevitas_options", "protocol", "protocol_name", "drop", "drop_se", "commit", "command"]
 
 
 def brevitas_version() -> str | None:
@@ -194,18 +204,13 @@ def one(model: str, w_bits: int, a_bits: int, args) -> dict:
     from brevitas_examples.imagenet_classification.ptq.ptq_common import create_quant_maps
     from torch import nn
 
-    from lowbit.models import get_model, get_spec
-    from lowbit.pipeline import build_data
+    from lowbit.models import get_model
 
     torch.manual_seed(0)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    spec = get_spec(model)
-    info = MODELS[model]
-    data = build_data(spec, info["dataset"], data_root(info["dataset"]),
-                      calib_size=args.calib_size, eval_size=args.eval_size,
-                      batch_size=args.batch_size,
-                      workers=2 if info["dataset"] != "cifar10" else 0)
+    data = protocol_data(model, args.protocol, calib_size=args.calib_size,
+                         eval_size=args.eval_size, batch_size=args.batch_size, workers=2)
     net = get_model(model, weights(model)).eval()
     x = data.example
 
@@ -296,7 +301,7 @@ def one(model: str, w_bits: int, a_bits: int, args) -> dict:
         assert torch.equal(torch.log2(s), torch.round(torch.log2(s))), name
 
     t = time.perf_counter()
-    n = top1 = top5 = agree = ftop1 = 0
+    n = top1 = top5 = agree = ftop1 = d_sq = 0
     with torch.no_grad():
         for xb, yb in data.eval:
             out, fout = qnet(xb), net(xb)
@@ -305,13 +310,15 @@ def one(model: str, w_bits: int, a_bits: int, args) -> dict:
             top5 += int((pred == yb[:, None]).any(dim=1).sum())
             fpred = fout.argmax(1)
             ftop1 += int((fpred == yb).sum())
+            d_sq += int(((pred[:, 0] == yb).int() - (fpred == yb).int()).pow(2).sum())
             agree += int((fpred == pred[:, 0]).sum())
             n += yb.shape[0]
     eval_seconds = time.perf_counter() - t
     return dict(
         model=model, setting=f"W{w_bits}A{a_bits}", w_bits=w_bits, a_bits=a_bits,
         top1=100.0 * top1 / n, top5=100.0 * top5 / n, agreement=100.0 * agree / n,
-        float_top1=100.0 * ftop1 / n, eval_images=n, calib_images=len(data.calib.dataset),
+        float_top1=100.0 * ftop1 / n, drop=100.0 * (ftop1 - top1) / n,
+        drop_se=paired_se(top1, ftop1, d_sq, n), protocol_name=args.protocol, eval_images=n, calib_images=len(data.calib.dataset),
         first_last_bits_checked=json.dumps({"first": first[0], "last": last[0],
                                             "quantizers": edge_inputs, "bits": 8}),
         float_rewrite_max_diff=rewrite_diff, shortcut_rewrites=rewrites,
@@ -327,10 +334,21 @@ def one(model: str, w_bits: int, a_bits: int, args) -> dict:
     )
 
 
+def paired_se(hits: int, ref_hits: int, d_sq: int, n: int) -> float:
+    """Standard error, in points, of the paired top-1 difference from per-image hit counts."""
+    mean = (hits - ref_hits) / n
+    var = max(0.0, d_sq / n - mean**2) * n / max(1, n - 1)
+    return 100.0 * (var / n) ** 0.5
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20"], choices=list(MODELS))
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--protocol", default="imagenette", choices=PROTOCOLS,
+                    help="ImageNet models: diverse (calibrate on 650 of imagenet-val-1300, "
+                    "evaluate on the other 649), narrow (calibrate on imagenette, evaluate on all "
+                    "of imagenet-val-1300) or imagenette (10 classes both)")
     ap.add_argument("--calib-size", type=int, default=1024)
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -352,7 +370,7 @@ def main() -> None:
     out = Path(args.out)
     rows = load_rows(out)
     common = ["--calib-size", str(args.calib_size), "--batch-size", str(args.batch_size),
-              "--threads", str(args.threads)]
+              "--threads", str(args.threads), "--protocol", args.protocol]
     if args.eval_size:
         common += ["--eval-size", str(args.eval_size)]
     for m in args.models:
@@ -365,7 +383,9 @@ def main() -> None:
             row["command"] = ("OMP_WAIT_POLICY=PASSIVE /tmp/brevenv/bin/python "
                               "benchmarks/brevitas_pot.py --models " + m + " --settings " + s
                               + " " + " ".join(common))
-            rows = [r for r in rows if (r["model"], r["setting"]) != (m, s)] + [row]
+            key = (m, s, args.protocol)
+            rows = [r for r in rows if (r["model"], r["setting"],
+                                        r.get("protocol_name") or "imagenette") != key] + [row]
             save_rows(out, rows, FIELDS)
             print(f"{m:<20} brevitas-pot {s}  top-1 {row['top1']:.2f} (float "
                   f"{row['float_top1']:.2f})  (ptq {row['ptq_seconds']:.0f} s, wall "

@@ -38,7 +38,7 @@ from common import (  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 DEFAULT_CONFIGS = ["pot", "rapq-quick", "rapq", "brecq"]
-FIELDS = ["model", "method", "config", "protocol_name", "w_bits", "a_bits", "top1", "top5", "agreement",
+FIELDS = ["model", "method", "config", "protocol_name", "diversify", "w_bits", "a_bits", "top1", "top5", "agreement",
           "sqnr_db", "float_top1", "drop", "drop_se", "iters", "round_weight", "lr_round", "recon_batch_size", "learn_a_scale", "quick_iters", "quick_batch_size", "bn_guided", "quick_naive_error",
           "quick_adjusted_error", "recon_error_before", "recon_error_after", "recon_kept",
           "eval_images", "calib_images", "seconds_calibrate", "seconds_quick", "seconds_cache",
@@ -91,7 +91,7 @@ def one(model: str, name: str, w_bits: int, a_bits: int, args) -> dict:
         agreement=res.agreement, sqnr_db=res.sqnr_db, float_top1=res.reference_top1,
         drop=res.reference_top1 - res.top1, drop_se=res.delta_se, protocol_name=args.protocol,
         calib_coverage=cov.to_dict() if cov is not None else None,
-        iters=opts.get("iters"), round_weight=opts.get("round_weight"),
+        diversify=rinfo.get("diversify"), iters=opts.get("iters"), round_weight=opts.get("round_weight"),
         lr_round=rinfo.get("lr_round"),
         recon_batch_size=opts.get("batch_size"), learn_a_scale=opts.get("learn_a_scale"),
         quick_iters=opts.get("quick_iters"), quick_batch_size=opts.get("quick_batch_size"),
