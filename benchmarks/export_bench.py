@@ -13,7 +13,9 @@ OMP_WAIT_POLICY=PASSIVE; ``ms_*_vs_ort``: median of the per-round ratios to quan
 Top-1 on all evaluation images: onnxruntime and the fake-quant simulation; on the first
 ``--int-size`` images: the integer reference, the bit-exact simulation and onnxruntime again
 (``*_subset``; ``int_vs_ort_argmax``: fraction of those images where the two predict the same
-class). ``one_code_frac``: the default simulation's fraction of layer-input codes one code off
+class). ``drop``/``drop_se``: top-1 drop from float torch on the same images and its paired
+standard error. ImageNet models run on ``--protocol diverse`` or ``narrow`` (common.py).
+``one_code_frac``: the default simulation's fraction of layer-input codes one code off
 the integer reference, on one batch.
 
     python benchmarks/export_bench.py --model resnet20 --int-size 1000 --out /tmp/runs/x/r20
@@ -33,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, protocol_data, provenance, save_rows, weights  # noqa: E402
 
-FIELDS = ["model", "method", "w_bits", "a_bits", "protocol_name", "top1_ort", "top1_sim",
+FIELDS = ["model", "method", "w_bits", "a_bits", "protocol_name", "top1_ort", "drop", "drop_se", "top1_sim",
           "top1_int_subset", "top1_bitexact_subset", "top1_ort_subset", "int_vs_ort_argmax",
           "one_code_frac", "ms_b1", "ms_b32", "ms_b1_vs_ort", "ms_b32_vs_ort", "size_kib",
           "packed_kib", "integer_layers", "dequantized", "eval_images", "int_images",
@@ -68,6 +70,15 @@ def _top1(pred, batches) -> float:
     return round(100.0 * float((pred == y).double().mean()), 2)
 
 
+def _paired(pred, ref, batches) -> tuple[float, float]:
+    """Top-1 drop of ``pred`` from ``ref`` on the same images and its paired standard error."""
+    import torch
+
+    y = torch.cat([y for _, y in batches])
+    d = (ref == y).double() - (pred == y).double()
+    return round(100.0 * float(d.mean()), 2), round(100.0 * float(d.std() / len(d) ** 0.5), 2)
+
+
 def _round_robin(fns: dict, x, reps: int) -> dict:
     """Median latency per function, each called once per round in turn (warm-up first)."""
     for fn in fns.values():
@@ -85,8 +96,12 @@ def _round_robin(fns: dict, x, reps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--calib", type=int, default=1024, help="CIFAR models; ImageNet models "
-                    "calibrate on the diverse protocol's 650")
+    ap.add_argument("--calib", type=int, default=1024, help="calibration images (the diverse "
+                    "protocol always takes its 650)")
+    ap.add_argument("--protocol", default="diverse", choices=["diverse", "narrow"],
+                    help="ImageNet models: diverse (calibrate on 650 of imagenet-val-1300, "
+                    "evaluate on the other 649) or narrow (calibrate on imagenette, evaluate on "
+                    "all of imagenet-val-1300)")
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--int-size", type=int, default=256, help="images for the integer reference")
     ap.add_argument("--pot-method", default="rapq", help="rapq, or pot (no reconstruction)")
@@ -115,7 +130,7 @@ def main() -> None:
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    data = protocol_data(a.model, "diverse", calib_size=a.calib, eval_size=a.eval_size,
+    data = protocol_data(a.model, a.protocol, calib_size=a.calib, eval_size=a.eval_size,
                          batch_size=64)
     model = get_model(a.model, weights(a.model)).eval()
     example = data.example
@@ -126,14 +141,19 @@ def main() -> None:
             break
         subset.append((x, y))
     tmp = Path(tempfile.mkdtemp(prefix="export_bench_"))
-    protocol = "cifar10" if a.model.startswith("resnet") else "diverse"
-    rows, runners = [], {}
+    protocol = "cifar10" if a.model.startswith("resnet") else a.protocol
+    rows, runners, float_pred = [], {}, []
 
     def row(method, fn, bits=(32, 32), path=None, **extra):
         r = {"model": a.model, "method": method, "w_bits": bits[0], "a_bits": bits[1],
              "protocol_name": protocol, "eval_images": sum(len(y) for _, y in evals),
              "calib_images": len(data.calib.dataset), **extra}
-        r["top1_ort"] = _top1(_predict(fn, evals), evals)
+        pred = _predict(fn, evals)
+        r["top1_ort"] = _top1(pred, evals)
+        if float_pred:
+            r["drop"], r["drop_se"] = _paired(pred, float_pred[0], evals)
+        else:
+            float_pred.append(pred)
         if path is not None:
             r["size_kib"] = round(path.stat().st_size / 1024, 1)
         rows.append(r)
