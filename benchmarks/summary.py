@@ -48,6 +48,7 @@ class Pick:
 
     file: str
     match: dict = field(default_factory=dict)
+    score: str = "top1"  # the row's top-1 field
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,11 @@ def _pot(model: str, w: int, a: int, method: str = "rapq") -> Entry:
 
 def _uniform8(model: str) -> Entry:
     file = "ptq_protocol" if model in IMAGENET else "ptq_baseline"
+    peer = Pick("export", {"model": model, "method": "onnxruntime quantize_static U8S8"},
+                "top1_ort")
     return Entry(model, "W8A8 uniform", "`mse`",
-                 Pick(file, {"model": model, "method": "mse", "w_bits": 8, "a_bits": 8}))
+                 Pick(file, {"model": model, "method": "mse", "w_bits": 8, "a_bits": 8}),
+                 (("ORT quantize_static", peer),))
 
 
 # ResNet-20 only: (setting, recipe, results file, run name) of QAT, (setting, file) of SDQ
@@ -120,7 +124,7 @@ class Results:
         Two matching rows are an error: a cell must name exactly one measurement."""
         data, rows = self.load(pick.file)
         found = [r for r in rows if all(r.get(k) == v for k, v in pick.match.items())
-                 and r.get("protocol_name") == protocol]
+                 and r.get("protocol_name") in ((protocol,) if protocol else (None, "cifar10"))]
         if len(found) > 1:
             raise SystemExit(f"{pick.file}.json: {len(found)} rows match {pick.match} "
                              f"(protocol {protocol}); the summary needs exactly one")
@@ -171,8 +175,8 @@ def line(res: Results, e: Entry) -> dict:
             out[NARROW] = _drop(narrow, narrow.get("float_top1"))
     peers = [(name, r, p) for name, p in e.peers if (r := res.find(p, protocol)) is not None]
     if peers:
-        name, r, p = max(peers, key=lambda t: t[1]["top1"])
-        out["best peer"], out["peer top-1"] = name, f"{r['top1']:.2f}"
+        name, r, p = max(peers, key=lambda t: t[1][t[2].score])
+        out["best peer"], out["peer top-1"] = name, f"{r[p.score]:.2f}"
         sources.append(f"{p.file}.json")
     elif e.peers:
         out["best peer"] = " / ".join(name for name, _ in e.peers)
