@@ -12,8 +12,9 @@ warm-up.
 PTQ: :func:`search_units` walks the calibration set through the reconstruction units
 (:func:`lowbit.ptq.blocks.walk_units`, the cache of block reconstruction). At each unit the
 logits and the candidates' parameters learn to reproduce the float unit's output (weights
-frozen), the unit's mixtures are replaced by their argmax, and the chosen quantizers go on
-learning alone for ``finetune_iters`` steps; later units then see the discrete earlier ones.
+frozen); then each mixture keeps one candidate, chosen by the discrete unit's error starting
+from the argmax (:func:`_choose`), and the chosen quantizers go on learning alone for
+``finetune_iters`` steps; later units then see the discrete earlier ones.
 """
 
 from __future__ import annotations
@@ -64,19 +65,27 @@ def mixtures(module: nn.Module) -> list[MixtureQuantizer]:
     return [m for m in module.modules() if isinstance(m, MixtureQuantizer)]
 
 
-def collapse(module: nn.Module) -> dict[str, dict[str, str]]:
-    """Replace every mixture of ``module``'s layers by its argmax candidate; returns the choices
-    by layer name (relative to ``module``) and slot (``weight`` / ``act``)."""
-    chosen: dict[str, dict[str, str]] = {}
+def slots(module: nn.Module) -> list[tuple[str, str, str, MixtureQuantizer]]:
+    """``(layer name relative to module, slot, side, mixture)`` of every mixture in a layer."""
+    out = []
     for name, layer in module.named_modules():
-        if not isinstance(layer, QuantLayerMixin):
-            continue
-        for slot, side in (("weight_quant", "weight"), ("input_quant", "act")):
-            mix = getattr(layer, slot)
-            if isinstance(mix, MixtureQuantizer):
-                i = mix.argmax()
-                chosen.setdefault(name, {})[side] = mix.names[i]
-                setattr(layer, slot, mix.candidates[i])
+        if isinstance(layer, QuantLayerMixin):
+            for slot, side in (("weight_quant", "weight"), ("input_quant", "act")):
+                mix = getattr(layer, slot)
+                if isinstance(mix, MixtureQuantizer):
+                    out.append((name, slot, side, mix))
+    return out
+
+
+def collapse(module: nn.Module) -> dict[str, dict[str, str]]:
+    """Replace every mixture of ``module``'s layers by its chosen candidate (``choice`` where
+    set, else the argmax); returns the choices by layer name (relative to ``module``) and slot
+    (``weight`` / ``act``)."""
+    chosen: dict[str, dict[str, str]] = {}
+    for name, slot, side, mix in slots(module):
+        i = mix.choice if mix.choice is not None else mix.argmax()
+        chosen.setdefault(name, {})[side] = mix.names[i]
+        setattr(module.get_submodule(name) if name else module, slot, mix.candidates[i])
     return chosen
 
 
@@ -141,29 +150,64 @@ def _candidate_states(mixes: Sequence[MixtureQuantizer]) -> list[list[dict]]:
     return [[copy.deepcopy(c.state_dict()) for c in m.candidates] for m in mixes]
 
 
-def _best_start(unit: nn.Module, mixes: Sequence[MixtureQuantizer], calibrated: list[list[dict]],
-                q_args: tuple, target: torch.Tensor, chunk: int, errs: dict) -> str:
-    """After the argmax: keep the chosen quantizers' searched parameters (trained inside the
-    mixture, next to the others) or go back to their calibrated ones, whichever gives the
-    discrete unit the lower error; the fine-tune starts there. Records both in ``errs``."""
-    errs["discrete"] = _error(unit, q_args, target, chunk)
-    searched = [copy.deepcopy(m.chosen().state_dict()) for m in mixes]
-    for m, states in zip(mixes, calibrated, strict=True):
-        m.chosen().load_state_dict(states[m.argmax()])
-    errs["calibrated"] = _error(unit, q_args, target, chunk)
-    if bool(errs["calibrated"] < errs["discrete"]):
-        return "calibrated"
-    for m, state in zip(mixes, searched, strict=True):
-        m.chosen().load_state_dict(state)
-    return "discrete"
+def _choose(unit: nn.Module, calibrated: list[list[dict]], q_args: tuple, target: torch.Tensor,
+            chunk: int, sweeps: int, errs: dict) -> tuple[str, list[dict]]:
+    """The discrete-aware choice: which candidate each mixture keeps, and whether the chosen
+    quantizers keep their searched parameters (trained inside the mixture, next to the others)
+    or go back to their calibrated ones, by the error of the *discrete* unit.
+
+    It starts from the argmax with the better of the two parameter sets (``errs``: ``discrete``
+    and ``calibrated``), then greedy coordinate descent: ``sweeps`` times over the mixtures in
+    order, each tries its other candidates (the rest fixed, both parameter sets, for the unit
+    as a whole) and keeps one only if the unit's error is strictly lower, so the result is never
+    worse than the argmax and is deterministic. Sets each mixture's ``choice`` and loads the
+    kept parameters; returns the parameter set and the mixtures changed from the argmax.
+    """
+    mixes = mixtures(unit)  # the order of ``calibrated``
+    where = {id(m): (name, side) for name, _, side, m in slots(unit)}
+    searched = _candidate_states(mixes)
+    states = {"discrete": searched, "calibrated": calibrated}
+
+    def error(picks: list[int], start: str) -> torch.Tensor:
+        for k, (m, i) in enumerate(zip(mixes, picks, strict=True)):
+            m.choice = i
+            m.candidates[i].load_state_dict(states[start][k][i])
+        return _error(unit, q_args, target, chunk)
+
+    picks = [m.argmax() for m in mixes]
+    errs["discrete"] = error(picks, "discrete")
+    errs["calibrated"] = error(picks, "calibrated")
+    start = "calibrated" if bool(errs["calibrated"] < errs["discrete"]) else "discrete"
+    best = errs[start]
+    for _ in range(sweeps):
+        moved = False
+        for k, m in enumerate(mixes):
+            for i in range(len(m.names)):
+                if i == picks[k]:
+                    continue
+                trial = picks[:k] + [i] + picks[k + 1:]
+                for s in ("discrete", "calibrated"):
+                    e = error(trial, s)
+                    if bool(e < best):
+                        best, start, picks, moved = e, s, trial, True
+        if not moved:
+            break
+    errs["chosen"] = error(picks, start)
+    changed = [dict(layer=where[id(m)][0], side=where[id(m)][1], argmax=m.names[m.argmax()],
+                    chosen=m.names[i]) for m, i in zip(mixes, picks, strict=True)
+               if i != m.argmax()]
+    return start, changed
 
 
 def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
                  progress: bool = True) -> tuple[dict[str, dict[str, str]], list[dict]]:
     """DQSS-PTQ on a calibrated ``qmodel`` holding mixtures, in place (see the module docstring).
 
-    Returns the choices by layer and one history record per unit (errors of the start, the
-    searched mixture and the final discrete unit, the probabilities, the time).
+    Returns the choices by layer and one history record per unit: the unit's error at the
+    uniform start, of the searched mixture, of the argmax unit with searched (``discrete``) and
+    calibrated parameters, of the discrete-aware choice (``chosen``) and after the fine-tune
+    (``final``); which parameters the fine-tune started from, the mixtures whose choice differs
+    from the argmax, the probabilities and the time.
     """
     units = find_units(qmodel)
     graph = trace_units(qmodel, units)
@@ -190,20 +234,23 @@ def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
                     settings, gen, schedule)
         errs["searched"] = _error(unit, q_args, fp_out, chunk)
         probs = snapshot(mixes)
-        picked = collapse(unit)
-        kept = _best_start(unit, mixes, calibrated, q_args, fp_out, chunk, errs)
+        kept, changed = _choose(unit, calibrated, q_args, fp_out, chunk, settings.choice_sweeps,
+                                errs)
         params = [p for m in mixes for p in m.chosen().parameters() if p.requires_grad]
+        picked = collapse(unit)
         before = copy.deepcopy(unit.state_dict())
         _train_unit(unit, q_args, fp_out, params, [], settings.finetune_iters, settings, gen, None)
         errs["final"] = _error(unit, q_args, fp_out, chunk)
-        if bool(errs["final"] > errs[kept]):  # a short fine-tune can end above its start
+        if bool(errs["final"] > errs["chosen"]):  # a short fine-tune can end above its start
             unit.load_state_dict(before)
-            errs["final"] = errs[kept]
+            errs["final"] = errs["chosen"]
         values = dict(zip(errs, torch.stack(list(errs.values())).tolist(), strict=True))
+        for c in changed:
+            c["layer"] = f"{name}.{c['layer']}" if c["layer"] else name
         for layer, sides in picked.items():
             choices[f"{name}.{layer}" if layer else name] = sides
         history.append(dict(unit=name, **{f"error_{k}": v for k, v in values.items()},
-                            finetune_from=kept, probabilities=probs,
+                            finetune_from=kept, changed=changed, probabilities=probs,
                             seconds=time.perf_counter() - t0))
         bar.update(1)
 
@@ -254,4 +301,4 @@ class ArchHook(TrainHook):
         self.history = list(state["history"])
 
 
-__all__ = ["ArchHook", "ArchSchedule", "collapse", "mixtures", "search_units", "snapshot"]
+__all__ = ["ArchHook", "ArchSchedule", "collapse", "mixtures", "search_units", "slots", "snapshot"]
