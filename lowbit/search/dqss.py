@@ -13,8 +13,8 @@ modes:
   pass per step (:class:`lowbit.search.dqss_steps.ArchHook`).
 
 Both warm up before the logits move and anneal the softmax temperature (docs/dqss.md says why
-and how to turn either off). The result is one strategy per layer (QAT: the argmax; PTQ: chosen
-by the discrete unit's error, from the argmax) as a plain config: one
+and how to turn either off). The result is one strategy per layer (QAT: the argmax; PTQ: the argmax
+or one strategy for the whole unit, whichever fine-tunes to the lower error) as a plain config: one
 exact-name rule per searched layer naming its weight and input ``kind`` and ``observer``,
 on top of the base config (``base_config`` may be another search's result, e.g. SDQ's per-layer
 bits, whose bits are kept). Re-apply it with ``lowbit qat --config`` or ``lowbit ptq --config``
@@ -81,9 +81,9 @@ class DQSSSettings(BaseModel):
     iters: int = Field(200, ge=0, description="ptq: search steps per reconstruction unit")
     finetune_iters: int = Field(
         100, ge=0, description="ptq: steps per unit for the chosen quantizers after the choice")
-    choice_sweeps: int = Field(
-        2, ge=0, description="ptq: sweeps of the discrete-aware choice over each unit's mixtures "
-        "(coordinate descent on the discrete unit's error from the argmax; 0: the argmax)")
+    choose_by: Literal["argmax", "finetuned"] = Field(
+        "finetuned", description="ptq: the discrete choice per unit: the argmax, or the lowest "
+        "error after the fine-tune among the argmax and each strategy in all the unit's layers")
     batch_size: int = Field(32, ge=1, description="ptq: images per step")
     num_batches: int | None = Field(None, ge=1, description="ptq: calibration batches (None: all)")
     chunk: int = Field(64, ge=1, description="ptq: images per forward pass of the cache")

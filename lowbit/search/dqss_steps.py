@@ -12,9 +12,9 @@ warm-up.
 PTQ: :func:`search_units` walks the calibration set through the reconstruction units
 (:func:`lowbit.ptq.blocks.walk_units`, the cache of block reconstruction). At each unit the
 logits and the candidates' parameters learn to reproduce the float unit's output (weights
-frozen); then each mixture keeps one candidate, chosen by the discrete unit's error starting
-from the argmax (:func:`_choose`), and the chosen quantizers go on learning alone for
-``finetune_iters`` steps; later units then see the discrete earlier ones.
+frozen); then the chosen quantizers go on learning alone for ``finetune_iters`` steps, for the
+argmax and for each strategy taken throughout the unit, and the unit keeps the one with the
+lowest error after that fine-tune; later units then see the discrete earlier ones.
 """
 
 from __future__ import annotations
@@ -150,64 +150,53 @@ def _candidate_states(mixes: Sequence[MixtureQuantizer]) -> list[list[dict]]:
     return [[copy.deepcopy(c.state_dict()) for c in m.candidates] for m in mixes]
 
 
-def _choose(unit: nn.Module, calibrated: list[list[dict]], q_args: tuple, target: torch.Tensor,
-            chunk: int, sweeps: int, errs: dict) -> tuple[str, list[dict]]:
-    """The discrete-aware choice: which candidate each mixture keeps, and whether the chosen
-    quantizers keep their searched parameters (trained inside the mixture, next to the others)
-    or go back to their calibrated ones, by the error of the *discrete* unit.
-
-    It starts from the argmax with the better of the two parameter sets (``errs``: ``discrete``
-    and ``calibrated``), then greedy coordinate descent: ``sweeps`` times over the mixtures in
-    order, each tries its other candidates (the rest fixed, both parameter sets, for the unit
-    as a whole) and keeps one only if the unit's error is strictly lower, so the result is never
-    worse than the argmax and is deterministic. Sets each mixture's ``choice`` and loads the
-    kept parameters; returns the parameter set and the mixtures changed from the argmax.
-    """
-    mixes = mixtures(unit)  # the order of ``calibrated``
-    where = {id(m): (name, side) for name, _, side, m in slots(unit)}
-    searched = _candidate_states(mixes)
-    states = {"discrete": searched, "calibrated": calibrated}
-
-    def error(picks: list[int], start: str) -> torch.Tensor:
+def _start(unit: nn.Module, mixes: Sequence[MixtureQuantizer], picks: Sequence[int],
+           states: dict[str, list[list[dict]]], q_args: tuple, target: torch.Tensor, chunk: int,
+           errs: dict) -> str:
+    """Put candidate ``picks[k]`` in mixture ``k`` and load its searched (``discrete``) or
+    calibrated parameters, whichever gives the discrete unit the lower error (both in ``errs``).
+    The searched ones were trained inside the mixture, next to the others, and may not be the
+    best when the candidate is alone."""
+    def error(start: str) -> torch.Tensor:
         for k, (m, i) in enumerate(zip(mixes, picks, strict=True)):
             m.choice = i
             m.candidates[i].load_state_dict(states[start][k][i])
         return _error(unit, q_args, target, chunk)
 
-    picks = [m.argmax() for m in mixes]
-    errs["discrete"] = error(picks, "discrete")
-    errs["calibrated"] = error(picks, "calibrated")
-    start = "calibrated" if bool(errs["calibrated"] < errs["discrete"]) else "discrete"
-    best = errs[start]
-    for _ in range(sweeps):
-        moved = False
-        for k, m in enumerate(mixes):
-            for i in range(len(m.names)):
-                if i == picks[k]:
-                    continue
-                trial = picks[:k] + [i] + picks[k + 1:]
-                for s in ("discrete", "calibrated"):
-                    e = error(trial, s)
-                    if bool(e < best):
-                        best, start, picks, moved = e, s, trial, True
-        if not moved:
-            break
-    errs["chosen"] = error(picks, start)
-    changed = [dict(layer=where[id(m)][0], side=where[id(m)][1], argmax=m.names[m.argmax()],
-                    chosen=m.names[i]) for m, i in zip(mixes, picks, strict=True)
-               if i != m.argmax()]
-    return start, changed
+    errs["discrete"], errs["calibrated"] = error("discrete"), error("calibrated")
+    if bool(errs["calibrated"] < errs["discrete"]):
+        return "calibrated"
+    error("discrete")
+    return "discrete"
+
+
+def _options(mixes: Sequence[MixtureQuantizer]) -> dict[str, list[int]]:
+    """The discrete units compared: the argmax, then each strategy in every mixture that has it
+    (the others keep their argmax), without repeats; one candidate each: the argmax only."""
+    argmax = [m.argmax() for m in mixes]
+    out = {"argmax": argmax}
+    for name in dict.fromkeys(n for m in mixes for n in m.names):
+        picks = [m.names.index(name) if name in m.names else a for m, a in zip(mixes, argmax,
+                                                                                 strict=True)]
+        if picks not in out.values():
+            out[name] = picks
+    return out
 
 
 def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
                  progress: bool = True) -> tuple[dict[str, dict[str, str]], list[dict]]:
     """DQSS-PTQ on a calibrated ``qmodel`` holding mixtures, in place (see the module docstring).
 
+    Each unit's choice (``choose_by="finetuned"``): the argmax, and each strategy put in every
+    mixture of the unit that has it, are each fine-tuned from the searched state on the same
+    batches; the lowest final error wins (the argmax on a tie). With one candidate per mixture
+    this is the argmax alone, so single strategies run the same pipeline.
+
     Returns the choices by layer and one history record per unit: the unit's error at the
     uniform start, of the searched mixture, of the argmax unit with searched (``discrete``) and
-    calibrated parameters, of the discrete-aware choice (``chosen``) and after the fine-tune
-    (``final``); which parameters the fine-tune started from, the mixtures whose choice differs
-    from the argmax, the probabilities and the time.
+    calibrated parameters and after its fine-tune (``argmax``), of the choice after its
+    fine-tune (``final``); the option chosen, its start (``finetune_from``), every option's
+    final error, the mixtures whose choice differs from the argmax, the probabilities, the time.
     """
     units = find_units(qmodel)
     graph = trace_units(qmodel, units)
@@ -234,23 +223,47 @@ def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
                     settings, gen, schedule)
         errs["searched"] = _error(unit, q_args, fp_out, chunk)
         probs = snapshot(mixes)
-        kept, changed = _choose(unit, calibrated, q_args, fp_out, chunk, settings.choice_sweeps,
-                                errs)
-        params = [p for m in mixes for p in m.chosen().parameters() if p.requires_grad]
+        where = {id(m): (f"{name}.{n}" if n else name, side) for n, _, side, m in slots(unit)}
+        states = {"discrete": _candidate_states(mixes), "calibrated": calibrated}
+        options = _options(mixes) if settings.choose_by == "finetuned" else {
+            "argmax": [m.argmax() for m in mixes]}
+        searched_unit, gen_state = copy.deepcopy(unit.state_dict()), gen.get_state()
+        finals, best = {}, None
+        for option, picks in options.items():  # each from the searched state, same batches
+            unit.load_state_dict(searched_unit)
+            gen.set_state(gen_state)
+            e: dict[str, torch.Tensor] = {}
+            kept = _start(unit, mixes, picks, states, q_args, fp_out, chunk, e)
+            params = [p for m in mixes for p in m.chosen().parameters() if p.requires_grad]
+            before = copy.deepcopy(unit.state_dict())
+            _train_unit(unit, q_args, fp_out, params, [], settings.finetune_iters, settings, gen,
+                        None)
+            e["final"] = _error(unit, q_args, fp_out, chunk)
+            if bool(e["final"] > e[kept]):  # a short fine-tune can end above its start
+                unit.load_state_dict(before)
+                e["final"] = e[kept]
+            finals[option] = e["final"]
+            if option == "argmax":
+                errs.update(discrete=e["discrete"], calibrated=e["calibrated"], argmax=e["final"])
+            if best is None or bool(e["final"] < best[2]["final"]):
+                best = (option, picks, e, kept, copy.deepcopy(unit.state_dict()), gen.get_state())
+        option, picks, e, kept, state, after = best
+        unit.load_state_dict(state)
+        gen.set_state(after)
+        for m, i in zip(mixes, picks, strict=True):
+            m.choice = i
+        errs["final"] = e["final"]
+        changed = [dict(layer=where[id(m)][0], side=where[id(m)][1], argmax=m.names[m.argmax()],
+                        chosen=m.names[i]) for m, i in zip(mixes, picks, strict=True)
+                   if i != m.argmax()]
         picked = collapse(unit)
-        before = copy.deepcopy(unit.state_dict())
-        _train_unit(unit, q_args, fp_out, params, [], settings.finetune_iters, settings, gen, None)
-        errs["final"] = _error(unit, q_args, fp_out, chunk)
-        if bool(errs["final"] > errs["chosen"]):  # a short fine-tune can end above its start
-            unit.load_state_dict(before)
-            errs["final"] = errs["chosen"]
         values = dict(zip(errs, torch.stack(list(errs.values())).tolist(), strict=True))
-        for c in changed:
-            c["layer"] = f"{name}.{c['layer']}" if c["layer"] else name
         for layer, sides in picked.items():
             choices[f"{name}.{layer}" if layer else name] = sides
         history.append(dict(unit=name, **{f"error_{k}": v for k, v in values.items()},
-                            finetune_from=kept, changed=changed, probabilities=probs,
+                            choice=option, finetune_from=kept, changed=changed,
+                            options=dict(zip(finals, torch.stack(list(finals.values())).tolist(),
+                                             strict=True)), probabilities=probs,
                             seconds=time.perf_counter() - t0))
         bar.update(1)
 
