@@ -7,8 +7,10 @@ difference is the choice. Each model's per-image correctness on the test set giv
 and, paired image by image, the margin of DQSS over each single strategy with its standard
 error (``margin``: a search's over the best single strategy, a single strategy's: the default
 search's over it; ``margins``: a search's over each). ``--variants`` adds DQSS without the
-temperature annealing and/or the warm-up (the ablation). Results:
-benchmarks/results/dqss.json (and .csv).
+temperature annealing and/or the warm-up (the ablation). ``--hits DIR`` saves every run's
+per-image hits and row; ``--reuse`` then pairs a later run against saved single strategies
+instead of re-running them (the runs are deterministic for the seed and budget, which the saved
+row must match). Results: benchmarks/results/dqss.json (and .csv).
 
     python benchmarks/dqss.py --setting W4A4 --candidates mse lsq qil pact --iters 200 \\
         --finetune-iters 100 --threads 1
@@ -56,12 +58,47 @@ def paired(a, b) -> tuple[float, float]:
     return 100.0 * float(d.mean()), 100.0 * float(d.std(unbiased=True)) / math.sqrt(d.numel())
 
 
+def hits_path(folder: Path, setting: str, run: str) -> Path:
+    return folder / setting / f"{run}.safetensors"
+
+
+def save_hits(folder: Path, setting: str, row: dict, hits) -> None:
+    """One run's per-image hits, with its row as metadata (what --reuse pairs against)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    path = hits_path(folder, setting, row["run"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"hits": hits.to(torch.uint8)}, str(path), metadata={"row": json.dumps(row)})
+
+
+def load_hits(folder: Path, setting: str, run: str, budget: dict):
+    """A saved run's row and hits; refused unless it ran with this setting and budget."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    path = hits_path(folder, setting, run)
+    if not path.is_file():
+        raise SystemExit(f"--reuse {run}: no saved run at {path}; run it once with --hits")
+    with safe_open(str(path), "pt") as f:
+        row = json.loads(f.metadata()["row"])
+        hits = f.get_tensor("hits").to(torch.bool)
+    differ = {k: (row.get(k), v) for k, v in budget.items() if row.get(k) != v}
+    if differ:
+        raise SystemExit(f"--reuse {run}: {path} ran with other settings (saved, now): {differ}")
+    return row, hits
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setting", default="W4A4", choices=list(SETTINGS))
     ap.add_argument("--candidates", nargs="+", default=["mse", "lsq", "qil", "pact"],
                     help="strategies for weights and activations alike")
-    ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=["default"], choices=list(VARIANTS))
     ap.add_argument("--singles", nargs="*", default=None,
                     help="single strategies to run (default: every candidate)")
     ap.add_argument("--iters", type=int, default=200)
@@ -72,7 +109,13 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="label of this set of rows (e.g. an ablation)")
     ap.add_argument("--extra", default="{}", help="JSON of further DQSS settings")
     ap.add_argument("--out", default=str(RESULTS / "dqss"))
+    ap.add_argument("--hits", default=None,
+                    help="folder for every run's per-image hits and row (read by --reuse)")
+    ap.add_argument("--reuse", nargs="*", default=[],
+                    help="single strategies read from --hits instead of re-run")
     args = ap.parse_args()
+    if args.reuse and not args.hits:
+        ap.error("--reuse reads saved runs: give the folder with --hits DIR")
     root = data_root("cifar10")
     path = weights("resnet20")
 
@@ -99,6 +142,10 @@ def main() -> None:
                   finetune_iters=args.finetune_iters, progress=False, **json.loads(args.extra))
     float_hits = correct(net, test_loader)
     singles = args.candidates if args.singles is None else args.singles
+    budget = dict(w_bits=w_bits, a_bits=a_bits, iters=args.iters,
+                  finetune_iters=args.finetune_iters, calib_images=len(calib),
+                  eval_images=len(test))
+    saved = {n: load_hits(Path(args.hits), args.setting, n, budget) for n in args.reuse}
     plan = [("dqss" if v == "default" else f"dqss-{v}", args.candidates, VARIANTS[v])
             for v in args.variants] + [(c, [c], {}) for c in singles]
     runs = {}
@@ -110,6 +157,7 @@ def main() -> None:
         runs[name] = (r, correct(r.model, test_loader), seconds, cpu)
         print(f"{name}: {100 * float(runs[name][1].double().mean()):.2f} % in {seconds:.0f} s",
               flush=True)
+    runs.update({n: (None, hits, None, None) for n, (_, hits) in saved.items()})
     searched = [n for n in runs if n.startswith("dqss")]
     best = max((n for n in runs if n not in searched), default=None,
                key=lambda n: float(runs[n][1].double().mean()))
@@ -126,6 +174,10 @@ def main() -> None:
             lead = searched[0] if searched else None
             margin, margin_se = paired(runs[lead][1], hits) if lead else (None, None)
             against = None
+        if name in saved:  # its own row as saved, paired against this run's search
+            rows.append(dict(saved[name][0], tag=args.tag, margin=margin, margin_se=margin_se,
+                             margin_against=lead, hits_reused=True))
+            continue
         rows.append(dict(
             model="resnet20", run=name, tag=args.tag, w_bits=w_bits, a_bits=a_bits,
             top1=100.0 * float(hits.double().mean()),
@@ -141,6 +193,10 @@ def main() -> None:
             load_avg_start=os.getloadavg()[0], threads=torch.get_num_threads(),
             command="python " + " ".join(sys.argv), **provenance()))
     save_rows(Path(args.out), rows, FIELDS)
+    if args.hits:
+        for row in rows[-len(runs):]:
+            if not row.get("hits_reused"):
+                save_hits(Path(args.hits), args.setting, row, runs[row["run"]][1])
     for row in rows[-len(runs):]:
         m = "" if row["margin"] is None else (
             f"  margin {row['margin']:+.2f} +- {row['margin_se']:.2f} ({row['margin_against']})")

@@ -75,6 +75,40 @@ def test_search_is_deterministic_for_a_seed(digits):
     assert c.choices == d.choices and c.probabilities == d.probabilities
 
 
+def test_finetuned_choice_is_never_worse_than_the_argmax_and_is_recorded(digits):
+    model, loader, ex = digits
+    fresh = lambda: make_loader(loader.dataset, 64, shuffle=True, seed=1)  # noqa: E731
+    two_bits = {**PTQ, "w_bits": 2, "a_bits": 2}
+    argmax = dqss_search(model, fresh(), None, ex, **two_bits, choose_by="argmax")
+    aware = dqss_search(model, fresh(), None, ex, **two_bits)
+    assert aware.settings.choose_by == "finetuned"
+    # the first searched unit sees the same inputs in both runs: the same argmax unit
+    first = lambda r: next(h for h in r.history if h["unit"] == "features.3")  # noqa: E731
+    assert first(aware)["error_argmax"] == first(argmax)["error_final"]
+    assert first(aware)["error_final"] <= first(argmax)["error_final"]
+    for h in argmax.history:
+        assert h["changed"] == [] and h["choice"] == "argmax" and list(h["options"]) == ["argmax"]
+    searched = [h for h in aware.history if h["unit"] in ("features.3", "features.6")]
+    for h in searched:
+        assert h["error_final"] <= h["error_argmax"] == h["options"]["argmax"]
+        assert h["error_final"] == min(h["options"].values())
+        assert set(h["options"]) <= {"argmax", *W, *A}
+    changed = [c for h in aware.history for c in h["changed"]]
+    assert changed, "the tiny model at 2 bits should have a unit whose argmax is not the best"
+    names = {"weight": W, "act": A}
+    for layer, sides in aware.choices.items():
+        for side, chosen in sides.items():
+            probs = aware.probabilities[layer][side]
+            top = names[side][max(range(len(probs)), key=probs.__getitem__)]
+            moved = [c for c in changed if (c["layer"], c["side"]) == (layer, side)]
+            assert (chosen, top) == ((moved[0]["chosen"], moved[0]["argmax"]) if moved
+                                     else (chosen, chosen))
+    assert kinds(prepare(model, aware.config, ex)) == kinds(aware.model)
+    again = dqss_search(model, fresh(), None, ex, **two_bits)
+    untimed = lambda r: [{**h, "seconds": 0} for h in r.history]  # noqa: E731
+    assert again.choices == aware.choices and untimed(again) == untimed(aware)
+
+
 def test_qat_warms_up_then_moves_and_anneals(digits):
     model, loader, ex = digits
     r = dqss_search(model, loader, None, ex, **QAT, finetune_steps=4)

@@ -100,7 +100,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="search on this config, keeping its per-layer bits (e.g. an SDQ result)")
     q.add_argument("--iters", type=int, default=200, help="ptq: search steps per unit (200)")
     q.add_argument("--finetune-iters", type=int, default=100,
-                   help="ptq: steps per unit for the chosen quantizers after the argmax (100)")
+                   help="ptq: steps per unit for the chosen quantizers after the choice (100)")
+    q.add_argument("--choose-by", choices=["argmax", "finetuned"], default="finetuned",
+                   help="ptq: each unit's choice: the argmax, or the lowest error after the "
+                   "fine-tune among the argmax and each strategy throughout the unit (finetuned)")
     q.add_argument("--finetune-steps", type=int, default=0,
                    help="qat: training steps of the discrete model after the argmax (0)")
     q.add_argument("--arch-lr", type=float, default=0.05, help="alpha/beta Adam lr (0.05)")
@@ -173,6 +176,7 @@ def _dqss_settings(args):
         base_config=args.base_config, temperature=args.temperature,
         final_temperature=args.final_temperature, warmup=args.warmup, arch_lr=args.arch_lr,
         quant_lr=args.quant_lr, iters=args.iters, finetune_iters=args.finetune_iters,
+        choose_by=args.choose_by,
         steps=args.steps, lr=args.lr,
         calib_batches=args.calib_batches, check_every=args.check_every,
         finetune_steps=args.finetune_steps, seed=args.seed,

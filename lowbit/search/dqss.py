@@ -13,7 +13,8 @@ modes:
   pass per step (:class:`lowbit.search.dqss_steps.ArchHook`).
 
 Both warm up before the logits move and anneal the softmax temperature (docs/dqss.md says why
-and how to turn either off). The result is the argmax per layer as a plain config: one
+and how to turn either off). The result is one strategy per layer (QAT: the argmax; PTQ: the argmax
+or one strategy for the whole unit, whichever fine-tunes to the lower error) as a plain config: one
 exact-name rule per searched layer naming its weight and input ``kind`` and ``observer``,
 on top of the base config (``base_config`` may be another search's result, e.g. SDQ's per-layer
 bits, whose bits are kept). Re-apply it with ``lowbit qat --config`` or ``lowbit ptq --config``
@@ -79,7 +80,10 @@ class DQSSSettings(BaseModel):
     # ptq
     iters: int = Field(200, ge=0, description="ptq: search steps per reconstruction unit")
     finetune_iters: int = Field(
-        100, ge=0, description="ptq: steps per unit for the chosen quantizers after the argmax")
+        100, ge=0, description="ptq: steps per unit for the chosen quantizers after the choice")
+    choose_by: Literal["argmax", "finetuned"] = Field(
+        "finetuned", description="ptq: the discrete choice per unit: the argmax, or the lowest "
+        "error after the fine-tune among the argmax and each strategy in all the unit's layers")
     batch_size: int = Field(32, ge=1, description="ptq: images per step")
     num_batches: int | None = Field(None, ge=1, description="ptq: calibration batches (None: all)")
     chunk: int = Field(64, ge=1, description="ptq: images per forward pass of the cache")
@@ -190,9 +194,13 @@ class DQSSResult(SearchResult):
         out = []
         for r in self.cost.layers:
             c, p = self.choices.get(r.name, {}), self.probabilities.get(r.name, {})
-            out.append(dict(layer=r.name, w_bits=r.w_bits, a_bits=r.a_bits,
-                            weight=c.get("weight", "-"), p_weight=max(p.get("weight", [1.0])),
-                            act=c.get("act", "-"), p_act=max(p.get("act", [1.0]))))
+            row = dict(layer=r.name, w_bits=r.w_bits, a_bits=r.a_bits)
+            for side, names in (("weight", self.settings.w_candidates),
+                                ("act", self.settings.a_candidates)):
+                row[side] = c.get(side, "-")  # the choice, not always the largest probability
+                row[f"p_{side}"] = (p[side][names.index(c[side])] if side in p and side in c
+                                    else 1.0)
+            out.append(row)
         return out
 
     def counts(self) -> dict[str, dict[str, int]]:

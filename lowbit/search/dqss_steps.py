@@ -12,8 +12,9 @@ warm-up.
 PTQ: :func:`search_units` walks the calibration set through the reconstruction units
 (:func:`lowbit.ptq.blocks.walk_units`, the cache of block reconstruction). At each unit the
 logits and the candidates' parameters learn to reproduce the float unit's output (weights
-frozen), the unit's mixtures are replaced by their argmax, and the chosen quantizers go on
-learning alone for ``finetune_iters`` steps; later units then see the discrete earlier ones.
+frozen); then the chosen quantizers go on learning alone for ``finetune_iters`` steps, for the
+argmax and for each strategy taken throughout the unit, and the unit keeps the one with the
+lowest error after that fine-tune; later units then see the discrete earlier ones.
 """
 
 from __future__ import annotations
@@ -64,19 +65,27 @@ def mixtures(module: nn.Module) -> list[MixtureQuantizer]:
     return [m for m in module.modules() if isinstance(m, MixtureQuantizer)]
 
 
-def collapse(module: nn.Module) -> dict[str, dict[str, str]]:
-    """Replace every mixture of ``module``'s layers by its argmax candidate; returns the choices
-    by layer name (relative to ``module``) and slot (``weight`` / ``act``)."""
-    chosen: dict[str, dict[str, str]] = {}
+def slots(module: nn.Module) -> list[tuple[str, str, str, MixtureQuantizer]]:
+    """``(layer name relative to module, slot, side, mixture)`` of every mixture in a layer."""
+    out = []
     for name, layer in module.named_modules():
-        if not isinstance(layer, QuantLayerMixin):
-            continue
-        for slot, side in (("weight_quant", "weight"), ("input_quant", "act")):
-            mix = getattr(layer, slot)
-            if isinstance(mix, MixtureQuantizer):
-                i = mix.argmax()
-                chosen.setdefault(name, {})[side] = mix.names[i]
-                setattr(layer, slot, mix.candidates[i])
+        if isinstance(layer, QuantLayerMixin):
+            for slot, side in (("weight_quant", "weight"), ("input_quant", "act")):
+                mix = getattr(layer, slot)
+                if isinstance(mix, MixtureQuantizer):
+                    out.append((name, slot, side, mix))
+    return out
+
+
+def collapse(module: nn.Module) -> dict[str, dict[str, str]]:
+    """Replace every mixture of ``module``'s layers by its chosen candidate (``choice`` where
+    set, else the argmax); returns the choices by layer name (relative to ``module``) and slot
+    (``weight`` / ``act``)."""
+    chosen: dict[str, dict[str, str]] = {}
+    for name, slot, side, mix in slots(module):
+        i = mix.choice if mix.choice is not None else mix.argmax()
+        chosen.setdefault(name, {})[side] = mix.names[i]
+        setattr(module.get_submodule(name) if name else module, slot, mix.candidates[i])
     return chosen
 
 
@@ -141,29 +150,53 @@ def _candidate_states(mixes: Sequence[MixtureQuantizer]) -> list[list[dict]]:
     return [[copy.deepcopy(c.state_dict()) for c in m.candidates] for m in mixes]
 
 
-def _best_start(unit: nn.Module, mixes: Sequence[MixtureQuantizer], calibrated: list[list[dict]],
-                q_args: tuple, target: torch.Tensor, chunk: int, errs: dict) -> str:
-    """After the argmax: keep the chosen quantizers' searched parameters (trained inside the
-    mixture, next to the others) or go back to their calibrated ones, whichever gives the
-    discrete unit the lower error; the fine-tune starts there. Records both in ``errs``."""
-    errs["discrete"] = _error(unit, q_args, target, chunk)
-    searched = [copy.deepcopy(m.chosen().state_dict()) for m in mixes]
-    for m, states in zip(mixes, calibrated, strict=True):
-        m.chosen().load_state_dict(states[m.argmax()])
-    errs["calibrated"] = _error(unit, q_args, target, chunk)
+def _start(unit: nn.Module, mixes: Sequence[MixtureQuantizer], picks: Sequence[int],
+           states: dict[str, list[list[dict]]], q_args: tuple, target: torch.Tensor, chunk: int,
+           errs: dict) -> str:
+    """Put candidate ``picks[k]`` in mixture ``k`` and load its searched (``discrete``) or
+    calibrated parameters, whichever gives the discrete unit the lower error (both in ``errs``).
+    The searched ones were trained inside the mixture, next to the others, and may not be the
+    best when the candidate is alone."""
+    def error(start: str) -> torch.Tensor:
+        for k, (m, i) in enumerate(zip(mixes, picks, strict=True)):
+            m.choice = i
+            m.candidates[i].load_state_dict(states[start][k][i])
+        return _error(unit, q_args, target, chunk)
+
+    errs["discrete"], errs["calibrated"] = error("discrete"), error("calibrated")
     if bool(errs["calibrated"] < errs["discrete"]):
         return "calibrated"
-    for m, state in zip(mixes, searched, strict=True):
-        m.chosen().load_state_dict(state)
+    error("discrete")
     return "discrete"
+
+
+def _options(mixes: Sequence[MixtureQuantizer]) -> dict[str, list[int]]:
+    """The discrete units compared: the argmax, then each strategy in every mixture that has it
+    (the others keep their argmax), without repeats; one candidate each: the argmax only."""
+    argmax = [m.argmax() for m in mixes]
+    out = {"argmax": argmax}
+    for name in dict.fromkeys(n for m in mixes for n in m.names):
+        picks = [m.names.index(name) if name in m.names else a for m, a in zip(mixes, argmax,
+                                                                                 strict=True)]
+        if picks not in out.values():
+            out[name] = picks
+    return out
 
 
 def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
                  progress: bool = True) -> tuple[dict[str, dict[str, str]], list[dict]]:
     """DQSS-PTQ on a calibrated ``qmodel`` holding mixtures, in place (see the module docstring).
 
-    Returns the choices by layer and one history record per unit (errors of the start, the
-    searched mixture and the final discrete unit, the probabilities, the time).
+    Each unit's choice (``choose_by="finetuned"``): the argmax, and each strategy put in every
+    mixture of the unit that has it, are each fine-tuned from the searched state on the same
+    batches; the lowest final error wins (the argmax on a tie). With one candidate per mixture
+    this is the argmax alone, so single strategies run the same pipeline.
+
+    Returns the choices by layer and one history record per unit: the unit's error at the
+    uniform start, of the searched mixture, of the argmax unit with searched (``discrete``) and
+    calibrated parameters and after its fine-tune (``argmax``), of the choice after its
+    fine-tune (``final``); the option chosen, its start (``finetune_from``), every option's
+    final error, the mixtures whose choice differs from the argmax, the probabilities, the time.
     """
     units = find_units(qmodel)
     graph = trace_units(qmodel, units)
@@ -190,20 +223,47 @@ def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
                     settings, gen, schedule)
         errs["searched"] = _error(unit, q_args, fp_out, chunk)
         probs = snapshot(mixes)
+        where = {id(m): (f"{name}.{n}" if n else name, side) for n, _, side, m in slots(unit)}
+        states = {"discrete": _candidate_states(mixes), "calibrated": calibrated}
+        options = _options(mixes) if settings.choose_by == "finetuned" else {
+            "argmax": [m.argmax() for m in mixes]}
+        searched_unit, gen_state = copy.deepcopy(unit.state_dict()), gen.get_state()
+        finals, best = {}, None
+        for option, picks in options.items():  # each from the searched state, same batches
+            unit.load_state_dict(searched_unit)
+            gen.set_state(gen_state)
+            e: dict[str, torch.Tensor] = {}
+            kept = _start(unit, mixes, picks, states, q_args, fp_out, chunk, e)
+            params = [p for m in mixes for p in m.chosen().parameters() if p.requires_grad]
+            before = copy.deepcopy(unit.state_dict())
+            _train_unit(unit, q_args, fp_out, params, [], settings.finetune_iters, settings, gen,
+                        None)
+            e["final"] = _error(unit, q_args, fp_out, chunk)
+            if bool(e["final"] > e[kept]):  # a short fine-tune can end above its start
+                unit.load_state_dict(before)
+                e["final"] = e[kept]
+            finals[option] = e["final"]
+            if option == "argmax":
+                errs.update(discrete=e["discrete"], calibrated=e["calibrated"], argmax=e["final"])
+            if best is None or bool(e["final"] < best[2]["final"]):
+                best = (option, picks, e, kept, copy.deepcopy(unit.state_dict()), gen.get_state())
+        option, picks, e, kept, state, after = best
+        unit.load_state_dict(state)
+        gen.set_state(after)
+        for m, i in zip(mixes, picks, strict=True):
+            m.choice = i
+        errs["final"] = e["final"]
+        changed = [dict(layer=where[id(m)][0], side=where[id(m)][1], argmax=m.names[m.argmax()],
+                        chosen=m.names[i]) for m, i in zip(mixes, picks, strict=True)
+                   if i != m.argmax()]
         picked = collapse(unit)
-        kept = _best_start(unit, mixes, calibrated, q_args, fp_out, chunk, errs)
-        params = [p for m in mixes for p in m.chosen().parameters() if p.requires_grad]
-        before = copy.deepcopy(unit.state_dict())
-        _train_unit(unit, q_args, fp_out, params, [], settings.finetune_iters, settings, gen, None)
-        errs["final"] = _error(unit, q_args, fp_out, chunk)
-        if bool(errs["final"] > errs[kept]):  # a short fine-tune can end above its start
-            unit.load_state_dict(before)
-            errs["final"] = errs[kept]
         values = dict(zip(errs, torch.stack(list(errs.values())).tolist(), strict=True))
         for layer, sides in picked.items():
             choices[f"{name}.{layer}" if layer else name] = sides
         history.append(dict(unit=name, **{f"error_{k}": v for k, v in values.items()},
-                            finetune_from=kept, probabilities=probs,
+                            choice=option, finetune_from=kept, changed=changed,
+                            options=dict(zip(finals, torch.stack(list(finals.values())).tolist(),
+                                             strict=True)), probabilities=probs,
                             seconds=time.perf_counter() - t0))
         bar.update(1)
 
@@ -254,4 +314,4 @@ class ArchHook(TrainHook):
         self.history = list(state["history"])
 
 
-__all__ = ["ArchHook", "ArchSchedule", "collapse", "mixtures", "search_units", "snapshot"]
+__all__ = ["ArchHook", "ArchSchedule", "collapse", "mixtures", "search_units", "slots", "snapshot"]
