@@ -26,13 +26,12 @@ from torch import nn
 from ..errors import ExportError
 from ..graph.ops import COMMUTING, Op
 from .integer import (
-    _ZERO,
     Grid,
     IntegerModel,
     IntValue,
-    _accumulate,
     _add,
     _avgpool,
+    layer_output,
     qadd,
     requantize,
 )
@@ -123,7 +122,9 @@ class BitExact(nn.Module):
             lf = self.im.layers[op.name]
             x = self._codes(args[0], op.module.input_quant)
             self.layer_inputs[op.name] = x.data
-            return self._emit(op, IntValue(_accumulate(lf, x.centred()), lf.acc_scale, _ZERO))
+            q = self.im.targets.get(op.node)
+            out = layer_output(lf, x, None if q is None else Grid.of(q))
+            return out if q is None else _Real(out.real(), out.grid)
         if k == "qadd":
             ins = [self._int(v) if t and self._int(v) is not None else v
                    for v, t in zip(args, op.module.passthrough, strict=True)]
