@@ -1,13 +1,16 @@
-"""Concat, pixel shuffle and nearest upsampling: integer reference, bit-exact simulation,
-onnxruntime and QONNX agree; EDSR exports."""
+"""Concat (on one grid and on different grids), pixel shuffle and nearest upsampling: integer
+reference, bit-exact simulation, onnxruntime and QONNX agree; EDSR exports."""
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
 from lowbit.export import agreement, bit_exact
-from lowbit.export.integer import IntegerModel
+from lowbit.export.integer import Grid, IntegerModel, IntValue, requantize
 from tests.test_export import _ort, on_grid, quantized
 
 
@@ -131,3 +134,107 @@ def test_cli_exports_a_saved_edsr_folder(tmp_path, capsys):
     assert "integer layers: 9" in out and "kept float (conv2d with constant weights)" in out
     assert "residual add in float" in out  # without --points the adds stay float, listed
     assert (tmp_path / "edsr.onnx").is_file()
+
+
+class Joined(nn.Module):
+    """Two branches concatenated along channels, through a max pool (which commutes with
+    rounding) into a conv; that conv's output concatenated along height with a third branch,
+    into the last conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(8, 4, 3, padding=1)
+        self.e = nn.Conv2d(3, 4, 1)
+        self.d = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), self.b(x)], dim=1)
+        y = self.c(nn.functional.max_pool2d(y, 2))
+        z = torch.cat([y, self.e(nn.functional.max_pool2d(x, 2))], dim=2)
+        return self.d(z)
+
+
+@pytest.mark.parametrize("points", [True, False])
+@pytest.mark.parametrize("config", ["w8a8", "w4a4", "pot_w4a8"])
+def test_concat_of_different_grids_requantizes_each_input(config, points, tmp_path):
+    """Each input is requantized onto the grid the concat goes to: onnxruntime runs it as
+    QLinearConcat (inputs on their own grids) or as a Concat of codes (accumulators
+    requantized in their QLinearConv); nothing about the concats is float."""
+    pytest.importorskip("onnx")
+    from lowbit.export.onnx_qdq import to_onnx
+
+    q, x = quantized(Joined, config, points=points, size=8)
+    xs = on_grid(q, x[16:])
+    im = IntegerModel(q)
+    ref = im.run(xs)
+    assert torch.equal(bit_exact(q)(xs), ref)
+    assert agreement(q, xs, bit_exact(q))["all"]["off"] == 0
+    assert not im.stats.float_ops
+    assert im.stats.shifts_only() == (config == "pot_w4a8")
+    model, report = to_onnx(q, x[:2])
+    sess, ops = _ort(model, tmp_path)
+    got = torch.from_numpy(sess.run(None, {"input": xs.numpy()})[0])
+    assert ops.count("QLinearConv") == 5 - (not points)  # the last conv has no output grid
+    if points:
+        grids = [Grid.of(q.get_submodule(f"outq{i}")) for i in range(4)]
+        assert not grids[0].same(grids[1]) and not grids[2].same(grids[3])
+        assert not report.dequantized and ops.count("QLinearConcat") == 2, ops
+        assert torch.equal(got, ref)
+    else:
+        assert set(report.dequantized) == {"d"} and ops.count("Concat") == 2, ops
+        assert torch.allclose(got, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_qonnx_runs_concat_of_different_grids():
+    pytest.importorskip("qonnx")
+    from lowbit.export.api import run_qonnx
+    from lowbit.export.onnx_qdq import to_qonnx
+
+    q, x = quantized(Joined, "w4a4", size=8)
+    model, report = to_qonnx(q, x[:2])
+    xs = on_grid(q, x[16:])
+    assert not report.dequantized
+    assert torch.equal(run_qonnx(model, xs), IntegerModel(q).run(xs))
+
+
+@settings(max_examples=30, deadline=None)
+@given(exponents=st.lists(st.integers(-12, 0), min_size=3, max_size=3),
+       zero_points=st.lists(st.integers(0, 255), min_size=3, max_size=3))
+def test_onnxruntime_qlinearconcat_shifts_power_of_two_grids_as_the_reference(exponents,
+                                                                              zero_points):
+    """What onnxruntime fuses DequantizeLinear -> Concat -> QuantizeLinear into, on every
+    uint8 code, against the reference's requantization: equal on power-of-two grids (a
+    shift). Its table rounds ``float32(s_i * (c - z_i)) / s``, so other grids can differ from
+    the dyadic rule at exact ties (docs/export.md)."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    h, np_ = onnx.helper, onnx.numpy_helper
+    scales = [2.0**e for e in exponents]
+    consts = [np_.from_array(np.array(v, t), n) for n, v, t in
+              [("sa", scales[0], np.float32), ("za", zero_points[0], np.uint8),
+               ("sb", scales[1], np.float32), ("zb", zero_points[1], np.uint8),
+               ("s", scales[2], np.float32), ("z", zero_points[2], np.uint8)]]
+    nodes = [h.make_node("DequantizeLinear", ["a", "sa", "za"], ["fa"]),
+             h.make_node("DequantizeLinear", ["b", "sb", "zb"], ["fb"]),
+             h.make_node("Concat", ["fa", "fb"], ["c"], axis=1),
+             h.make_node("QuantizeLinear", ["c", "s", "z"], ["y"])]
+    u8 = onnx.TensorProto.UINT8
+    graph = h.make_graph(nodes, "concat", [h.make_tensor_value_info(n, u8, [1, 1, 256])
+                                           for n in "ab"],
+                         [h.make_tensor_value_info("y", u8, [1, 2, 256])], consts)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    codes = np.arange(256, dtype=np.uint8).reshape(1, 1, 256)
+    got = torch.from_numpy(sess.run(None, {"a": codes, "b": codes})[0].astype(np.int64))
+    out = Grid(torch.tensor([scales[2]]), torch.tensor([zero_points[2]]), 8, False, 0, 255,
+               None, True)
+    for i in range(2):
+        v = IntValue(torch.arange(256).reshape(1, 1, 256), torch.tensor([scales[i]]),
+                     torch.tensor([zero_points[i]]))
+        assert torch.equal(got[:, i:i + 1], requantize(v, out).data)

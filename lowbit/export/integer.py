@@ -29,6 +29,7 @@ from ..errors import CalibrationError, ExportError
 from ..graph.ops import (
     COMMUTING,
     Op,
+    chain_end,
     describe,
     requant_target,
     resolve,
@@ -457,8 +458,24 @@ class IntegerModel:
         self.layers = {op.name: layer_form(op.name, op.module) for op in self.ops
                        if op.kind == "layer"}
         self.targets = {op.node: requant_target(op.node, self.modules) for op in self.ops
-                        if op.kind in ("layer", "avgpool", "add", "qadd")}
+                        if op.kind in ("layer", "avgpool", "add", "qadd", "concat")}
+        self._targets_through_concat()
         self.stats = Stats()
+
+    def _targets_through_concat(self) -> None:
+        """An accumulator whose one way leads (through ops that commute with rounding) into a
+        concat that is requantized onto a per-tensor grid is requantized onto that grid where
+        it is made: concatenating and requantizing commute, and a layer then ends in its
+        integer kernel instead of in float."""
+        for op in self.ops:
+            q = self.targets.get(op.node) if op.kind == "concat" else None
+            if q is None or Grid.of(q).scale.numel() != 1:
+                continue
+            for node, target in self.targets.items():
+                if target is None and node is not op.node:
+                    end, user = chain_end(node, self.modules)
+                    if user is not None and user.node is op.node:
+                        self.targets[node] = q
 
     @property
     def power_of_two(self) -> bool:
@@ -522,7 +539,7 @@ class IntegerModel:
             return op.node.target(*real, **op.node.kwargs)
         x = args[0]
         if not isinstance(x, IntValue):  # a float region (before the first quantizer)
-            return self._float_op(op, args)
+            return self._float_op(op, env)
         if k == "pixel_shuffle":
             if x.scale.numel() > 1:
                 raise ExportError(f"{op.name}: pixel shuffle of a tensor with per-channel "
@@ -565,21 +582,35 @@ class IntegerModel:
         raise ExportError(f"{op.name}: the integer model cannot run {k!r} here")
 
     def _concat(self, op: Op, parts: list):
-        """Codes on one grid concatenate as they are; along channels, different grids (or
-        accumulators) give per-channel scales and zero-points, requantized by the next
-        quantizer."""
+        """Codes on one grid concatenate as they are. On different grids, with a per-tensor
+        grid the concat is requantized onto (its target: the next quantizer), each input is
+        requantized onto it first (dyadic multiplier, a shift between power-of-two grids), so
+        the codes concatenate on one grid; otherwise, along channels, the result carries
+        per-channel scales and zero-points for the next quantizer to requantize."""
         dim = op.attrs["dim"]
         if not all(isinstance(v, IntValue) for v in parts):
             self.stats.float_ops[op.name] = "concat of a float value"
             return torch.cat([v.real() if isinstance(v, IntValue) else v for v in parts], dim)
-        data = torch.cat([v.data for v in parts], dim)
         first = parts[0]
-        if first.grid is not None and all(v.grid is not None and v.grid.same(first.grid)
-                                          for v in parts):
-            return IntValue(data, first.scale, first.zero_point, first.grid)
+        if not (first.grid is not None and all(v.grid is not None and v.grid.same(first.grid)
+                                               for v in parts)):
+            q = self.targets.get(op.node)
+            grid = Grid.of(q) if q is not None else None
+            if grid is None or grid.scale.numel() != 1:
+                return self._concat_channels(op, parts)
+            parts = [v if v.grid is not None and v.grid.same(grid) else
+                     requantize(v, grid, self.stats) for v in parts]
+            first = parts[0]
+        data = torch.cat([v.data for v in parts], dim)
+        return IntValue(data, first.scale, first.zero_point, first.grid)
+
+    def _concat_channels(self, op: Op, parts: list[IntValue]) -> IntValue:
+        dim = op.attrs["dim"]
+        data = torch.cat([v.data for v in parts], dim)
         if dim % data.dim() != 1:
             raise ExportError(f"{op.name}: concat of tensors on different grids is exported "
-                              "along channels only; give them one grid")
+                              "along channels only, unless the concat goes straight to one "
+                              "quantizer; give them one grid")
 
         def per_channel(t, v):
             return t.reshape(-1).expand(v.data.shape[1]) if t.numel() == 1 else t.reshape(-1)
@@ -601,14 +632,22 @@ class IntegerModel:
                                   "zero-points is not exported")
         return IntValue(out + _dim1(zp, out.dim()), scale, zp, x.grid)
 
-    def _float_op(self, op: Op, args):
-        if op.kind == "add":
-            a, b = args
-            return (a.real() if isinstance(a, IntValue) else a) + b
-        if op.node.op == "call_module":
-            return self.modules[op.node.target](*args)
-        return op.node.target(*args, **op.node.kwargs) if op.node.op == "call_function" \
-            else getattr(args[0], op.node.target)(*args[1:], **op.node.kwargs)
+    def _float_op(self, op: Op, env: dict):
+        """An op before the first quantizer: the node itself on float values, with all of its
+        arguments (``op.args`` keeps only the tensors)."""
+        node = op.node
+
+        def real(a):
+            a = resolve(a, env)
+            return a.real() if isinstance(a, IntValue) else a
+
+        args = [real(a) for a in node.args]
+        kwargs = {k: real(v) for k, v in node.kwargs.items()}
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
 
     @torch.no_grad()
     def run(self, x: torch.Tensor) -> torch.Tensor:

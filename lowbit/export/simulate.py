@@ -146,6 +146,11 @@ class BitExact(nn.Module):
             a, b = (self._int(v) for v in args[:2])
             if a is not None and b is not None:
                 return self._emit(op, _add(a, b, self.im.stats))
+        if k == "concat":
+            parts = [self._int(v) for v in args[0]]
+            if all(v is not None for v in parts):  # requantized as the integer model does
+                out = self.im._concat(op, parts)
+                return out if out.grid is None else _Real(out.real(), out.grid)
         return self._torch(op, env, args)
 
     def _torch(self, op: Op, env: dict, args):
