@@ -620,9 +620,8 @@ class IntegerModel:
         return IntValue(data, scale, zp, None)
 
     def _pad(self, op: Op, x: IntValue) -> IntValue:
+        """Zero padding in real units: the zero-point's code (one pass when it is one)."""
         pad = op.attrs["pad"]
-        data = x.centred()
-        out = F.pad(data, pad)  # zeros in real units: code zero_point
         scale, zp = x.scale, x.zero_point
         if len(pad) >= 6 and (pad[4] or pad[5]):  # channels padded: grids grow with them
             if scale.numel() > 1:  # new channels hold zeros: any scale; the finest costs nothing
@@ -630,7 +629,11 @@ class IntegerModel:
             if bool((zp != 0).any()) and zp.numel() > 1:
                 raise ExportError(f"{op.name}: padding channels of a per-channel grid with "
                                   "zero-points is not exported")
-        return IntValue(out + _dim1(zp, out.dim()), scale, zp, x.grid)
+        if zp.numel() == 1:
+            out = F.pad(x.data, pad, value=int(zp))
+        else:
+            out = F.pad(x.centred(), pad) + _dim1(zp, x.data.dim())
+        return IntValue(out, scale, zp, x.grid)
 
     def _float_op(self, op: Op, env: dict):
         """An op before the first quantizer: the node itself on float values, with all of its
