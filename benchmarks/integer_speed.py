@@ -1,5 +1,5 @@
 """Seconds per image of the integer reference and the bit-exact simulation, to compare changes
-to their arithmetic on one machine.
+to their arithmetic on one machine (CPU seconds of the process, and wall seconds).
 
 The model gets random weights and random calibration images (the values do not change the
 work), the quantization points and a uniform config. To compare with another checkout, run
@@ -25,14 +25,17 @@ from common import MODELS, provenance  # noqa: E402
 CONFIGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
 
 
-def seconds_per_image(fn, x, reps: int) -> float:
+def seconds_per_image(fn, x, reps: int) -> tuple[float, float]:
+    """The fastest of ``reps`` runs, per image: CPU seconds of this process (what the work
+    costs, little moved by other jobs on a shared machine) and wall seconds."""
     fn(x[:1])  # warm-up
-    best = float("inf")
+    cpu = wall = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         fn(x)
-        best = min(best, time.perf_counter() - t0)
-    return best / len(x)
+        cpu = min(cpu, time.process_time() - c0)
+        wall = min(wall, time.perf_counter() - w0)
+    return cpu / len(x), wall / len(x)
 
 
 def main() -> None:
@@ -66,10 +69,10 @@ def main() -> None:
         runners = {"integer": IntegerModel(q).run, "bit_exact": bit_exact(q)}
         for b in args.batch:
             load = os.getloadavg()[0]
-            times = {k: round(seconds_per_image(fn, x[:b], args.reps), 3)
-                     for k, fn in runners.items()}
-            print(f"{args.model} {name} batch {b}: integer {times['integer']} s/image, "
-                  f"bit_exact {times['bit_exact']} s/image ({args.threads} thread(s), load "
+            times = {k: seconds_per_image(fn, x[:b], args.reps) for k, fn in runners.items()}
+            parts = ", ".join(f"{k} {cpu:.3f} s/image CPU ({wall:.3f} wall)"
+                              for k, (cpu, wall) in times.items())
+            print(f"{args.model} {name} batch {b}: {parts} ({args.threads} thread(s), load "
                   f"{load:.1f}, commit {where['commit']})", flush=True)
 
 

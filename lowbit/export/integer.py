@@ -473,7 +473,7 @@ class IntegerModel:
                 continue
             for node, target in self.targets.items():
                 if target is None and node is not op.node:
-                    end, user = chain_end(node, self.modules)
+                    _, user = chain_end(node, self.modules)
                     if user is not None and user.node is op.node:
                         self.targets[node] = q
 

@@ -5,12 +5,13 @@ The default simulation rounds ``float32(conv(x_q, w_q) + bias) / s_out``; the in
 rounds ``int32 accumulator * m * 2**-n``. Near a tie the two can land one code apart, and the
 difference carries on. :func:`bit_exact` returns a module that runs the fake-quant model's graph
 on float tensors (the real values, as the simulation does) and runs every op that is not a
-quantization point with the model's own torch ops (activations, pools, pads, reshapes, concat,
-pixel shuffle, upsampling). At the points it mirrors integer arithmetic: the layer's input
+quantization point with the model's own torch ops (activations, pools, pads, reshapes, pixel
+shuffle, upsampling). At the points it mirrors integer arithmetic: the layer's input
 codes from its own quantizer, the bias as int32 at ``s_x * s_w``, exact accumulation, and
 requantization by the dyadic multiplier with the integer reference's one rounding rule (half
 to even); average pools sum codes exactly and fold ``1 / N`` into the multiplier; adds without
-a quantization point add int32 accumulators as the integer model does. With the quantization
+a quantization point add int32 accumulators as the integer model does, and concatenations
+of integer values requantize them as it does. With the quantization
 points inserted (:func:`lowbit.nn.points.insert_points`) its codes at every layer equal the
 integer reference's bit for bit, with or without the quantization points
 (:func:`lowbit.nn.points.insert_points`); the default simulation differs from both.
