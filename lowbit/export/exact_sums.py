@@ -12,6 +12,10 @@ before any input is seen, and :func:`plan_sums` picks the fastest path it proves
   fit, recombined in float64;
 * ``float64``: the bound is below ``2**53`` (torch's float64 kernels are slower);
 * ``int64``: torch's integer conv/linear, exact below ``2**63``, and slowest by far.
+
+The proof needs kernels that multiply and add (direct or GEMM), as torch's CPU kernels do;
+GPU libraries may pick transforms (Winograd, FFT) or TF32 that round, so sums of tensors on
+another device are computed on the CPU.
 """
 
 from __future__ import annotations
@@ -70,7 +74,9 @@ def exact_sums(mod: nn.Module, x: torch.Tensor, codes: torch.Tensor, plan: SumPl
     not on the ``int64`` path, whose sums may not fit)."""
     if dtype == torch.float64 and plan.path == "int64":
         raise ExportError("sums on the int64 path may not fit float64")
-    w = codes.to(x.device)
+    if x.device.type != "cpu":
+        return exact_sums(mod, x.cpu(), codes, plan, dtype).to(x.device)
+    w = codes.cpu()
     if plan.path == "int64":
         return _sums(mod, x, w)
     if plan.path == "float64":
