@@ -13,9 +13,8 @@ scale (:func:`_add` says which); average pools sum in int32 and fold ``1 / N`` i
 multiplier. Activation clamps clamp codes, bounds rounded onto the grid (exact, as rounding is
 monotone).
 
-torch has no integer convolution on the CPU: products are summed exactly in float32 where
-every partial sum stays below ``2**24`` (weights split into high and low parts when needed),
-else in float64, and checked to fit int32.
+Convolutions run on torch's float kernels where a bound on every partial sum, proved from the
+code ranges and the fan-in, makes them exact (:mod:`.exact_sums`), else on its int64 kernels.
 """
 
 from __future__ import annotations
@@ -27,8 +26,17 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import CalibrationError, ExportError
-from ..graph.ops import COMMUTING, Op, describe, requant_target, resolve, trace
+from ..graph.ops import (
+    COMMUTING,
+    Op,
+    chain_end,
+    describe,
+    requant_target,
+    resolve,
+    trace,
+)
 from ..quant.base import IntegerForm, Quantizer, int_range
+from .exact_sums import FLOAT64_EXACT, INT64_EXACT, SumPlan, exact_sums, plan_sums
 
 INT32_MAX = 2**31 - 1
 _ZERO = torch.zeros(1, dtype=torch.int64)  # accumulators have no zero-point
@@ -124,6 +132,9 @@ class IntValue:
         return t.reshape([1, -1] + [1] * (self.data.dim() - 2))
 
     def centred(self) -> torch.Tensor:
+        """``data - zero_point`` (``data`` itself, not a copy, when every zero-point is 0)."""
+        if not bool(self.zero_point.any()):
+            return self.data
         return self.data - self.per_dim1(self.zero_point)
 
     def real(self) -> torch.Tensor:
@@ -132,14 +143,46 @@ class IntValue:
 
 def requantize(v: IntValue, grid: Grid, stats: Stats | None = None) -> IntValue:
     """``v`` on ``grid``: ``clamp(round(M * (v - z)) + z', qmin, qmax)``, ``M = s / s'`` dyadic."""
-    mult = v.per_dim1(v.scale.float()) / v.per_dim1(grid.scale) if grid.scale.numel() == 1 \
-        else v.per_dim1(v.scale.float()) / _dim1(grid.scale, v.data.dim())
-    m, n = dyadic(mult)
+    dims = v.data.dim()
+    m, n = _multiplier(v.scale, grid, dims, stats)
+    q = scale_round(v.centred(), m, n, _dim1(grid.zero_point, dims), grid.qmin, grid.qmax)
+    return IntValue(q, grid.scale, grid.zero_point, grid)
+
+
+def _multiplier(scale: torch.Tensor, grid: Grid, dims: int, stats: Stats | None):
+    m, n = dyadic(_dim1(scale.float(), dims) / _dim1(grid.scale, dims))
     if stats is not None:
         stats.multipliers.append(m.flatten())
-    q = shift_round(v.centred() * m, n) + _dim1(grid.zero_point, v.data.dim())
-    q = q.clamp(grid.qmin, grid.qmax)
-    return IntValue(q, grid.scale, grid.zero_point, grid)
+    return m, n
+
+
+def scale_round(p: torch.Tensor, m: torch.Tensor, n: torch.Tensor, offset=0,
+                lo: int | None = None, hi: int | None = None) -> torch.Tensor:
+    """``clamp(round(p * m * 2**-n) + offset, lo, hi)`` exactly, half to even, for int64 ``p``
+    and dyadic ``(m, n)``: in float64 where ``max|p| * max(m) < 2**53`` (:func:`_round_f64`),
+    else in int64 shifts (:func:`shift_round`)."""
+    top = _magnitude(p) * int(m.max())
+    if top < FLOAT64_EXACT:
+        return _round_f64(p.to(torch.float64), m, n, offset, lo, hi)
+    if top >= INT64_EXACT:
+        raise ExportError(f"a requantization product reaches {top}, beyond int64")
+    q = shift_round(p * m, n) + offset
+    return q if lo is None else q.clamp(lo, hi)
+
+
+def _round_f64(t: torch.Tensor, m, n, offset=0, lo=None, hi=None) -> torch.Tensor:
+    """:func:`scale_round` on float64 ``t`` holding integers with ``max|t| * max(m) < 2**53``
+    (the caller proves it): the product is then exact (``2**-n`` only moves its exponent), and
+    so are its rounding, the offset and the clamp. Overwrites ``t``."""
+    t = t.mul_(torch.ldexp(m.to(torch.float64), -n)).round_().add_(offset)
+    return (t if lo is None else t.clamp_(lo, hi)).to(torch.int64)
+
+
+def _magnitude(p: torch.Tensor) -> int:
+    if not p.numel():
+        return 0
+    lo, hi = torch.aminmax(p)
+    return max(-int(lo), int(hi))
 
 
 def _dim1(t: torch.Tensor, dims: int) -> torch.Tensor:
@@ -171,10 +214,21 @@ class LayerForm:
     bias: torch.Tensor | None  # int64 [C_out]
     weight_form: IntegerForm | None = None
     bias_rescaled: dict[int, float] = field(default_factory=dict)  # channel: weight change
+    plan: SumPlan | None = None  # how the sums are computed exactly
+    acc_bound: int = 0  # no accumulator exceeds this in magnitude
+
+    @property
+    def x_bound(self) -> int:
+        """The largest centred input code magnitude the input grid allows."""
+        g = self.input_grid
+        return int(torch.maximum((g.qmin - g.zero_point).abs(), (g.qmax - g.zero_point).abs())
+                   .max())
 
 
 def layer_form(name: str, mod: nn.Module) -> LayerForm:
     """The integer form of one quantized conv/linear (raises for what has none)."""
+    if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+        raise ExportError(f"layer {name!r}: padding mode {mod.padding_mode!r} is not exported")
     if mod.weight_quant is None or mod.input_quant is None:
         side = "weight" if mod.weight_quant is None else "input"
         raise ExportError(f"layer {name!r} has no {side} quantizer: it is not an integer layer; "
@@ -207,7 +261,10 @@ def layer_form(name: str, mod: nn.Module) -> LayerForm:
     bias = None
     if mod.bias is not None:
         bias = round_half_even(mod.bias.detach().double() / acc_scale.double()).to(torch.int64)
-    return LayerForm(name, mod, grid, codes, w_scale, acc_scale, bias, form, rescaled)
+    lf = LayerForm(name, mod, grid, codes, w_scale, acc_scale, bias, form, rescaled)
+    lf.plan = plan_sums(codes, lf.x_bound)
+    lf.acc_bound = lf.plan.bound + (int(bias.abs().max()) if bias is not None else 0)
+    return lf
 
 
 def _fit_bias(name: str, mod: nn.Module, x_scale, w_scale, codes, form):
@@ -262,58 +319,53 @@ def _exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64)
 
 
-FLOAT32_EXACT = 2**24  # float32 holds every integer below this exactly
-SPLIT = 16  # weight codes split as SPLIT * high + low, low in [0, SPLIT)
-
-
-def _sums(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if isinstance(mod, nn.Conv2d):
-        return F.conv2d(x, w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
-    return F.linear(x, w)
-
-
-def _accumulate(lf: LayerForm, x: torch.Tensor) -> torch.Tensor:
-    """Exact int32 accumulation. Integer sums are exact in float32 while the sum of the
-    terms' magnitudes stays below ``2**24`` (every partial sum does, in any order), so the
-    weight codes are split into high and low parts where one product would not fit; float64
-    where even that would not."""
-    mod = lf.module
-    if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
-        raise ExportError(f"layer {lf.name!r}: padding mode {mod.padding_mode!r} is not "
-                          "exported")
-    codes = lf.weight_codes
-    k = codes[0].numel()  # terms per output (per group for grouped convs)
-    x_max = int(x.abs().max()) if x.numel() else 0
-    w_max = int(codes.abs().max()) if codes.numel() else 0
-    xf = x.to(torch.float32)
-    if k * x_max * w_max < FLOAT32_EXACT:
-        acc = _sums(mod, xf, codes.to(x.device, torch.float32)).to(torch.float64)
-    elif k * x_max * max(SPLIT, w_max // SPLIT + 1) < FLOAT32_EXACT:
-        high = torch.div(codes, SPLIT, rounding_mode="floor")
-        low = codes - SPLIT * high
-        acc = (_sums(mod, xf, high.to(x.device, torch.float32)).to(torch.float64) * SPLIT
-               + _sums(mod, xf, low.to(x.device, torch.float32)).to(torch.float64))
-    else:
-        acc = _sums(mod, _exact(x), _exact(codes).to(x.device))
-    acc = acc.round().to(torch.int64)
+def _accumulate(lf: LayerForm, x: torch.Tensor, dtype: torch.dtype = torch.int64):
+    """Exact int32 accumulation of centred input codes ``x`` on ``lf.input_grid``: the sums
+    by the layer's proved-exact path (:mod:`.exact_sums`), plus the bias; checked to fit int32
+    unless the bound already proves it. ``dtype=torch.float64`` returns the integers as exact
+    float64 (the caller checks ``lf.plan.path != "int64"``)."""
+    acc = exact_sums(lf.module, x, lf.weight_codes, lf.plan, dtype)
     if lf.bias is not None:
-        acc = acc + (lf.bias.reshape([1, -1] + [1] * (acc.dim() - 2)))
-    if bool((acc.abs() > INT32_MAX).any()):
+        acc += lf.bias.reshape([1, -1] + [1] * (acc.dim() - 2)).to(dtype)
+    if lf.acc_bound > INT32_MAX and bool((acc.abs() > INT32_MAX).any()):
         raise ExportError(f"layer {lf.name!r}: the accumulator overflows int32")
     return acc
 
 
+def layer_output(lf: LayerForm, x: IntValue, grid: Grid | None = None,
+                 stats: Stats | None = None) -> IntValue:
+    """The layer on its input codes ``x``: the int32 accumulator, or with ``grid`` the
+    accumulator requantized onto it. Where the bounds prove it exact (sums in float, every
+    accumulator times the multiplier below ``2**53``) the two steps run fused in float64,
+    which saves two int64 passes over the accumulator."""
+    c = x.centred()
+    if grid is not None:
+        dims = c.dim()
+        m, n = _multiplier(lf.acc_scale, grid, dims, stats)
+        if lf.plan.path != "int64" and lf.acc_bound * int(m.max()) < FLOAT64_EXACT:
+            acc = _accumulate(lf, c, torch.float64)
+            q = _round_f64(acc, m, n, _dim1(grid.zero_point, dims), grid.qmin, grid.qmax)
+            return IntValue(q, grid.scale, grid.zero_point, grid)
+    out = IntValue(_accumulate(lf, c), lf.acc_scale, _ZERO)
+    return out if grid is None else requantize(out, grid, stats)
+
+
 def clamp_codes(v: IntValue, lo, hi) -> IntValue:
-    """An activation clamp on codes or accumulators, its bounds rounded onto the grid."""
+    """An activation clamp on codes or accumulators, its bounds rounded onto the grid; a bound
+    outside a grid's code range changes nothing and is skipped."""
     scale, zp = v.per_dim1(v.scale.double()), v.per_dim1(v.zero_point)
     data = v.data
     if lo is not None:
-        data = torch.maximum(data, (round_half_even(lo / scale) + zp).to(torch.int64))
+        lo_c = (round_half_even(lo / scale) + zp).to(torch.int64)
+        if v.grid is None or bool((lo_c > v.grid.qmin).any()):
+            data = torch.maximum(data, lo_c)
     if hi is not None:
         hi_t = torch.as_tensor(hi, dtype=torch.float64)
         if hi_t.dim() == 1:
             hi_t = hi_t.reshape([1, -1] + [1] * (data.dim() - 2))
-        data = torch.minimum(data, (round_half_even(hi_t / scale) + zp).to(torch.int64))
+        hi_c = (round_half_even(hi_t / scale) + zp).to(torch.int64)
+        if v.grid is None or bool((hi_c < v.grid.qmax).any()):
+            data = torch.minimum(data, hi_c)
     return IntValue(data, v.scale, v.zero_point, v.grid)
 
 
@@ -357,7 +409,7 @@ def _add(a: IntValue, b: IntValue, stats: Stats) -> IntValue:
     for v in (a, b):
         m, n = dyadic((_dim1(v.scale.float(), dims) / fine).float())
         stats.multipliers.append(m.flatten())
-        part = shift_round(v.centred() * m, n)
+        part = scale_round(v.centred(), m, n)
         out = part if out is None else out + part
     if bool((out.abs() > INT32_MAX).any()):
         raise ExportError("a residual add overflows int32")
@@ -406,8 +458,24 @@ class IntegerModel:
         self.layers = {op.name: layer_form(op.name, op.module) for op in self.ops
                        if op.kind == "layer"}
         self.targets = {op.node: requant_target(op.node, self.modules) for op in self.ops
-                        if op.kind in ("layer", "avgpool", "add", "qadd")}
+                        if op.kind in ("layer", "avgpool", "add", "qadd", "concat")}
+        self._targets_through_concat()
         self.stats = Stats()
+
+    def _targets_through_concat(self) -> None:
+        """An accumulator whose one way leads (through ops that commute with rounding) into a
+        concat that is requantized onto a per-tensor grid is requantized onto that grid where
+        it is made: concatenating and requantizing commute, and a layer then ends in its
+        integer kernel instead of in float."""
+        for op in self.ops:
+            q = self.targets.get(op.node) if op.kind == "concat" else None
+            if q is None or Grid.of(q).scale.numel() != 1:
+                continue
+            for node, target in self.targets.items():
+                if target is None and node is not op.node:
+                    _, user = chain_end(node, self.modules)
+                    if user is not None and user.node is op.node:
+                        self.targets[node] = q
 
     @property
     def power_of_two(self) -> bool:
@@ -433,9 +501,8 @@ class IntegerModel:
         lf = self.layers[op.name]
         x = self._codes_for(v, lf.input_grid, op.module.input_quant)
         self.stats.layer_inputs[op.name] = x.data
-        acc = _accumulate(lf, x.centred())
-        out = IntValue(acc, lf.acc_scale, _ZERO)
-        return self._maybe_requant(op.node, out)
+        q = self.targets.get(op.node)
+        return layer_output(lf, x, None if q is None else Grid.of(q), self.stats)
 
     def _qadd(self, op: Op, a, b) -> IntValue:
         return qadd(op, [a, b], self._codes_for, self.targets.get(op.node), self.stats)
@@ -472,7 +539,7 @@ class IntegerModel:
             return op.node.target(*real, **op.node.kwargs)
         x = args[0]
         if not isinstance(x, IntValue):  # a float region (before the first quantizer)
-            return self._float_op(op, args)
+            return self._float_op(op, env)
         if k == "pixel_shuffle":
             if x.scale.numel() > 1:
                 raise ExportError(f"{op.name}: pixel shuffle of a tensor with per-channel "
@@ -515,21 +582,35 @@ class IntegerModel:
         raise ExportError(f"{op.name}: the integer model cannot run {k!r} here")
 
     def _concat(self, op: Op, parts: list):
-        """Codes on one grid concatenate as they are; along channels, different grids (or
-        accumulators) give per-channel scales and zero-points, requantized by the next
-        quantizer."""
+        """Codes on one grid concatenate as they are. On different grids, with a per-tensor
+        grid the concat is requantized onto (its target: the next quantizer), each input is
+        requantized onto it first (dyadic multiplier, a shift between power-of-two grids), so
+        the codes concatenate on one grid; otherwise, along channels, the result carries
+        per-channel scales and zero-points for the next quantizer to requantize."""
         dim = op.attrs["dim"]
         if not all(isinstance(v, IntValue) for v in parts):
             self.stats.float_ops[op.name] = "concat of a float value"
             return torch.cat([v.real() if isinstance(v, IntValue) else v for v in parts], dim)
-        data = torch.cat([v.data for v in parts], dim)
         first = parts[0]
-        if first.grid is not None and all(v.grid is not None and v.grid.same(first.grid)
-                                          for v in parts):
-            return IntValue(data, first.scale, first.zero_point, first.grid)
+        if not (first.grid is not None and all(v.grid is not None and v.grid.same(first.grid)
+                                               for v in parts)):
+            q = self.targets.get(op.node)
+            grid = Grid.of(q) if q is not None else None
+            if grid is None or grid.scale.numel() != 1:
+                return self._concat_channels(op, parts)
+            parts = [v if v.grid is not None and v.grid.same(grid) else
+                     requantize(v, grid, self.stats) for v in parts]
+            first = parts[0]
+        data = torch.cat([v.data for v in parts], dim)
+        return IntValue(data, first.scale, first.zero_point, first.grid)
+
+    def _concat_channels(self, op: Op, parts: list[IntValue]) -> IntValue:
+        dim = op.attrs["dim"]
+        data = torch.cat([v.data for v in parts], dim)
         if dim % data.dim() != 1:
             raise ExportError(f"{op.name}: concat of tensors on different grids is exported "
-                              "along channels only; give them one grid")
+                              "along channels only, unless the concat goes straight to one "
+                              "quantizer; give them one grid")
 
         def per_channel(t, v):
             return t.reshape(-1).expand(v.data.shape[1]) if t.numel() == 1 else t.reshape(-1)
@@ -539,9 +620,8 @@ class IntegerModel:
         return IntValue(data, scale, zp, None)
 
     def _pad(self, op: Op, x: IntValue) -> IntValue:
+        """Zero padding in real units: the zero-point's code (one pass when it is one)."""
         pad = op.attrs["pad"]
-        data = x.centred()
-        out = F.pad(data, pad)  # zeros in real units: code zero_point
         scale, zp = x.scale, x.zero_point
         if len(pad) >= 6 and (pad[4] or pad[5]):  # channels padded: grids grow with them
             if scale.numel() > 1:  # new channels hold zeros: any scale; the finest costs nothing
@@ -549,16 +629,28 @@ class IntegerModel:
             if bool((zp != 0).any()) and zp.numel() > 1:
                 raise ExportError(f"{op.name}: padding channels of a per-channel grid with "
                                   "zero-points is not exported")
-        return IntValue(out + _dim1(zp, out.dim()), scale, zp, x.grid)
+        if zp.numel() == 1:
+            out = F.pad(x.data, pad, value=int(zp))
+        else:
+            out = F.pad(x.centred(), pad) + _dim1(zp, x.data.dim())
+        return IntValue(out, scale, zp, x.grid)
 
-    def _float_op(self, op: Op, args):
-        if op.kind == "add":
-            a, b = args
-            return (a.real() if isinstance(a, IntValue) else a) + b
-        if op.node.op == "call_module":
-            return self.modules[op.node.target](*args)
-        return op.node.target(*args, **op.node.kwargs) if op.node.op == "call_function" \
-            else getattr(args[0], op.node.target)(*args[1:], **op.node.kwargs)
+    def _float_op(self, op: Op, env: dict):
+        """An op before the first quantizer: the node itself on float values, with all of its
+        arguments (``op.args`` keeps only the tensors)."""
+        node = op.node
+
+        def real(a):
+            a = resolve(a, env)
+            return a.real() if isinstance(a, IntValue) else a
+
+        args = [real(a) for a in node.args]
+        kwargs = {k: real(v) for k, v in node.kwargs.items()}
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
 
     @torch.no_grad()
     def run(self, x: torch.Tensor) -> torch.Tensor:

@@ -357,16 +357,28 @@ class _Writer:
         return self.on_tensor(v, lambda n: self.node("Slice", [n, *cs], op.name))
 
     def concat(self, op: Op, parts):
+        """Codes on one grid concatenate as they are. On different grids, with a per-tensor
+        grid the concat is requantized onto (as in the integer reference), float inputs are
+        quantized onto it and the codes go DequantizeLinear -> Concat -> QuantizeLinear,
+        which onnxruntime fuses into one QLinearConcat; otherwise in float, listed."""
         dim = op.attrs["dim"]
+        q = self.im.targets.get(op.node)
+        grid = Grid.of(q) if q is not None else None
+        if grid is not None and grid.scale.numel() == 1:
+            parts = [v if isinstance(v, _Codes) else self.quantize(v, grid, f"{op.name}_{i}")
+                     for i, v in enumerate(parts)]
         first = parts[0]
         if all(isinstance(v, _Codes) for v in parts) and all(v.grid.same(first.grid)
                                                               for v in parts):
             name = self.node("Concat", [self.materialize(v) for v in parts], op.name, axis=dim)
             return _Codes(name, first.grid, *self._range(first.grid))
+        y = _Float(self.node("Concat", [self.as_float(v).name for v in parts], op.name,
+                             axis=dim))
+        if grid is not None and grid.scale.numel() == 1:
+            return self.quantize(y, grid, op.name)
         self.report.dequantized[op.name] = ("concat of inputs on different grids (in float; "
                                             "give them one grid to concatenate codes)")
-        return _Float(self.node("Concat", [self.as_float(v).name for v in parts], op.name,
-                                axis=dim))
+        return y
 
     def _range(self, grid: Grid) -> tuple[int, int]:
         info = np.iinfo(self.container(grid))

@@ -5,12 +5,13 @@ The default simulation rounds ``float32(conv(x_q, w_q) + bias) / s_out``; the in
 rounds ``int32 accumulator * m * 2**-n``. Near a tie the two can land one code apart, and the
 difference carries on. :func:`bit_exact` returns a module that runs the fake-quant model's graph
 on float tensors (the real values, as the simulation does) and runs every op that is not a
-quantization point with the model's own torch ops (activations, pools, pads, reshapes, concat,
-pixel shuffle, upsampling). At the points it mirrors integer arithmetic: the layer's input
+quantization point with the model's own torch ops (activations, pools, pads, reshapes, pixel
+shuffle, upsampling). At the points it mirrors integer arithmetic: the layer's input
 codes from its own quantizer, the bias as int32 at ``s_x * s_w``, exact accumulation, and
 requantization by the dyadic multiplier with the integer reference's one rounding rule (half
 to even); average pools sum codes exactly and fold ``1 / N`` into the multiplier; adds without
-a quantization point add int32 accumulators as the integer model does. With the quantization
+a quantization point add int32 accumulators as the integer model does, and concatenations
+of integer values requantize them as it does. With the quantization
 points inserted (:func:`lowbit.nn.points.insert_points`) its codes at every layer equal the
 integer reference's bit for bit, with or without the quantization points
 (:func:`lowbit.nn.points.insert_points`); the default simulation differs from both.
@@ -26,13 +27,12 @@ from torch import nn
 from ..errors import ExportError
 from ..graph.ops import COMMUTING, Op
 from .integer import (
-    _ZERO,
     Grid,
     IntegerModel,
     IntValue,
-    _accumulate,
     _add,
     _avgpool,
+    layer_output,
     qadd,
     requantize,
 )
@@ -123,7 +123,9 @@ class BitExact(nn.Module):
             lf = self.im.layers[op.name]
             x = self._codes(args[0], op.module.input_quant)
             self.layer_inputs[op.name] = x.data
-            return self._emit(op, IntValue(_accumulate(lf, x.centred()), lf.acc_scale, _ZERO))
+            q = self.im.targets.get(op.node)
+            out = layer_output(lf, x, None if q is None else Grid.of(q))
+            return out if q is None else _Real(out.real(), out.grid)
         if k == "qadd":
             ins = [self._int(v) if t and self._int(v) is not None else v
                    for v, t in zip(args, op.module.passthrough, strict=True)]
@@ -145,6 +147,11 @@ class BitExact(nn.Module):
             a, b = (self._int(v) for v in args[:2])
             if a is not None and b is not None:
                 return self._emit(op, _add(a, b, self.im.stats))
+        if k == "concat":
+            parts = [self._int(v) for v in args[0]]
+            if all(v is not None for v in parts):  # requantized as the integer model does
+                out = self.im._concat(op, parts)
+                return out if out.grid is None else _Real(out.real(), out.grid)
         return self._torch(op, env, args)
 
     def _torch(self, op: Op, env: dict, args):
