@@ -14,7 +14,7 @@ weights and activations, then each strategy alone (the same pipeline with one ca
 calibration patches and budget, ``--iters`` search and ``--finetune-iters`` steps per unit), on
 ``--dqss-config`` (default: the PAMS policy at W4A4), instead of ``--runs``. Its rows hold every
 image's PSNR-Y and the per-image differences, DQSS minus each single strategy, with their
-standard error (``margins``).
+standard error (``margins``); they have no ``vs_float``.
 
 ``--into FILE`` merges the rows into a committed results file: a row replaces the row of the
 same dataset and label.
@@ -65,17 +65,14 @@ def _run(cmd: list[str]) -> None:
         raise SystemExit(f"lowbit {' '.join(cmd)} failed")
 
 
-def per_image(model, loader, reference, spec) -> dict[str, list[float]]:
-    """PSNR-Y, SSIM and PSNR against ``reference`` of every image of ``loader`` (batch 1)."""
+def per_image(model, loader, spec) -> dict[str, list[float]]:
+    """PSNR-Y and SSIM of the model and of bicubic upsampling on every image of ``loader``."""
     from lowbit.evaluate import evaluate
 
-    res = [evaluate(model, [batch], reference, progress=False, spec=spec) for batch in loader]
+    res = [evaluate(model, [batch], progress=False, spec=spec) for batch in loader]
     return {"psnr_y": [r.psnr_y for r in res], "ssim": [r.ssim for r in res],
-            "vs_float": [r.psnr_vs_reference for r in res],
             "bicubic_psnr_y": [r.bicubic_psnr_y for r in res],
-            "bicubic_ssim": [r.bicubic_ssim for r in res],
-            "float_psnr_y": [r.reference_psnr_y for r in res],
-            "float_ssim": [r.reference_ssim for r in res]}
+            "bicubic_ssim": [r.bicubic_ssim for r in res]}
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -108,26 +105,25 @@ def dqss_rows(args, command: str) -> list[dict]:
     common = dict(mode="ptq", base_config=args.dqss_config, iters=args.iters,
                   finetune_iters=args.finetune_iters, progress=False)
     plan = [("dqss", args.dqss)] + [(c, [c]) for c in args.dqss]
-    scored, info = {}, {}
+    scored, info = {"float": {d: per_image(net, ld, spec) for d, ld in evals.items()}}, {}
     for name, cands in plan:
         t0 = time.perf_counter()
         r = dqss_search(net, batches, None, batches[0][0][:2], w_candidates=cands,
                         a_candidates=cands, **common)
         info[name] = dict(seconds=time.perf_counter() - t0, choices=r.counts(),
                           per_layer=r.choices)
-        scored[name] = {d: per_image(r.model, loader, net, spec) for d, loader in evals.items()}
+        scored[name] = {d: per_image(r.model, ld, spec) for d, ld in evals.items()}
         print(f"{name}: " + ", ".join(f"{d} {sum(v['psnr_y']) / len(v['psnr_y']):.3f} dB"
                                       for d, v in scored[name].items()), flush=True)
     policy = Path(args.dqss_config).stem
     rows = []
     for d in args.datasets:
-        first = scored["dqss"][d]
+        fl = scored["float"][d]
         mean = lambda v: sum(v) / len(v)  # noqa: E731
-        f_psnr, b_psnr = mean(first["float_psnr_y"]), mean(first["bicubic_psnr_y"])
-        rows += [dict(dataset=d, model="bicubic", psnr_y=b_psnr, ssim=mean(first["bicubic_ssim"]),
+        f_psnr, b_psnr = mean(fl["psnr_y"]), mean(fl["bicubic_psnr_y"])
+        rows += [dict(dataset=d, model="bicubic", psnr_y=b_psnr, ssim=mean(fl["bicubic_ssim"]),
                       drop=b_psnr - f_psnr),
-                 dict(dataset=d, model="float", psnr_y=f_psnr, ssim=mean(first["float_ssim"]),
-                      drop=0.0)]
+                 dict(dataset=d, model="float", psnr_y=f_psnr, ssim=mean(fl["ssim"]), drop=0.0)]
         for name, _ in plan:
             v = scored[name][d]
             label = (f"dqss {{{','.join(args.dqss)}}}" if name == "dqss" else
@@ -138,7 +134,7 @@ def dqss_rows(args, command: str) -> list[dict]:
                        {"dqss": paired(scored["dqss"][d]["psnr_y"], v["psnr_y"])})
             rows.append(dict(dataset=d, model=label, psnr_y=mean(v["psnr_y"]),
                              ssim=mean(v["ssim"]), drop=mean(v["psnr_y"]) - f_psnr,
-                             vs_float=mean(v["vs_float"]), margins=margins,
+                             margins=margins,
                              psnr_y_per_image=v["psnr_y"], iters=args.iters,
                              finetune_iters=args.finetune_iters,
                              calib_patches=len(calib.dataset), config=args.dqss_config,
