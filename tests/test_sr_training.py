@@ -173,8 +173,8 @@ def _python_qat(tiny_sr, folder, **kw):
     train = make_loader(get_task(spec.task).train_set(spec, "sr-folder", folder), 4,
                         shuffle=True, seed=0)
     torch.manual_seed(0)
-    cfg = TrainConfig(epochs=1, max_steps_per_epoch=2, optimizer="adam", lr=1e-3, loss="l1", progress=False,
-                      channels_last=False)
+    cfg = TrainConfig(epochs=1, max_steps_per_epoch=2, optimizer="adam", lr=1e-3, loss="l1",
+                      progress=False, channels_last=False)
     return qat(get_model(tiny_sr), "lsq", train, calib_data=data.calib,
                example_inputs=data.example, train=cfg, eval_data=data.eval, **kw), data
 
