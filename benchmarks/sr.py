@@ -9,6 +9,13 @@ photos) and ``sr-imagenette`` (the 50 held-out Imagenette photos); calibration a
 Imagenette training photos. These are not Set5/Set14: only the drops from float compare with
 the papers.
 
+``--dqss CAND ...`` runs DQSS-PTQ (``lowbit.search.dqss_search``) with those strategies for
+weights and activations, then each strategy alone (the same pipeline with one candidate: the same
+calibration patches and budget, ``--iters`` search and ``--finetune-iters`` steps per unit), on
+``--dqss-config`` (default: the PAMS policy at W4A4), instead of ``--runs``. Its rows hold every
+image's PSNR-Y and the per-image differences, DQSS minus each single strategy, with their
+standard error (``margins``); they have no ``vs_float``.
+
 ``--into FILE`` merges the rows into a committed results file: a row replaces the row of the
 same dataset and label.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -27,22 +35,26 @@ from lowbit.cli import main as lowbit_main  # noqa: E402
 from lowbit.report import format_table, write_json  # noqa: E402
 
 PAMS = "recipes/pams_edsr_w4a4.yaml"
+PAMS2 = "recipes/pams_edsr_w2a4.yaml"
 # label -> (kind, extra arguments); "PAMS policy": only the body's residual blocks quantized
 RUNS = {
     "mse W8A8": ("ptq", ["--method", "mse", "--w-bits", "8", "--a-bits", "8"]),
     "mse W4A4": ("ptq", ["--method", "mse", "--w-bits", "4", "--a-bits", "4"]),
     "mse W2A4": ("ptq", ["--method", "mse", "--w-bits", "2", "--a-bits", "4"]),
     "mse W4A4 PAMS policy (body only)": ("ptq", ["--method", "mse", "--config", PAMS]),
-    "mse W2A4 PAMS policy (body only)": ("ptq", ["--method", "mse", "--config",
-                                                 "recipes/pams_edsr_w2a4.yaml"]),
+    "mse W2A4 PAMS policy (body only)": ("ptq", ["--method", "mse", "--config", PAMS2]),
     "rapq W4A4": ("ptq", ["--method", "rapq", "--w-bits", "4", "--a-bits", "4"]),
     "rapq W4A4 PAMS policy (body only)": ("ptq", ["--method", "rapq", "--config", PAMS]),
+    "rapq W2A4": ("ptq", ["--method", "rapq", "--w-bits", "2", "--a-bits", "4"]),
+    "rapq W2A4 PAMS policy (body only)": ("ptq", ["--method", "rapq", "--config", PAMS2]),
     "brecq W4A4": ("ptq", ["--method", "brecq", "--w-bits", "4", "--a-bits", "4"]),
     "brecq W4A4 PAMS policy (body only)": ("ptq", ["--method", "brecq", "--config", PAMS]),
+    "brecq W2A4 PAMS policy (body only)": ("ptq", ["--method", "brecq", "--config", PAMS2]),
     "lsq W4A4": ("qat", ["--method", "lsq", "--w-bits", "4", "--a-bits", "4"]),
     "qil W4A4": ("qat", ["--method", "qil", "--w-bits", "4", "--a-bits", "4"]),
     "lsq W2A4": ("qat", ["--method", "lsq", "--w-bits", "2", "--a-bits", "4"]),
     "lsq W4A4 PAMS policy (body only)": ("qat", ["--config", "recipes/pams_edsr_w4a4_lsq.yaml"]),
+    "qil W4A4 PAMS policy (body only)": ("qat", ["--config", "recipes/pams_edsr_w4a4_qil.yaml"]),
     "sdq 3 avg bits A4": ("sdq", ["-b", "3"]),
     "sdq 2 avg bits A4": ("sdq", ["-b", "2"]),
 }
@@ -51,6 +63,83 @@ RUNS = {
 def _run(cmd: list[str]) -> None:
     if lowbit_main(cmd) != 0:
         raise SystemExit(f"lowbit {' '.join(cmd)} failed")
+
+
+def per_image(model, loader, spec) -> dict[str, list[float]]:
+    """PSNR-Y and SSIM of the model and of bicubic upsampling on every image of ``loader``."""
+    from lowbit.evaluate import evaluate
+
+    res = [evaluate(model, [batch], progress=False, spec=spec) for batch in loader]
+    return {"psnr_y": [r.psnr_y for r in res], "ssim": [r.ssim for r in res],
+            "bicubic_psnr_y": [r.bicubic_psnr_y for r in res],
+            "bicubic_ssim": [r.bicubic_ssim for r in res]}
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of ``a - b`` over the same images and its standard error."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
+    return mean, math.sqrt(var / len(d))
+
+
+def dqss_rows(args, command: str) -> list[dict]:
+    """DQSS-PTQ with ``args.dqss`` and each of its strategies alone, scored image by image."""
+    import time
+
+    import torch
+
+    from lowbit.models import get_model, get_spec
+    from lowbit.pipeline import build_data
+    from lowbit.search import dqss_search
+
+    torch.set_num_threads(1)
+    spec = get_spec(args.model)
+    net = get_model(args.model, args.weights)
+    calib = build_data(spec, args.datasets[0], None, calib_dataset="sr-imagenette",
+                       calib_root=args.calib_root, calib_size=args.calib_size,
+                       batch_size=32).calib
+    batches = list(calib)
+    evals = {d: build_data(spec, d, None if d == "sr-sklearn" else args.calib_root,
+                           calibration=False).eval for d in args.datasets}
+    common = dict(mode="ptq", base_config=args.dqss_config, iters=args.iters,
+                  finetune_iters=args.finetune_iters, progress=False)
+    plan = [("dqss", args.dqss)] + [(c, [c]) for c in args.dqss]
+    scored, info = {"float": {d: per_image(net, ld, spec) for d, ld in evals.items()}}, {}
+    for name, cands in plan:
+        t0 = time.perf_counter()
+        r = dqss_search(net, batches, None, batches[0][0][:2], w_candidates=cands,
+                        a_candidates=cands, **common)
+        info[name] = dict(seconds=time.perf_counter() - t0, choices=r.counts(),
+                          per_layer=r.choices)
+        scored[name] = {d: per_image(r.model, ld, spec) for d, ld in evals.items()}
+        print(f"{name}: " + ", ".join(f"{d} {sum(v['psnr_y']) / len(v['psnr_y']):.3f} dB"
+                                      for d, v in scored[name].items()), flush=True)
+    policy = Path(args.dqss_config).stem
+    rows = []
+    for d in args.datasets:
+        fl = scored["float"][d]
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        f_psnr, b_psnr = mean(fl["psnr_y"]), mean(fl["bicubic_psnr_y"])
+        rows += [dict(dataset=d, model="bicubic", psnr_y=b_psnr, ssim=mean(fl["bicubic_ssim"]),
+                      drop=b_psnr - f_psnr),
+                 dict(dataset=d, model="float", psnr_y=f_psnr, ssim=mean(fl["ssim"]), drop=0.0)]
+        for name, _ in plan:
+            v = scored[name][d]
+            label = (f"dqss {{{','.join(args.dqss)}}}" if name == "dqss" else
+                     f"dqss-single {name}") + f" ({policy})"
+            others = [n for n, _ in plan if n != name]
+            margins = ({n: paired(v["psnr_y"], scored[n][d]["psnr_y"]) for n in others}
+                       if name == "dqss" else
+                       {"dqss": paired(scored["dqss"][d]["psnr_y"], v["psnr_y"])})
+            rows.append(dict(dataset=d, model=label, psnr_y=mean(v["psnr_y"]),
+                             ssim=mean(v["ssim"]), drop=mean(v["psnr_y"]) - f_psnr,
+                             margins=margins,
+                             psnr_y_per_image=v["psnr_y"], iters=args.iters,
+                             finetune_iters=args.finetune_iters,
+                             calib_patches=len(calib.dataset), config=args.dqss_config,
+                             command=command, **info[name]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-5, help="qat: Adam lr of the weights")
     p.add_argument("--quant-lr", type=float, default=1e-4, help="qat: lr of quantizer steps")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--dqss", nargs="+", default=None, metavar="CAND",
+                   help="DQSS-PTQ with these strategies and each alone, instead of --runs")
+    p.add_argument("--dqss-config", default=PAMS, help="dqss: the config searched on")
+    p.add_argument("--finetune-iters", type=int, default=100,
+                   help="dqss: steps per unit for the chosen quantizers")
     p.add_argument("--out", default=str(RESULTS / "sr_x2.json"))
     p.add_argument("--into", default=None, help="merge the rows into this results file")
     p.add_argument("--reuse", action="store_true",
@@ -83,7 +177,10 @@ def main(argv: list[str] | None = None) -> None:
              str(args.patch), "--optimizer", "adam", "--lr", str(args.lr), "--quant-lr",
              str(args.quant_lr), "--weight-decay", "0", "--loss", "l1", "--threads", "1",
              "--no-progress", "--overwrite", "--no-eval-float"]
-    for dataset in args.datasets:
+    command = "python benchmarks/sr.py " + " ".join(argv or sys.argv[1:])
+    if args.dqss:
+        rows = dqss_rows(args, command)
+    for dataset in args.datasets if not args.dqss else []:
         root = [] if dataset == "sr-sklearn" else ["--data-root", args.calib_root]
         train_src = ["--train-root", args.calib_root, "--train-dataset", "sr-imagenette"]
         model = ["-m", args.model, "-w", args.weights, "-d", dataset, *root]
@@ -143,7 +240,6 @@ def main(argv: list[str] | None = None) -> None:
                     row["avg_weight_bits"] = found["achieved"]
                     row["search_steps"] = args.search_steps
             rows.append(row)
-    command = "python benchmarks/sr.py " + " ".join(argv or sys.argv[1:])
     for r in rows:
         r.setdefault("run", command)
     if args.into and Path(args.into).is_file():

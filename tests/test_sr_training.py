@@ -158,3 +158,47 @@ def test_qat_with_the_pams_policy_keeps_the_edges_float(tiny_sr, folder, tmp_pat
     keys = load_file(out / "model" / "model.safetensors").keys()
     quantized = {k.split(".weight_quant")[0] for k in keys if ".weight_quant" in k}
     assert quantized == {f"body.{b}.body.{c}" for b in (0, 1) for c in (0, 2)}
+
+
+def _python_qat(tiny_sr, folder, **kw):
+    """``lowbit.qat.qat`` from Python on the tiny SR model, two steps, scored on two images."""
+    from lowbit.data import make_loader
+    from lowbit.models import get_model, get_spec
+    from lowbit.pipeline import build_data
+    from lowbit.qat import TrainConfig, qat
+    from lowbit.tasks import get_task
+
+    spec = get_spec(tiny_sr)
+    data = build_data(spec, "sr-folder", folder, calib_size=4, eval_size=2, batch_size=4)
+    train = make_loader(get_task(spec.task).train_set(spec, "sr-folder", folder), 4,
+                        shuffle=True, seed=0)
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=1, max_steps_per_epoch=2, optimizer="adam", lr=1e-3, loss="l1",
+                      progress=False, channels_last=False)
+    return qat(get_model(tiny_sr), "lsq", train, calib_data=data.calib,
+               example_inputs=data.example, train=cfg, eval_data=data.eval, **kw), data
+
+
+def test_python_qat_scores_an_sr_model_by_its_task(tiny_sr, folder):
+    """No classification default: the registered model's task, or the data's, picks PSNR/SSIM."""
+    named, _ = _python_qat(tiny_sr, folder, model_name=tiny_sr)
+    unnamed, _ = _python_qat(tiny_sr, folder)  # an unregistered model: the data's task
+    for res in (named, unnamed):
+        row = res.history[-1]
+        assert "top1" not in row and row["psnr_y"] > 0 and 0 < row["ssim"] <= 1
+    assert unnamed.history[-1]["psnr_y"] == pytest.approx(named.history[-1]["psnr_y"])
+
+
+def test_python_qat_explicit_metrics_and_mismatches(tiny_sr, folder):
+    from lowbit.errors import ConfigError, DataError
+
+    res, data = _python_qat(tiny_sr, folder, task="super_resolution")
+    assert res.history[-1]["psnr_y"] > 0
+    res, _ = _python_qat(tiny_sr, folder, eval_fn=lambda m: {"calls": 1.0})
+    assert res.history[-1]["calls"] == 1.0 and "psnr_y" not in res.history[-1]
+    with pytest.raises(ConfigError, match="super-resolution model.*task='super_resolution'"):
+        _python_qat(tiny_sr, folder, model_name=tiny_sr, task="classification")
+    with pytest.raises(DataError, match="not classification data.*top1"):
+        _python_qat(tiny_sr, folder, task="classification")
+    with pytest.raises(ConfigError, match="eval_fn or task, not both"):
+        _python_qat(tiny_sr, folder, task="super_resolution", eval_fn=lambda m: {})

@@ -16,7 +16,9 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import ConfigError
 from ..evaluate import evaluate
+from ..models import get_spec, list_models
 from ..prepare import calibrate, prepare, quantizers
+from ..tasks import resolve_task
 from .hooks import TrainHook
 from .schedule import Stage, parse_stages, run_stages
 from .trainer import TrainConfig
@@ -56,6 +58,22 @@ class QATResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _scoring(eval_fn, eval_data, task: str | None, model_name: str | None):
+    """The per-epoch evaluation: ``eval_fn``, else the metrics of the model's task on
+    ``eval_data`` (None without either)."""
+    if eval_fn is not None and task is not None:
+        raise ConfigError("give eval_fn or task, not both: eval_fn chooses the metrics itself")
+    if eval_fn is not None or eval_data is None:
+        return eval_fn
+    spec = get_spec(model_name) if model_name in list_models() else None
+    scorer = resolve_task(task, spec, eval_data)
+
+    def score(m: nn.Module) -> dict:
+        return scorer.scores(evaluate(m, eval_data, progress=False, task=scorer.name, spec=spec))
+
+    return score
+
+
 def qat(
     model: nn.Module,
     method: str,
@@ -77,6 +95,7 @@ def qat(
     calib_batches: int | None = None,
     dist_ctx=None,
     eval_fn: Callable[[nn.Module], dict] | None = None,
+    task: str | None = None,
 ) -> QATResult:
     """Quantization-aware training of a float ``model`` (never modified: it is copied).
 
@@ -86,6 +105,10 @@ def qat(
     DQSS: its kinds may differ from ``method``, which then only names the run). ``config_options`` are passed to
     :func:`method_config` (``per_channel``, ``first_last``, ``observer``, ``learn_gamma``).
     ``resume=True`` continues from ``output_dir/checkpoint.pt`` if it exists.
+
+    Each epoch scores the model on ``eval_data`` with ``eval_fn`` if given, else with the
+    metrics of ``task`` (default: the task of the registered model ``model_name``, else the
+    task whose data ``eval_data`` is; see :func:`lowbit.tasks.resolve_task`).
     """
     train = train or TrainConfig()
     if isinstance(stages, str):
@@ -101,6 +124,7 @@ def qat(
 
     if method not in METHODS:
         raise ConfigError(f"unknown QAT method {method!r}; choose one of {list(METHODS)}")
+    eval_fn = _scoring(eval_fn, eval_data, task, model_name)
     first = stage_config(stages[0])
     if config is not None and (config.fold_bn != (train.bn == "fold")):
         first = first.model_copy(update={"fold_bn": train.bn == "fold"})
@@ -108,9 +132,6 @@ def qat(
         model = model.to(dist_ctx.device)
     qmodel = prepare(model, first, example_inputs)
     calibrate(qmodel, calib_data, num_batches=calib_batches, progress=train.progress)
-    if eval_fn is None and eval_data is not None:
-        def eval_fn(m):
-            return {"top1": evaluate(m, eval_data, progress=False).top1}
     run_info = {"model": model_name or type(model).__name__, "method": method,
                 "kinds": sorted({q.kind for q in quantizers(qmodel)}),
                 "quant": first.to_dict(), "options": {k: str(v) for k, v in opts.items()}}

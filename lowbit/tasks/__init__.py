@@ -17,6 +17,7 @@ from .base import (
     loss_function,
     loss_names,
     register_task,
+    resolve_task,
     task_of_dataset,
 )
 
@@ -29,4 +30,4 @@ def load_builtin() -> None:
 
 
 __all__ = ["Task", "check_loss_task", "get_task", "list_tasks", "load_builtin", "loss_function",
-           "loss_names", "register_task", "task_of_dataset"]
+           "loss_names", "register_task", "resolve_task", "task_of_dataset"]

@@ -73,6 +73,11 @@ class Task:
         """``scores`` as one short phrase, e.g. ``top-1 71.20 %``."""
         raise NotImplementedError
 
+    def accepts(self, inputs, targets) -> bool | None:
+        """Whether an ``(inputs, targets)`` evaluation batch is data of this task (None: the
+        task cannot tell)."""
+        return None
+
 
 _TASKS: dict[str, Task] = {}
 
@@ -129,6 +134,45 @@ def check_loss_task(spec, loss: str) -> None:
         f"loss {loss!r} does not apply to {spec.name}, a {spec.task.replace('_', '-')} model: "
         f"use --loss {' or '.join(ok)}"
     )
+
+
+def _first_batch(data):
+    """The first batch of re-iterable ``data`` (None for a one-shot iterator, not consumed)."""
+    if data is None or iter(data) is data:
+        return None
+    return next(iter(data), None)
+
+
+def resolve_task(task: str | None = None, spec=None, data=None) -> Task:
+    """The task whose metrics score a model: ``task`` if given, else the task of ``spec`` (its
+    :class:`lowbit.models.ModelSpec`), else the one task that ``data``'s first batch fits.
+    A ``task`` other than the spec's, or one the batch does not fit, is refused."""
+    if task is not None and spec is not None and task != spec.task:
+        raise ConfigError(
+            f"task {task!r} does not apply to {spec.name}, a {spec.task.replace('_', '-')} model "
+            f"(metrics {', '.join(get_task(spec.task).score_keys)}): pass task={spec.task!r} or "
+            "leave task out")
+    name = task or (spec.task if spec is not None else None)
+    batch = _first_batch(data)
+    if name is None:
+        if batch is None:
+            raise ConfigError("cannot tell the model's task: pass task= (one of "
+                              f"{', '.join(list_tasks())}) or a registered model_name")
+        fits = [n for n, t in _loaded().items() if t.accepts(*batch[:2]) is True]
+        if len(fits) != 1:
+            raise ConfigError(
+                f"cannot tell the task from the evaluation data (targets of shape "
+                f"{tuple(batch[1].shape)} fit {fits or 'no task'}): pass task= (one of "
+                f"{', '.join(list_tasks())})")
+        name = fits[0]
+    found = get_task(name)
+    if batch is not None and found.accepts(*batch[:2]) is False:
+        raise DataError(
+            f"the evaluation data is not {name.replace('_', '-')} data (inputs "
+            f"{tuple(batch[0].shape)}, targets {tuple(batch[1].shape)}): its metrics "
+            f"({', '.join(found.score_keys)}) cannot score it; give that task's data, or the "
+            "task of this data")
+    return found
 
 
 def task_of_dataset(dataset: str) -> str | None:

@@ -173,5 +173,8 @@ class Classification(Task):
     def headline(self, scores):
         return f"top-1 {scores['top1']:.2f} %"
 
+    def accepts(self, inputs, targets):
+        return targets.dim() == 1 and not targets.is_floating_point()
+
 
 register_task(Classification())

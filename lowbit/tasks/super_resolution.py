@@ -224,5 +224,8 @@ class SuperResolution(Task):
     def headline(self, scores):
         return f"PSNR-Y {scores['psnr_y']:.3f} dB, SSIM {scores['ssim']:.4f}"
 
+    def accepts(self, inputs, targets):
+        return targets.dim() == 4 and inputs.dim() == 4
+
 
 register_task(SuperResolution())
