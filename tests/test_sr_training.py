@@ -119,6 +119,36 @@ def test_sdq_search_on_an_sr_model_meets_its_budget_without_labels(tiny_sr, fold
     assert _search(tiny_sr, folder, tmp_path / "sweep", "-b", "3", "-b", "4") == 2
 
 
+def test_sdq_recipe_on_an_sr_model_reports_psnr(tiny_sr, folder, tmp_path, capsys):
+    recipe = tmp_path / "sdq_sr.yaml"
+    body = f"""
+model: {tiny_sr}
+dataset: sr-folder
+budget: "3"
+search: {{steps: 4, check_every: 2, calib_batches: 1, a_bits: 8, observer: minmax}}
+ebr: {{weight: 0.01}}
+train: {{epochs: 1, max_steps_per_epoch: 2, progress: false, logger: none, optimizer: adam,
+         lr: 0.001}}
+batch_size: 4
+calib_size: 4
+eval_size: 2
+"""
+    recipe.write_text(body + "kd: null\n")
+    out = tmp_path / "run"
+    args = ["search", "--recipe", str(recipe), "--random-init", "--data-root", str(folder),
+            "-o", str(out), "--no-plot"]
+    assert main(args) == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["search"]["settings"]["loss"] == "l1" and res["recipe"]["train"]["loss"] == "l1"
+    assert res["float_psnr_y"] > 0 and 0 < res["ssim"] <= 1 and "top1" not in res
+    assert res["psnr_y"] == res["history"][-1]["psnr_y"]
+    assert "PSNR-Y" in capsys.readouterr().out
+    recipe.write_text(body)  # distillation on by default: compares class logits, refused
+    args[-2] = str(tmp_path / "kd")
+    assert main(args) == 2 and "distillation" in capsys.readouterr().err
+    assert not (tmp_path / "kd").exists()
+
+
 def test_dqss_ptq_on_an_sr_model(tiny_sr, folder, tmp_path, capsys):
     out = tmp_path / "dqss"
     assert _search(tiny_sr, folder, out, "--method", "dqss", "--mode", "ptq", "--iters", "2",

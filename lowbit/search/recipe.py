@@ -55,21 +55,37 @@ def run_sdq_recipe(
     echo=print,
 ) -> dict[str, Any]:
     """Search, save the config under ``output_dir/search``, retrain, evaluate, write results.
-    ``resume=True`` continues the search and the retraining from their checkpoints."""
-    from ..data import load_dataset, make_loader, subset
+    ``resume=True`` continues the search and the retraining from their checkpoints.
+
+    The model's task decides the data, the losses and the scores, as for a QAT recipe: a
+    super-resolution recipe searches and retrains on HR patches with a pixel loss (``l1`` unless
+    ``search.loss`` / ``train.loss`` say otherwise) and reports PSNR-Y and SSIM; distillation,
+    which compares class logits, is refused there before any loading (``kd: null``)."""
+    from ..data import make_loader, subset
     from ..losses import as_hook
     from ..models import get_model, get_spec
-    from ..pipeline import build_data, dataset_kwargs, save_quantized, weights_record
+    from ..pipeline import build_data, save_quantized, weights_record
+    from ..qat.recipes import resolve_loss
     from ..report import write_json
+    from ..tasks import check_loss_task, get_task
 
     output_dir = Path(output_dir)
+    recipe = resolve_loss(recipe)
+    spec = get_spec(recipe.model)
+    task = get_task(spec.task)
+    search = recipe.search
+    if "loss" not in search.model_fields_set and search.loss not in task.losses:
+        search = search.model_copy(update={"loss": task.losses[0]})
+    check_loss_task(spec, search.loss)
+    eval_name = (recipe.dataset or spec.default_dataset).lower()
+    train_name = task.train_dataset(eval_name)
+    task.check_training(spec, recipe.train.loss, train_name)
     seed = recipe.train.seed
     torch.manual_seed(seed)
-    spec = get_spec(recipe.model)
     data = build_data(spec, recipe.dataset, data_root, calib_size=recipe.calib_size,
                       eval_size=recipe.eval_size, batch_size=recipe.eval_batch_size,
                       workers=recipe.workers, seed=seed)
-    train_set = load_dataset(data.dataset, data_root, "train", **dataset_kwargs(spec, data.dataset))
+    train_set = task.train_set(spec, train_name, data_root if train_name == eval_name else None)
     search_set = train_set
     if recipe.search_train_size and recipe.search_train_size < len(train_set):
         search_set = subset(train_set, recipe.search_train_size, seed)
@@ -78,11 +94,15 @@ def run_sdq_recipe(
     model = get_model(recipe.model, recipe.weights)
     progress = recipe.train.progress
     hooks = [as_hook(t) for t in recipe.loss_terms(model, data.example)]
-    float_top1 = evaluate(model, data.eval, progress=progress, desc="eval float").top1
-    echo(f"float {recipe.model}: top-1 {float_top1:.2f} % ({data.protocol})")
+
+    def scores(m, **kw) -> dict[str, float]:
+        return task.scores(evaluate(m, data.eval, spec=spec, **kw))
+
+    float_scores = scores(model, progress=progress, desc="eval float")
+    echo(f"float {recipe.model}: {task.headline(float_scores)} ({data.protocol})")
 
     t0 = time.perf_counter()
-    found = sdq_search(model, loader(search_set), recipe.budget, data.example, recipe.search,
+    found = sdq_search(model, loader(search_set), recipe.budget, data.example, search,
                        progress=progress, output_dir=output_dir / "search", resume=resume,
                        model_name=recipe.model)
     search_seconds = time.perf_counter() - t0
@@ -93,17 +113,19 @@ def run_sdq_recipe(
     result = qat(model, "lsq", loader(train_set), calib_data=data.calib,
                  example_inputs=data.example, config=found.config, train=recipe.train,
                  hooks=hooks, output_dir=output_dir / "qat", model_name=recipe.model, resume=resume,
-                 eval_fn=lambda m: {"top1": evaluate(m, data.eval, progress=False).top1})
+                 eval_fn=lambda m: scores(m, progress=False))
     train_seconds = time.perf_counter() - t0
-    final = [r for r in result.history if "top1" in r]
-    top1 = final[-1]["top1"] if final else evaluate(result.model, data.eval, progress=False).top1
-    echo(f"SDQ {found.budget.describe(found.achieved)}: top-1 {top1:.2f} % "
-         f"(float {float_top1:.2f} %)")
+    final = [r for r in result.history if all(k in r for k in task.score_keys)]
+    final_scores = ({k: final[-1][k] for k in task.score_keys} if final
+                    else scores(result.model, progress=False))
+    echo(f"SDQ {found.budget.describe(found.achieved)}: {task.headline(final_scores)} "
+         f"(float {task.headline(float_scores)})")
     out = {
         "recipe": recipe.model_dump(mode="json"), "protocol": data.protocol,
-        "float_top1": float_top1, "top1": top1, "search": found.to_dict(),
-        "search_seconds": search_seconds, "train_seconds": train_seconds,
-        "history": result.history, "config": str(files["config"]),
+        **{f"float_{k}": v for k, v in float_scores.items()}, **final_scores,
+        "search": found.to_dict(), "search_seconds": search_seconds,
+        "train_seconds": train_seconds, "history": result.history,
+        "config": str(files["config"]),
     }
     save_quantized(result.model, output_dir / "model",
                    {"model": recipe.model, "weights": weights_record(recipe.weights),
