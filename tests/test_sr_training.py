@@ -149,13 +149,19 @@ eval_size: 2
     assert not (tmp_path / "kd").exists()
 
 
-def test_dqss_ptq_on_an_sr_model(tiny_sr, folder, tmp_path, capsys):
+def test_dqss_ptq_and_qat_on_an_sr_model(tiny_sr, folder, tmp_path, capsys):
     out = tmp_path / "dqss"
     assert _search(tiny_sr, folder, out, "--method", "dqss", "--mode", "ptq", "--iters", "2",
                    "--finetune-iters", "1", "--eval-size", "2") == 0
     assert "searched model: PSNR-Y" in capsys.readouterr().out
     assert (out / "config.yaml").is_file()
-    assert _search(tiny_sr, folder, tmp_path / "q", "--method", "dqss", "--mode", "qat") == 2
+    q = tmp_path / "q"
+    assert _search(tiny_sr, folder, q, "--method", "dqss", "--mode", "qat", "--steps", "3",
+                   "--check-every", "1", "--eval-size", "2") == 0
+    assert "searched model: PSNR-Y" in capsys.readouterr().out
+    assert json.loads((q / "search.json").read_text())["settings"]["loss"] == "l1"
+    assert _search(tiny_sr, folder, tmp_path / "ce", "--method", "dqss", "--mode", "qat",
+                   "--loss", "ce") == 2
 
 
 @torch.no_grad()

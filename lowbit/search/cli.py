@@ -177,7 +177,7 @@ def _dqss_settings(args):
         final_temperature=args.final_temperature, warmup=args.warmup, arch_lr=args.arch_lr,
         quant_lr=args.quant_lr, iters=args.iters, finetune_iters=args.finetune_iters,
         choose_by=args.choose_by,
-        steps=args.steps, lr=args.lr,
+        steps=args.steps, lr=args.lr, loss=_task_loss(args) if args.mode == "qat" else None,
         calib_batches=args.calib_batches, check_every=args.check_every,
         finetune_steps=args.finetune_steps, seed=args.seed,
         w_candidates=_names(args.w_candidates) or _names(args.candidates),
@@ -201,9 +201,6 @@ def _run_dqss(args) -> int:
     if not args.model:
         raise LowbitError("give --model (and --mode ptq|qat)")
     settings = _dqss_settings(args)
-    if settings.mode == "qat" and _task_loss(args) != "ce":
-        raise ConfigError(f"--method dqss --mode qat trains with the cross-entropy, which "
-                          f"{args.model} has no labels for: use --mode ptq")
     check_weights_given(args.model, args.weights, args.random_init)
     run_folder(args, "search", args.model)
     print(f"run folder: {args.output_dir}")

@@ -94,6 +94,8 @@ class DQSSSettings(BaseModel):
     check_every: int = Field(50, ge=1, description="qat: steps between recorded alpha/beta")
     finetune_steps: int = Field(
         0, ge=0, description="qat: training steps of the discrete model after the argmax")
+    loss: str = Field("ce", description="qat: task loss of the training steps (ce for "
+                      "classifiers, l1 or l2 for super-resolution: no labels needed)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -299,7 +301,7 @@ def dqss_search(
         calibrate(qmodel, data, num_batches=settings.calib_batches, progress=progress)
         rule = ArchHook(mixtures(qmodel), settings)
         trainer = Trainer(
-            qmodel, data, _train_config(settings, data, progress, output_dir),
+            qmodel, data, _train_config(settings, data, progress, output_dir, settings.loss),
             hooks=[rule, *hooks], output_dir=output_dir, dist_ctx=dist_ctx, reseed=False,
             run_info={"model": model_name or type(model).__name__, "method": "dqss-search",
                       "search": settings.model_dump(mode="json"), "quant": base.to_dict()})
@@ -309,7 +311,7 @@ def dqss_search(
         choices, history = collapse(qmodel), rule.history
         if settings.finetune_steps:
             tune = settings.model_copy(update={"steps": settings.finetune_steps})
-            Trainer(qmodel, data, _train_config(tune, data, progress, None),
+            Trainer(qmodel, data, _train_config(tune, data, progress, None, tune.loss),
                     hooks=[StopAt(tune.steps), *hooks], dist_ctx=dist_ctx, reseed=False).fit()
             qmodel.eval()
     probabilities = {n: dict(zip(sides, snapshot(list(sides.values())), strict=True))
