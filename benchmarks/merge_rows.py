@@ -17,15 +17,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_configs import row_config  # noqa: E402
 from common import load_rows, save_rows  # noqa: E402
 
 
 def key(row: dict) -> tuple:
-    """Rows of one model, method, setting and protocol replace each other; the 1000-class
-    protocols (diverse, narrow) keep one row each, and so do the variants and calibration sets
-    of narrow_calib.py. Rows without a method are told apart by their ``run`` and ``tag``
+    """Rows of one model, method (its named config where it has one), setting and protocol
+    replace each other; the 1000-class protocols (diverse, narrow) keep one row each, and so do
+    the variants and calibration sets of narrow_calib.py. Rows without a method are told apart by their ``run`` and ``tag``
     (benchmarks/dqss.py)."""
-    name = row.get("method", row.get("run"))
+    name = row_config(row) if row.get("config") else row.get("method", row.get("run"))
     if row.get("tag"):
         name = f"{name} [{row['tag']}]"
     return (row["model"], name, row["w_bits"], row["a_bits"], row.get("protocol_name"),

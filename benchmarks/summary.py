@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_configs import row_config  # noqa: E402
 from report import unpadded  # noqa: E402
 
 from lowbit.report.tables import format_table  # noqa: E402
@@ -64,7 +65,8 @@ def _pot(model: str, w: int, a: int, method: str = "rapq") -> Entry:
     file = "rapq_protocol" if model in IMAGENET else "rapq"
     peer = Pick("brevitas_pot", {"model": model, "w_bits": w, "a_bits": a})
     return Entry(model, f"W{w}A{a} power-of-two", f"`{method}`",
-                 Pick(file, {"model": model, "method": method, "w_bits": w, "a_bits": a}),
+                 Pick(file, {"model": model, "config": method.replace("+", "-"), "w_bits": w,
+                             "a_bits": a}),
                  (("Brevitas PoT", peer),))
 
 
@@ -104,6 +106,14 @@ def _entries() -> list[Entry]:
 ENTRIES = _entries()
 
 
+def _value(row: dict, key: str):
+    """``row[key]``; ``config`` is the row's named config, also for rows from before named
+    configs (``rapq+dw+rs`` ran ``rapq-dw-rs``), so old and new rows of one recipe match."""
+    if key == "config":
+        return row_config(row) if row.get("method") or row.get("config") else None
+    return row.get(key)
+
+
 class Results:
     """The committed result files, read once each."""
 
@@ -123,7 +133,7 @@ class Results:
 
         Two matching rows are an error: a cell must name exactly one measurement."""
         data, rows = self.load(pick.file)
-        found = [r for r in rows if all(r.get(k) == v for k, v in pick.match.items())
+        found = [r for r in rows if all(_value(r, k) == v for k, v in pick.match.items())
                  and r.get("protocol_name") in ((protocol,) if protocol else (None, "cifar10"))]
         if len(found) > 1:
             raise SystemExit(f"{pick.file}.json: {len(found)} rows match {pick.match} "

@@ -84,6 +84,17 @@ def test_imagenet_models_only_on_the_1000_class_protocol(results):
     assert "74.39" not in summary.block(results) and "73.97" not in summary.block(results)
 
 
+def test_a_named_config_row_fills_its_recipe_cell(results):
+    path = results / "rapq_protocol.json"
+    data = json.loads(path.read_text())
+    data["rows"] += [row(MNV2, "rapq", 4, 4, 60.0, config="rapq-dw-rs", float_top1=75.0,
+                         drop=15.0, drop_se=1.6, protocol_name="diverse"),
+                     row(MNV2, "rapq", 4, 4, 20.0, config="rapq", protocol_name="diverse")]
+    path.write_text(json.dumps(data))
+    m = cells(results)[(MNV2, "W4A4 power-of-two")]
+    assert (m["lowbit recipe"], m["top-1"], m["drop"]) == ("`rapq+dw+rs`", "60.00", "15.00 ± 1.60")
+
+
 def test_two_rows_for_one_cell_is_an_error(results):
     path = results / "rapq.json"
     data = json.loads(path.read_text())
