@@ -1,6 +1,6 @@
 """DQSS-PTQ against every single strategy of its candidate set, paired on the same test images.
 
-ResNet-20 on CIFAR-10: every run calibrates on the same seeded training images and gets the same
+ResNet-20 or ResNet-56 (``--model``) on CIFAR-10: every run calibrates on the same seeded training images and gets the same
 budget (``--iters`` search steps and ``--finetune-iters`` steps per reconstruction unit, the same
 batches). A single strategy is the same pipeline with a one-candidate set, so the only
 difference is the choice. Each model's per-image correctness on the test set gives the top-1
@@ -10,7 +10,7 @@ search's over it; ``margins``: a search's over each). ``--variants`` adds DQSS w
 temperature annealing and/or the warm-up (the ablation). ``--hits DIR`` saves every run's
 per-image hits and row; ``--reuse`` then pairs a later run against saved single strategies
 instead of re-running them (the runs are deterministic for the seed and budget, which the saved
-row must match). Results: benchmarks/results/dqss.json (and .csv).
+row must match: model, bits, budget, data and ``--extra``). Results: benchmarks/results/dqss.json (and .csv).
 
     python benchmarks/dqss.py --setting W4A4 --candidates mse lsq qil pact --iters 200 \\
         --finetune-iters 100 --threads 1
@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, data_root, load_rows, provenance, save_rows, weights  # noqa: E402
 
+MODELS = ["resnet20", "resnet56"]
 SETTINGS = {"W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4)}
 # DQSS variants (the ablation of the anti-under-fitting adjustment); single strategies have no
 # logits, so these settings do not change them
@@ -58,8 +59,8 @@ def paired(a, b) -> tuple[float, float]:
     return 100.0 * float(d.mean()), 100.0 * float(d.std(unbiased=True)) / math.sqrt(d.numel())
 
 
-def hits_path(folder: Path, setting: str, run: str) -> Path:
-    return folder / setting / f"{run}.safetensors"
+def hits_path(folder: Path, model: str, setting: str, run: str) -> Path:
+    return folder / model / setting / f"{run}.safetensors"
 
 
 def save_hits(folder: Path, setting: str, row: dict, hits) -> None:
@@ -69,19 +70,20 @@ def save_hits(folder: Path, setting: str, row: dict, hits) -> None:
     import torch
     from safetensors.torch import save_file
 
-    path = hits_path(folder, setting, row["run"])
+    path = hits_path(folder, row["model"], setting, row["run"])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"hits": hits.to(torch.uint8)}, str(path), metadata={"row": json.dumps(row)})
 
 
 def load_hits(folder: Path, setting: str, run: str, budget: dict):
-    """A saved run's row and hits; refused unless it ran with this setting and budget."""
+    """A saved run's row and hits; refused unless it ran with this setting and ``budget`` (a dict
+    of row fields, ``model`` among them)."""
     import json
 
     import torch
     from safetensors import safe_open
 
-    path = hits_path(folder, setting, run)
+    path = hits_path(folder, budget["model"], setting, run)
     if not path.is_file():
         raise SystemExit(f"--reuse {run}: no saved run at {path}; run it once with --hits")
     with safe_open(str(path), "pt") as f:
@@ -95,6 +97,7 @@ def load_hits(folder: Path, setting: str, run: str, budget: dict):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20", choices=MODELS)
     ap.add_argument("--setting", default="W4A4", choices=list(SETTINGS))
     ap.add_argument("--candidates", nargs="+", default=["mse", "lsq", "qil", "pact"],
                     help="strategies for weights and activations alike")
@@ -117,7 +120,7 @@ def main() -> None:
     if args.reuse and not args.hits:
         ap.error("--reuse reads saved runs: give the folder with --hits DIR")
     root = data_root("cifar10")
-    path = weights("resnet20")
+    path = weights(args.model)
 
     import json
 
@@ -128,7 +131,7 @@ def main() -> None:
     from lowbit.search import dqss_search
 
     torch.set_num_threads(args.threads)
-    spec = get_spec("resnet20")
+    spec = get_spec(args.model)
     kw = dict(mean=spec.mean, std=spec.std)
     calib = subset(load_dataset("cifar10", root, "train", **kw), args.calib_size, seed=0)
     test = load_dataset("cifar10", root, "test", **kw)
@@ -136,13 +139,14 @@ def main() -> None:
         test = subset(test, args.eval_size, seed=0)
     batches = list(make_loader(calib, 64))
     test_loader = make_loader(test, 250)
-    net = get_model("resnet20", path).eval()
+    net = get_model(args.model, path).eval()
     w_bits, a_bits = SETTINGS[args.setting]
+    extra = json.loads(args.extra)
     common = dict(mode="ptq", w_bits=w_bits, a_bits=a_bits, iters=args.iters,
-                  finetune_iters=args.finetune_iters, progress=False, **json.loads(args.extra))
+                  finetune_iters=args.finetune_iters, progress=False, **extra)
     float_hits = correct(net, test_loader)
     singles = args.candidates if args.singles is None else args.singles
-    budget = dict(w_bits=w_bits, a_bits=a_bits, iters=args.iters,
+    budget = dict(model=args.model, extra=extra, w_bits=w_bits, a_bits=a_bits, iters=args.iters,
                   finetune_iters=args.finetune_iters, calib_images=len(calib),
                   eval_images=len(test))
     saved = {n: load_hits(Path(args.hits), args.setting, n, budget) for n in args.reuse}
@@ -163,7 +167,7 @@ def main() -> None:
                key=lambda n: float(runs[n][1].double().mean()))
     rows = [r for r in load_rows(Path(args.out))
             if not (r.get("tag", "") == args.tag and r["w_bits"] == w_bits
-                    and r["a_bits"] == a_bits)]
+                    and r["a_bits"] == a_bits and r.get("model", "resnet20") == args.model)]
     for name, (r, hits, seconds, cpu) in runs.items():
         drop, drop_se = paired(float_hits, hits)
         # a search: its margin over the best single strategy; a single: DQSS's margin over it
@@ -179,7 +183,7 @@ def main() -> None:
                              margin_against=lead, hits_reused=True))
             continue
         rows.append(dict(
-            model="resnet20", run=name, tag=args.tag, w_bits=w_bits, a_bits=a_bits,
+            model=args.model, run=name, tag=args.tag, w_bits=w_bits, a_bits=a_bits,
             top1=100.0 * float(hits.double().mean()),
             float_top1=100.0 * float(float_hits.double().mean()), drop=drop, drop_se=drop_se,
             margin=margin, margin_se=margin_se, margin_against=best if name in searched else
@@ -187,7 +191,7 @@ def main() -> None:
             choices=r.counts() if name in searched else None,
             per_layer=r.choices if name in searched else None,
             units=r.history, iters=args.iters, finetune_iters=args.finetune_iters,
-            calib_images=len(calib), eval_images=int(hits.numel()), seconds=seconds, cpu_seconds=cpu,
+            calib_images=len(calib), eval_images=int(hits.numel()), extra=extra, seconds=seconds, cpu_seconds=cpu,
             settings=r.settings.model_dump(mode="json"),
             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             load_avg_start=os.getloadavg()[0], threads=torch.get_num_threads(),
