@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -195,7 +196,7 @@ def main() -> None:
             settings=r.settings.model_dump(mode="json"),
             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             load_avg_start=os.getloadavg()[0], threads=torch.get_num_threads(),
-            command="python " + " ".join(sys.argv), **provenance()))
+            command="python " + shlex.join(sys.argv), **provenance()))
     save_rows(Path(args.out), rows, FIELDS)
     if args.hits:
         for row in rows[-len(runs):]:
