@@ -1,16 +1,18 @@
 """DQSS-PTQ against every single strategy of its candidate set, paired on the same test images.
 
-ResNet-20 or ResNet-56 (``--model``) on CIFAR-10: every run calibrates on the same seeded training images and gets the same
-budget (``--iters`` search steps and ``--finetune-iters`` steps per reconstruction unit, the same
-batches). A single strategy is the same pipeline with a one-candidate set, so the only
-difference is the choice. Each model's per-image correctness on the test set gives the top-1
-and, paired image by image, the margin of DQSS over each single strategy with its standard
-error (``margin``: a search's over the best single strategy, a single strategy's: the default
-search's over it; ``margins``: a search's over each). ``--variants`` adds DQSS without the
-temperature annealing and/or the warm-up (the ablation). ``--hits DIR`` saves every run's
-per-image hits and row; ``--reuse`` then pairs a later run against saved single strategies
+ResNet-20 or ResNet-56 (``--model``) on CIFAR-10: every run calibrates on the same seeded
+training images and gets the same budget (``--iters`` search steps and ``--finetune-iters`` steps
+per reconstruction unit, the same batches). A single strategy is the same pipeline with a
+one-candidate set, so the only difference is the choice. Each model's per-image correctness on
+the test set gives the top-1 and, paired image by image, the margin of DQSS over each single
+strategy with its standard error (``margin``: a search's over the best single strategy, a single
+strategy's: the default search's over it; ``margins``: a search's over each). ``--variants`` adds
+DQSS without the temperature annealing and/or the warm-up (the ablation). ``--hits DIR`` saves
+every run's per-image hits and row; ``--reuse`` then pairs a later run against saved runs
+(single strategies, or a search: ``--variants --singles --reuse dqss qil ...`` only re-pairs)
 instead of re-running them (the runs are deterministic for the seed and budget, which the saved
-row must match: model, bits, budget, data and ``--extra``). Results: benchmarks/results/dqss.json (and .csv).
+row must match: model, bits, budget, data and ``--extra``). Results:
+benchmarks/results/dqss.json (and .csv).
 
     python benchmarks/dqss.py --setting W4A4 --candidates mse lsq qil pact --iters 200 \\
         --finetune-iters 100 --threads 1
@@ -38,8 +40,8 @@ VARIANTS = {"default": {}, "noanneal": {"final_temperature": 1.0}, "nowarmup": {
             "neither": {"warmup": 0.0, "final_temperature": 1.0}}
 FIELDS = ["model", "run", "tag", "w_bits", "a_bits", "top1", "drop", "drop_se", "margin",
           "margin_se", "margin_against",
-          "choices", "iters", "finetune_iters", "calib_images", "eval_images", "seconds", "cpu_seconds",
-          "threads", "commit"]
+          "choices", "iters", "finetune_iters", "calib_images", "eval_images", "seconds",
+          "cpu_seconds", "threads", "commit"]
 
 
 def correct(model, loader):
@@ -58,6 +60,27 @@ def paired(a, b) -> tuple[float, float]:
     """Mean of ``a - b`` in points and its standard error (same images)."""
     d = a.double() - b.double()
     return 100.0 * float(d.mean()), 100.0 * float(d.std(unbiased=True)) / math.sqrt(d.numel())
+
+
+def pairing(hits: dict) -> dict:
+    """Each run's margin fields from every run's per-image hits (``name -> hits``; a search's
+    name starts with ``dqss``): a search is paired against the best single strategy (``margin``)
+    and against each (``margins``), a single strategy against the first search."""
+    searched = [n for n in hits if n.startswith("dqss")]
+    best = max((n for n in hits if n not in searched), default=None,
+               key=lambda n: float(hits[n].double().mean()))
+    lead = searched[0] if searched else None
+    out = {}
+    for name, h in hits.items():
+        if name in searched:
+            margin, margin_se = paired(h, hits[best]) if best else (None, None)
+            out[name] = dict(margin=margin, margin_se=margin_se, margin_against=best,
+                             margins={n: paired(h, hits[n]) for n in hits if n not in searched})
+        else:
+            margin, margin_se = paired(hits[lead], h) if lead else (None, None)
+            out[name] = dict(margin=margin, margin_se=margin_se, margin_against=lead,
+                             margins=None)
+    return out
 
 
 def hits_path(folder: Path, model: str, setting: str, run: str) -> Path:
@@ -116,7 +139,8 @@ def main() -> None:
     ap.add_argument("--hits", default=None,
                     help="folder for every run's per-image hits and row (read by --reuse)")
     ap.add_argument("--reuse", nargs="*", default=[],
-                    help="single strategies read from --hits instead of re-run")
+                    help="runs (single strategies or a search, e.g. dqss) read from --hits "
+                         "instead of re-run; every run present is paired again")
     args = ap.parse_args()
     if args.reuse and not args.hits:
         ap.error("--reuse reads saved runs: give the folder with --hits DIR")
@@ -151,6 +175,10 @@ def main() -> None:
                   finetune_iters=args.finetune_iters, calib_images=len(calib),
                   eval_images=len(test))
     saved = {n: load_hits(Path(args.hits), args.setting, n, budget) for n in args.reuse}
+    for n, (row, _) in saved.items():
+        if n.startswith("dqss") and row["settings"]["w_candidates"] != args.candidates:
+            raise SystemExit(f"--reuse {n}: it searched {row['settings']['w_candidates']}, "
+                             f"not --candidates {args.candidates}")
     plan = [("dqss" if v == "default" else f"dqss-{v}", args.candidates, VARIANTS[v])
             for v in args.variants] + [(c, [c], {}) for c in singles]
     runs = {}
@@ -164,35 +192,25 @@ def main() -> None:
               flush=True)
     runs.update({n: (None, hits, None, None) for n, (_, hits) in saved.items()})
     searched = [n for n in runs if n.startswith("dqss")]
-    best = max((n for n in runs if n not in searched), default=None,
-               key=lambda n: float(runs[n][1].double().mean()))
+    margins = pairing({n: run[1] for n, run in runs.items()})
     rows = [r for r in load_rows(Path(args.out))
             if not (r.get("tag", "") == args.tag and r["w_bits"] == w_bits
                     and r["a_bits"] == a_bits and r.get("model", "resnet20") == args.model)]
     for name, (r, hits, seconds, cpu) in runs.items():
         drop, drop_se = paired(float_hits, hits)
-        # a search: its margin over the best single strategy; a single: DQSS's margin over it
-        if name in searched:
-            margin, margin_se = paired(hits, runs[best][1]) if best else (None, None)
-            against = {n: paired(hits, runs[n][1]) for n in runs if n not in searched}
-        else:
-            lead = searched[0] if searched else None
-            margin, margin_se = paired(runs[lead][1], hits) if lead else (None, None)
-            against = None
-        if name in saved:  # its own row as saved, paired against this run's search
-            rows.append(dict(saved[name][0], tag=args.tag, margin=margin, margin_se=margin_se,
-                             margin_against=lead, hits_reused=True))
+        if name in saved:  # its own row as saved, paired against the runs of this call
+            rows.append(dict(saved[name][0], tag=args.tag, **margins[name], hits_reused=True))
             continue
         rows.append(dict(
             model=args.model, run=name, tag=args.tag, w_bits=w_bits, a_bits=a_bits,
             top1=100.0 * float(hits.double().mean()),
             float_top1=100.0 * float(float_hits.double().mean()), drop=drop, drop_se=drop_se,
-            margin=margin, margin_se=margin_se, margin_against=best if name in searched else
-            (searched[0] if searched else None), margins=against,
+            **margins[name],
             choices=r.counts() if name in searched else None,
             per_layer=r.choices if name in searched else None,
             units=r.history, iters=args.iters, finetune_iters=args.finetune_iters,
-            calib_images=len(calib), eval_images=int(hits.numel()), extra=extra, seconds=seconds, cpu_seconds=cpu,
+            calib_images=len(calib), eval_images=int(hits.numel()), extra=extra, seconds=seconds,
+            cpu_seconds=cpu,
             settings=r.settings.model_dump(mode="json"),
             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             load_avg_start=os.getloadavg()[0], threads=torch.get_num_threads(),

@@ -47,3 +47,24 @@ def test_paired_margin_and_error():
     margin, se = bench.paired(a, b)
     assert margin == pytest.approx(50.0)
     assert se == pytest.approx(100.0 * 0.57735026919 / 2)
+
+
+def test_pairing_search_against_best_single_and_singles_against_search():
+    hits = {"qil": torch.tensor([True, True, False, False]),
+            "dqss": torch.tensor([True, True, True, False]),
+            "mse": torch.tensor([True, False, False, False])}
+    out = bench.pairing(hits)
+    assert out["dqss"]["margin_against"] == "qil"
+    assert out["dqss"]["margin"] == pytest.approx(25.0)
+    assert set(out["dqss"]["margins"]) == {"qil", "mse"}
+    assert out["dqss"]["margins"]["mse"][0] == pytest.approx(50.0)
+    assert out["mse"]["margin_against"] == "dqss"
+    assert out["mse"]["margin"] == pytest.approx(50.0)
+    assert out["mse"]["margins"] is None
+
+
+def test_pairing_without_a_search_or_a_single():
+    alone = {"lsq": torch.tensor([True, False])}
+    assert bench.pairing(alone)["lsq"]["margin"] is None
+    search = {"dqss": torch.tensor([True, False])}
+    assert bench.pairing(search)["dqss"]["margin_against"] is None
