@@ -20,6 +20,10 @@ the integer reference, on one batch.
 
     python benchmarks/export_bench.py --model resnet20 --int-size 1000 --out /tmp/runs/x/r20
     python benchmarks/export_bench.py --model mobilenet_v2_tflite --pot-method pot ...
+    python benchmarks/rapq.py --models mobilenet_v2_tflite --configs rapq --settings W4A8 \
+        --protocol diverse --save runs/saved     # then export that model instead of re-running:
+    python benchmarks/export_bench.py --model mobilenet_v2_tflite \
+        --quantized runs/saved/mobilenet_v2_tflite-rapq-W4A8-diverse
     python benchmarks/export_bench.py --model resnet20 --quick         # a short check
 """
 
@@ -106,6 +110,9 @@ def main() -> None:
     ap.add_argument("--int-size", type=int, default=256, help="images for the integer reference")
     ap.add_argument("--pot-method", default="rapq", help="rapq, or pot (no reconstruction)")
     ap.add_argument("--iters", type=int, default=None, help="rapq reconstruction steps")
+    ap.add_argument("--quantized", default=None, metavar="DIR",
+                    help="instead of running --pot-method here, export the model saved in DIR "
+                    "('lowbit ptq --save' or 'rapq.py --save'; calibrated on this protocol)")
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--quick", action="store_true",
                     help="200 images, 128 calibration, 30 rapq steps, 10 reps")
@@ -132,6 +139,24 @@ def main() -> None:
     torch.manual_seed(0)
     data = protocol_data(a.model, a.protocol, calib_size=a.calib, eval_size=a.eval_size,
                          batch_size=64)
+    saved = None
+    if a.quantized:
+        from lowbit.pipeline import load_quantized, read_meta
+
+        meta = read_meta(a.quantized)
+        # the evaluation images may differ (--eval-size), the calibration images must not: the
+        # model is scored on images disjoint from the ones it was calibrated on
+        calib = data.protocol.split("; evaluation")[0]
+        if meta.get("model") != a.model or str(meta.get("protocol")).split("; evaluation")[0] != calib:
+            sys.exit(f"{a.quantized} holds {meta.get('model')} with {meta.get('protocol')!r}; "
+                     f"this run needs {a.model} with {calib!r}: pass the matching "
+                     "--model/--protocol/--calib, or save the model on this protocol")
+        saved = load_quantized(get_model(a.model, weights(a.model)).eval(), a.quantized,
+                               data.example)
+        cfg = saved.lowbit_config
+        saved_name = (f"lowbit {meta.get('method')} "
+                      f"{(meta.get('method_config') or {}).get('iters', '')} iters (saved)")
+        pot_bits = (cfg.weight.bits if cfg.weight else 32, cfg.act.bits if cfg.act else 32)
     model = get_model(a.model, weights(a.model)).eval()
     example = data.example
     evals = list(data.eval)
@@ -192,10 +217,13 @@ def main() -> None:
                  (4, 8)),
                 (pot_name, a.pot_method, lowbit.QuantConfig.uniform(4, 8, kind="pot"),
                  pot_opts, (4, 8))]
+    if saved is not None:
+        settings[-1] = (saved_name, None, None, {}, pot_bits)
     for name, method, config, opts, bits in settings:
         t0 = time.perf_counter()
-        q = lowbit.ptq(model, method, data.calib, config, example, progress=False, **opts)
-        seconds = round(time.perf_counter() - t0, 1)
+        q = (saved if method is None
+             else lowbit.ptq(model, method, data.calib, config, example, progress=False, **opts))
+        seconds = None if method is None else round(time.perf_counter() - t0, 1)
         q, points = insert_points(q)
         calibrate_points(q, points, data.calib)
         top_sim = _top1(_predict(lambda x, q=q: q(x), evals), evals)

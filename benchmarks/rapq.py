@@ -78,6 +78,13 @@ def one(model: str, name: str, w_bits: int, a_bits: int, args) -> dict:
     q = ptq(net, mc, data.calib, recipe.quant_config(w_bits, a_bits), data.example,
             progress=False)
     ptq_seconds = time.perf_counter() - t
+    if args.save:
+        from lowbit.pipeline import save_quantized
+
+        folder = Path(args.save) / f"{model}-{name}-W{w_bits}A{a_bits}-{args.protocol}"
+        save_quantized(q, folder, {"model": model, "weights": str(weights(model)),
+                                   "method": mc.method, "method_config": opts,
+                                   "protocol": data.protocol})
     t = time.perf_counter()
     res = evaluate(q, data.eval, reference=net, progress=False)
     eval_seconds = time.perf_counter() - t
@@ -157,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=2,
                     help="image-decoding processes for the 224 px datasets")
     ap.add_argument("--out", default=str(RESULTS / "rapq"))
+    ap.add_argument("--save", default=None, metavar="DIR",
+                    help="also save each quantized model (as 'lowbit ptq --save' does) to "
+                    "DIR/MODEL-CONFIG-WxAy-PROTOCOL, e.g. for export_bench.py --quantized")
     ap.add_argument("--one", nargs=4, metavar=("MODEL", "CONFIG", "W", "A"), help=argparse.SUPPRESS)
     return ap
 
@@ -187,11 +197,13 @@ def main() -> None:
         common += ["--device", args.device, "--workers", str(args.workers)]
     if args.eval_size:
         common += ["--eval-size", str(args.eval_size)]
+    extra = ["--save", args.save] if args.save else []
     for m in args.models:
         for s in args.settings:
             w, a = SETTINGS[s]
             for name in args.configs:
-                cmd = [sys.executable, __file__, "--one", m, name, str(w), str(a), *common]
+                cmd = [sys.executable, __file__, "--one", m, name, str(w), str(a), *common,
+                       *extra]
                 row = run_child(cmd, f"{m} {name} W{w}A{a}")
                 if row is None:
                     return
