@@ -8,8 +8,10 @@ The check is free: it reads the float outputs of the calibration pass that runs 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -76,6 +78,18 @@ class ClassCounter:
         return ClassCoverage(int(n), counts.numel(), int((counts > 0).sum()), effective)
 
 
+_INSIDE = (str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent))
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside lowbit and torch (their decorators
+    included): the user's line that asked for the calibration."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_if_narrow(coverage: ClassCoverage | None) -> None:
     if coverage is not None and coverage.narrow:
-        warnings.warn(coverage.message(), NarrowCalibrationWarning, stacklevel=3)
+        warnings.warn(coverage.message(), NarrowCalibrationWarning, stacklevel=_caller_level())

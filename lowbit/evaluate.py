@@ -7,10 +7,12 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .memory import reusing_freed_memory
 from .tasks import get_task
 from .tasks.classification import EvalResult
 
 
+@reusing_freed_memory
 def evaluate(
     model: nn.Module,
     data: Iterable,

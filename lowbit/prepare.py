@@ -20,6 +20,7 @@ from .coverage import ClassCounter, ClassCoverage, warn_if_narrow
 from .errors import CalibrationError, ConfigError
 from .graph import GraphTraceWarning, ModelGraph, bn_fold_plan, run_example, trace_graph
 from .graph.fold import BN_TYPES
+from .memory import reusing_freed_memory
 from .nn.layers import QUANT_LAYERS, QuantLayerMixin
 from .quant.base import Quantizer, QuantMode
 from .utils import batch_inputs, model_device
@@ -243,6 +244,7 @@ def float_mode(model: nn.Module):
 
 
 @torch.no_grad()
+@reusing_freed_memory
 def calibrate(
     model: nn.Module,
     data: Iterable,

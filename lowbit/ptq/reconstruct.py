@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..memory import reusing_freed_memory
 from ..nn.layers import QuantLayerMixin
 from ..prepare import find_conv_bn_pairs, quant_layers, set_mode
-from ..quant.autograd import floor_ste
+from ..quant.autograd import fixed_fake_quant, floor_ste
 from ..quant.base import Quantizer
 from ..quant.pot import round_exponent, zero_point_for
 from .blocks import find_units, run_chunked, trace_units, walk_units
@@ -112,16 +113,13 @@ class TrainableQuant(nn.Module):
             # for the scale) as the AdaRound formula below with round in place of floor + h,
             # but save only their inputs for backward: a fraction of the memory on large maps.
             if not self.log2_scale.requires_grad:
-                # A fixed scale (power-of-two activations in reconstruction): the plain kernels
-                # give the same values and input gradient without the learnable ones' scale
-                # and zero-point reductions, a noticeable share of a unit's time on a CPU
+                # A fixed scale (power-of-two activations in reconstruction): no scale or
+                # zero-point gradient to reduce, and the quantizers' own fixed-scale passes
+                # give torch's fake-quantize values and input gradient in less time on a CPU
                 # (docs/notes/rapq.md).
-                zpi = torch.round(zp).to(torch.int32)
-                if s.numel() == 1:
-                    return torch.fake_quantize_per_tensor_affine(
-                        x, s.reshape(1), zpi.reshape(1), self.qmin, self.qmax)
-                return torch.fake_quantize_per_channel_affine(
-                    x, s, zpi, self.inner.ch_axis % x.dim(), self.qmin, self.qmax)
+                sb = self._b(s, x)
+                return fixed_fake_quant(x, 1.0 / sb, sb, self._b(torch.round(zp), x),
+                                        self.qmin, self.qmax)
             if s.numel() == 1 and (self.qmin >= 0 or not self.asymmetric):
                 return torch._fake_quantize_learnable_per_tensor_affine(
                     x, s.reshape(1), zp.reshape(1), self.qmin, self.qmax, 1.0)
@@ -458,6 +456,7 @@ def _owned(p: nn.Parameter, swaps) -> bool:
     return any(p is tq.log2_scale or p is tq.v for _, _, tq in swaps)
 
 
+@reusing_freed_memory
 def reconstruct(
     qmodel: nn.Module,
     inputs: torch.Tensor,

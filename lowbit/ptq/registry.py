@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..errors import ConfigError
+from ..memory import reusing_freed_memory
 from .configs import MethodConfig, method_config_from_dict, read_method_config
 
 
@@ -83,6 +84,7 @@ def load_method_config(path: str | Path) -> MethodConfig:
     return method_config_from_dict(classes, read_method_config(path), f"method config {path}")
 
 
+@reusing_freed_memory
 def ptq(
     model: nn.Module,
     method: str | MethodConfig,

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
+from ..memory import reusing_freed_memory
 from ..prepare import BN_TYPES, quantizers
 from ..utils import atomic_write_text, model_device
 from . import ddp
@@ -479,6 +480,7 @@ class Trainer:
                 f"not finite) ({where}); {keep}. Lower --quant-lr or raise the bits of that layer"
             )
 
+    @reusing_freed_memory
     def fit(self, resume: bool | str | Path = False) -> list[dict[str, Any]]:
         """Train to ``config.epochs``; returns one metrics row per epoch of this stage."""
         cfg = self.cfg

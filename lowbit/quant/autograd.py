@@ -72,9 +72,10 @@ class _FixedFakeQuant(torch.autograd.Function):
     the saved unclamped codes for the straight-through backward.
 
     It is bit-exact with :func:`quantize_to_int` on the reciprocal scale (same operations in
-    the same order). Without autograd it is a little faster on a CPU than
-    ``torch.fake_quantize_per_tensor_affine`` (torch 2.13, channels_last maps); with the
-    backward pass torch's kernel is faster, so reconstruction uses that one.
+    the same order), and with ``torch.fake_quantize_per_tensor_affine`` wherever that kernel's
+    reciprocal is the same float (power-of-two scales always). On a CPU it is faster than
+    that kernel (torch 2.13), most with the backward pass; it saves the codes as floats, four
+    times the memory of torch's boolean mask.
     """
 
     @staticmethod
