@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..graph import trace_graph
+from ..memory import reusing_freed_memory
 
 
 def find_units(
@@ -102,6 +103,7 @@ def _fetch_attr(root: nn.Module, target: str):
     return obj
 
 
+@reusing_freed_memory
 def walk_units(
     graph: fx.Graph,
     units: Iterable[str],
