@@ -1,0 +1,85 @@
+"""How much of a saved quantized model's drop from float is fitting to its calibration images.
+
+Evaluates a model saved by ``rapq.py --save`` (or ``lowbit ptq --save``) on the images it was
+calibrated on and on the held-out evaluation images of the same protocol, each against float on
+the same images. A drop much smaller on the calibration images than on the held-out ones means
+the reconstruction fitted its calibration set rather than the task.
+
+    python benchmarks/calib_gap.py --model mobilenet_v2_tflite \\
+        --quantized runs/saved/mobilenet_v2_tflite-rapq-W4A8-diverse --out /tmp/gap
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402,E501
+    MODELS,
+    PROTOCOLS,
+    RESULTS,
+    load_rows,
+    protocol_data,
+    provenance,
+    save_rows,
+    weights,
+)
+
+FIELDS = ["model", "quantized", "method", "iters", "w_bits", "a_bits", "protocol_name", "images",
+          "n", "top1", "float_top1", "drop", "drop_se", "agreement", "load_avg_start", "threads",
+          "torch", "commit", "command"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, choices=list(MODELS))
+    ap.add_argument("--quantized", required=True, metavar="DIR",
+                    help="a folder written by rapq.py --save or lowbit ptq --save")
+    ap.add_argument("--protocol", default="diverse", choices=PROTOCOLS)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS / "calib_gap"))
+    a = ap.parse_args()
+    import torch
+
+    import lowbit
+    from lowbit.models import get_model
+    from lowbit.pipeline import load_quantized, read_meta
+
+    torch.set_num_threads(a.threads)
+    load = os.getloadavg()[0]
+    data = protocol_data(a.model, a.protocol, calib_size=1024, batch_size=64, workers=0)
+    meta = read_meta(a.quantized)
+    calib = data.protocol.split("; evaluation")[0]
+    if meta.get("model") != a.model or str(meta.get("protocol")).split("; evaluation")[0] != calib:
+        sys.exit(f"{a.quantized} holds {meta.get('model')} with {meta.get('protocol')!r}; "
+                 f"this run needs {a.model} with {calib!r}: pass the matching --model/--protocol")
+    net = get_model(a.model, weights(a.model)).eval()
+    q = load_quantized(get_model(a.model, weights(a.model)).eval(), a.quantized, data.example)
+    cfg = q.lowbit_config
+    command = (f"python benchmarks/calib_gap.py --model {a.model} --quantized {a.quantized} "
+               f"--protocol {a.protocol} --threads {a.threads}")
+    rows = []
+    for name, loader in (("calibration", data.calib), ("held-out evaluation", data.eval)):
+        r = lowbit.evaluate(q, loader, reference=net, progress=False)
+        rows.append(dict(
+            model=a.model, quantized=Path(a.quantized).name, method=meta.get("method"),
+            iters=(meta.get("method_config") or {}).get("iters"),
+            w_bits=cfg.weight.bits if cfg.weight else 32, a_bits=cfg.act.bits if cfg.act else 32,
+            protocol_name=a.protocol, images=name, n=r.samples, top1=r.top1,
+            float_top1=r.reference_top1, drop=r.reference_top1 - r.top1, drop_se=r.delta_se,
+            agreement=r.agreement, load_avg_start=load, threads=a.threads, command=command,
+            **provenance()))
+        print(f"{name}: top-1 {r.top1:.2f} (float {r.reference_top1:.2f}, drop "
+              f"{r.reference_top1 - r.top1:.2f} +- {r.delta_se:.2f}, agreement "
+              f"{r.agreement:.1f} %, {r.samples} images)", flush=True)
+    out = Path(a.out)
+    keep = [r for r in load_rows(out) if (r["quantized"], r["images"]) not in
+            {(n["quantized"], n["images"]) for n in rows}]
+    save_rows(out, keep + rows, FIELDS)
+
+
+if __name__ == "__main__":
+    main()
