@@ -36,20 +36,33 @@ from lowbit.report import format_table, write_json  # noqa: E402
 
 PAMS = "recipes/pams_edsr_w4a4.yaml"
 PAMS2 = "recipes/pams_edsr_w2a4.yaml"
+PAMS8 = "recipes/pams_edsr_w8a8.yaml"
+
+
+def range_runs(method: str) -> dict[str, tuple[str, list[str]]]:
+    """The range-calibration rows of ``method`` (minmax, mse): W8A8, W4A4, W2A4 on every layer,
+    and W4A4, W2A4 with the PAMS policy."""
+    runs = {f"{method} W{w}A{a}": ("ptq", ["--method", method, "--w-bits", w, "--a-bits", a])
+            for w, a in (("8", "8"), ("4", "4"), ("2", "4"))}
+    for label, config in (("W4A4", PAMS), ("W2A4", PAMS2)):
+        runs[f"{method} {label} PAMS policy (body only)"] = (
+            "ptq", ["--method", method, "--config", config])
+    return runs
+
+
 # label -> (kind, extra arguments); "PAMS policy": only the body's residual blocks quantized
 RUNS = {
-    "mse W8A8": ("ptq", ["--method", "mse", "--w-bits", "8", "--a-bits", "8"]),
-    "mse W4A4": ("ptq", ["--method", "mse", "--w-bits", "4", "--a-bits", "4"]),
-    "mse W2A4": ("ptq", ["--method", "mse", "--w-bits", "2", "--a-bits", "4"]),
-    "mse W4A4 PAMS policy (body only)": ("ptq", ["--method", "mse", "--config", PAMS]),
-    "mse W2A4 PAMS policy (body only)": ("ptq", ["--method", "mse", "--config", PAMS2]),
+    **range_runs("minmax"),
+    **range_runs("mse"),
     "rapq W4A4": ("ptq", ["--method", "rapq", "--w-bits", "4", "--a-bits", "4"]),
     "rapq W4A4 PAMS policy (body only)": ("ptq", ["--method", "rapq", "--config", PAMS]),
     "rapq W2A4": ("ptq", ["--method", "rapq", "--w-bits", "2", "--a-bits", "4"]),
     "rapq W2A4 PAMS policy (body only)": ("ptq", ["--method", "rapq", "--config", PAMS2]),
+    "rapq W8A8 PAMS policy (body only)": ("ptq", ["--method", "rapq", "--config", PAMS8]),
     "brecq W4A4": ("ptq", ["--method", "brecq", "--w-bits", "4", "--a-bits", "4"]),
     "brecq W4A4 PAMS policy (body only)": ("ptq", ["--method", "brecq", "--config", PAMS]),
     "brecq W2A4 PAMS policy (body only)": ("ptq", ["--method", "brecq", "--config", PAMS2]),
+    "brecq W8A8 PAMS policy (body only)": ("ptq", ["--method", "brecq", "--config", PAMS8]),
     "lsq W4A4": ("qat", ["--method", "lsq", "--w-bits", "4", "--a-bits", "4"]),
     "qil W4A4": ("qat", ["--method", "qil", "--w-bits", "4", "--a-bits", "4"]),
     "lsq W2A4": ("qat", ["--method", "lsq", "--w-bits", "2", "--a-bits", "4"]),
