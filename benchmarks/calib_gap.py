@@ -3,7 +3,8 @@
 Evaluates a model saved by ``rapq.py --save`` (or ``lowbit ptq --save``) on the images it was
 calibrated on and on the held-out evaluation images of the same protocol, each against float on
 the same images. A drop much smaller on the calibration images than on the held-out ones means
-the reconstruction fitted its calibration set rather than the task.
+the reconstruction fitted its calibration set rather than the task. ``--against DIR`` adds the
+paired difference from another saved model of the same protocol on the held-out images.
 
     python benchmarks/calib_gap.py --model mobilenet_v2_tflite \\
         --quantized runs/saved/mobilenet_v2_tflite-rapq-W4A8-diverse --out /tmp/gap
@@ -29,8 +30,8 @@ from common import (  # noqa: E402,E501
 )
 
 FIELDS = ["model", "quantized", "method", "iters", "w_bits", "a_bits", "protocol_name", "images",
-          "n", "top1", "float_top1", "drop", "drop_se", "agreement", "load_avg_start", "threads",
-          "torch", "commit", "command"]
+          "n", "top1", "float_top1", "drop", "drop_se", "agreement", "against", "against_top1",
+          "gain", "gain_se", "load_avg_start", "threads", "torch", "commit", "command"]
 
 
 def main() -> None:
@@ -38,6 +39,9 @@ def main() -> None:
     ap.add_argument("--model", required=True, choices=list(MODELS))
     ap.add_argument("--quantized", required=True, metavar="DIR",
                     help="a folder written by rapq.py --save or lowbit ptq --save")
+    ap.add_argument("--against", default=None, metavar="DIR",
+                    help="another saved model: top-1 difference from it on the held-out images, "
+                    "paired per image")
     ap.add_argument("--protocol", default="diverse", choices=PROTOCOLS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "calib_gap"))
@@ -51,16 +55,20 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     load = os.getloadavg()[0]
     data = protocol_data(a.model, a.protocol, calib_size=1024, batch_size=64, workers=0)
-    meta = read_meta(a.quantized)
     calib = data.protocol.split("; evaluation")[0]
-    if meta.get("model") != a.model or str(meta.get("protocol")).split("; evaluation")[0] != calib:
-        sys.exit(f"{a.quantized} holds {meta.get('model')} with {meta.get('protocol')!r}; "
-                 f"this run needs {a.model} with {calib!r}: pass the matching --model/--protocol")
+    metas = {}
+    for folder in filter(None, (a.quantized, a.against)):
+        meta = metas[folder] = read_meta(folder)
+        if meta.get("model") != a.model or str(meta.get("protocol")).split("; evaluation")[0] != calib:
+            sys.exit(f"{folder} holds {meta.get('model')} with {meta.get('protocol')!r}; this "
+                     f"run needs {a.model} with {calib!r}: pass the matching --model/--protocol")
+    meta = metas[a.quantized]
     net = get_model(a.model, weights(a.model)).eval()
     q = load_quantized(get_model(a.model, weights(a.model)).eval(), a.quantized, data.example)
     cfg = q.lowbit_config
     command = (f"python benchmarks/calib_gap.py --model {a.model} --quantized {a.quantized} "
-               f"--protocol {a.protocol} --threads {a.threads}")
+               + (f"--against {a.against} " if a.against else "")
+               + f"--protocol {a.protocol} --threads {a.threads}")
     rows = []
     for name, loader in (("calibration", data.calib), ("held-out evaluation", data.eval)):
         r = lowbit.evaluate(q, loader, reference=net, progress=False)
@@ -75,6 +83,14 @@ def main() -> None:
         print(f"{name}: top-1 {r.top1:.2f} (float {r.reference_top1:.2f}, drop "
               f"{r.reference_top1 - r.top1:.2f} +- {r.delta_se:.2f}, agreement "
               f"{r.agreement:.1f} %, {r.samples} images)", flush=True)
+    if a.against:
+        other = load_quantized(get_model(a.model, weights(a.model)).eval(), a.against,
+                               data.example)
+        r = lowbit.evaluate(q, data.eval, reference=other, progress=False)
+        rows[-1].update(against=Path(a.against).name, against_top1=r.reference_top1,
+                        gain=r.top1 - r.reference_top1, gain_se=r.delta_se)
+        print(f"against {Path(a.against).name}: {r.reference_top1:.2f}, difference "
+              f"{r.top1 - r.reference_top1:+.2f} +- {r.delta_se:.2f} (paired)", flush=True)
     out = Path(a.out)
     keep = [r for r in load_rows(out) if (r["quantized"], r["images"]) not in
             {(n["quantized"], n["images"]) for n in rows}]
