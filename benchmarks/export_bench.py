@@ -266,7 +266,9 @@ def main() -> None:
         r["load_avg"] = load
         print({k: r.get(k) for k in ("method", "w_bits", "ms_b1", "ms_b32", "ms_b1_vs_ort",
                                      "ms_b32_vs_ort")}, flush=True)
-    save_rows(Path(a.out), [{**r, **provenance()} for r in rows], FIELDS)
+    command = " ".join(["python", "benchmarks/export_bench.py", *sys.argv[1:]])
+    save_rows(Path(a.out), [{**r, **provenance(), "command": command} for r in rows],
+              FIELDS + ["command"])
 
 
 if __name__ == "__main__":
