@@ -16,7 +16,7 @@ import warnings
 from .cli_args import act_bits_arg as _act_bits
 from .cli_args import bits_arg as _bits
 from .cli_args import random_init_arg
-from .errors import LowbitError, LowbitWarning
+from .errors import ConfigError, LowbitError, LowbitWarning
 
 EXIT_USAGE = 2
 EXIT_INTERRUPT = 130
@@ -61,33 +61,37 @@ def _data_args(p: argparse.ArgumentParser, calibration: bool = True) -> None:
 
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--w-bits", type=_bits, default=8, help="weight bits, 1-8 (default 8)")
+    # no defaults here (argparse.SUPPRESS): a flag the user gave must be told from one they did
+    # not, so that one --config would override is refused instead of ignored
+    p.add_argument("--w-bits", type=_bits, default=argparse.SUPPRESS,
+                   help="weight bits, 1-8 (default 8)")
     p.add_argument(
-        "--a-bits", type=_act_bits, default=8,
+        "--a-bits", type=_act_bits, default=argparse.SUPPRESS,
         help="activation (layer input) bits, 1-8, or 'float' (default 8)",
     )
     p.add_argument(
-        "--per-tensor", action="store_true",
+        "--per-tensor", action="store_true", default=argparse.SUPPRESS,
         help="one weight scale per tensor (default: one per output channel)",
     )
     p.add_argument(
-        "--first-last", choices=["8bit", "float", "same"], default="8bit",
+        "--first-last", choices=["8bit", "float", "same"], default=argparse.SUPPRESS,
         help="first and last layer policy (default 8bit, as the papers do)",
     )
     p.add_argument(
-        "--dw-act-per-channel", action="store_true",
+        "--dw-act-per-channel", action="store_true", default=argparse.SUPPRESS,
         help="one activation scale per channel at depthwise-conv inputs (integer-runnable when "
              "the producing conv requantizes per channel; helps MobileNet-style models at A4)",
     )
     p.add_argument(
-        "--full-range-weights", action="store_true",
+        "--full-range-weights", action="store_true", default=argparse.SUPPRESS,
         help="use all 2^b weight codes, [-2^(b-1), 2^(b-1)-1] (default: symmetric narrow range; "
              "at 2 bits that is ternary {-1,0,1}, full range gives four levels)",
     )
     p.add_argument(
         "--config", default=None,
-        help="a lowbit config (YAML/JSON); overrides --w-bits/--a-bits/--per-tensor/--first-last/"
-             "--dw-act-per-channel/--full-range-weights",
+        help="a lowbit config (YAML/JSON) holding the bits and layout itself; not together with "
+             "--w-bits/--a-bits/--per-tensor/--first-last/--dw-act-per-channel/"
+             "--full-range-weights",
     )
 
 
@@ -225,14 +229,27 @@ def _setup(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+QUANT_FLAGS = {"w_bits": ("--w-bits", 8), "a_bits": ("--a-bits", 8),
+               "per_tensor": ("--per-tensor", False), "first_last": ("--first-last", "8bit"),
+               "dw_act_per_channel": ("--dw-act-per-channel", False),
+               "full_range_weights": ("--full-range-weights", False)}
+
+
 def _config_from_args(args):
     from .config import QuantConfig
 
+    given = [flag for key, (flag, _) in QUANT_FLAGS.items() if hasattr(args, key)]
     if args.config:
+        if given:
+            raise ConfigError(
+                f"--config {args.config} sets the bits and layout itself, so {', '.join(given)} "
+                "would be ignored: drop them, or write them into the config (its 'weight'/'act' "
+                "specs or per-layer rules)")
         return QuantConfig.load(args.config)
+    v = {key: getattr(args, key, default) for key, (_, default) in QUANT_FLAGS.items()}
     return QuantConfig.uniform(
-        args.w_bits, args.a_bits, per_channel=not args.per_tensor, first_last=args.first_last,
-        dw_act_per_channel=args.dw_act_per_channel, narrow_weights=not args.full_range_weights,
+        v["w_bits"], v["a_bits"], per_channel=not v["per_tensor"], first_last=v["first_last"],
+        dw_act_per_channel=v["dw_act_per_channel"], narrow_weights=not v["full_range_weights"],
     )
 
 

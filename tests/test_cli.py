@@ -82,6 +82,16 @@ def test_bad_bits_and_config(capsys, tmp_path):
     assert rc == 2 and "bits must be from 1 to 8" in err
 
 
+def test_a_quantization_flag_beside_config_is_refused_by_name(capsys, tmp_path):
+    from lowbit import QuantConfig
+
+    cfg = tmp_path / "w8a8.yaml"
+    QuantConfig.uniform(8, 8).save(cfg)
+    rc, _, err = run(capsys, "ptq", "-m", "digits_cnn", "--config", str(cfg), "--w-bits", "4",
+                     "--dw-act-per-channel", "--no-progress")
+    assert rc == 2 and "--w-bits, --dw-act-per-channel would be ignored" in err
+
+
 def test_bad_calibration_size(capsys):
     rc, _, err = run(capsys, "ptq", "-m", "digits_cnn", "--calib-size", "0", "--no-progress")
     assert rc == 2 and "subset size" in err
