@@ -26,6 +26,7 @@ from common import (  # noqa: E402,E501
     protocol_data,
     provenance,
     save_rows,
+    saved_meta,
     weights,
 )
 
@@ -50,19 +51,14 @@ def main() -> None:
 
     import lowbit
     from lowbit.models import get_model
-    from lowbit.pipeline import load_quantized, read_meta
+    from lowbit.pipeline import load_quantized
 
     torch.set_num_threads(a.threads)
     load = os.getloadavg()[0]
     data = protocol_data(a.model, a.protocol, calib_size=1024, batch_size=64, workers=0)
-    calib = data.protocol.split("; evaluation")[0]
-    metas = {}
-    for folder in filter(None, (a.quantized, a.against)):
-        meta = metas[folder] = read_meta(folder)
-        if meta.get("model") != a.model or str(meta.get("protocol")).split("; evaluation")[0] != calib:
-            sys.exit(f"{folder} holds {meta.get('model')} with {meta.get('protocol')!r}; this "
-                     f"run needs {a.model} with {calib!r}: pass the matching --model/--protocol")
-    meta = metas[a.quantized]
+    meta = saved_meta(a.quantized, a.model, data)
+    if a.against:
+        saved_meta(a.against, a.model, data)
     net = get_model(a.model, weights(a.model)).eval()
     q = load_quantized(get_model(a.model, weights(a.model)).eval(), a.quantized, data.example)
     cfg = q.lowbit_config

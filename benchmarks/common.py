@@ -56,6 +56,21 @@ def protocol_data(model: str, protocol: str, **kw):
                       calib_root=data_root("imagenette"), **kw)
 
 
+def saved_meta(folder, model: str, data) -> dict:
+    """The ``meta.json`` of a model saved by ``--save``, after checking it holds ``model``
+    calibrated on the images ``data`` calibrates on (its evaluation images are then disjoint
+    from them; their number may differ); exits with the mismatch otherwise."""
+    from lowbit.pipeline import read_meta
+
+    meta = read_meta(folder)
+    calib = data.protocol.split("; evaluation")[0]
+    if meta.get("model") != model or str(meta.get("protocol")).split("; evaluation")[0] != calib:
+        sys.exit(f"{folder} holds {meta.get('model')} with {meta.get('protocol')!r}; this run "
+                 f"needs {model} with {calib!r}: pass the matching --model/--protocol/--calib, "
+                 "or save the model on this protocol")
+    return meta
+
+
 def skip(msg: str) -> None:
     print(f"SKIP: {msg}")
     sys.exit(0)

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, protocol_data, provenance, save_rows, weights  # noqa: E402
+from common import RESULTS, protocol_data, provenance, save_rows, saved_meta, weights  # noqa: E402,E501
 
 FIELDS = ["model", "method", "w_bits", "a_bits", "protocol_name", "top1_ort", "drop", "drop_se", "top1_sim",
           "top1_int_subset", "top1_bitexact_subset", "top1_ort_subset", "int_vs_ort_argmax",
@@ -141,16 +141,9 @@ def main() -> None:
                          batch_size=64)
     saved = None
     if a.quantized:
-        from lowbit.pipeline import load_quantized, read_meta
+        from lowbit.pipeline import load_quantized
 
-        meta = read_meta(a.quantized)
-        # the evaluation images may differ (--eval-size), the calibration images must not: the
-        # model is scored on images disjoint from the ones it was calibrated on
-        calib = data.protocol.split("; evaluation")[0]
-        if meta.get("model") != a.model or str(meta.get("protocol")).split("; evaluation")[0] != calib:
-            sys.exit(f"{a.quantized} holds {meta.get('model')} with {meta.get('protocol')!r}; "
-                     f"this run needs {a.model} with {calib!r}: pass the matching "
-                     "--model/--protocol/--calib, or save the model on this protocol")
+        meta = saved_meta(a.quantized, a.model, data)
         saved = load_quantized(get_model(a.model, weights(a.model)).eval(), a.quantized,
                                data.example)
         cfg = saved.lowbit_config
