@@ -47,6 +47,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "calib_gap"))
     a = ap.parse_args()
+    earlier = load_rows(Path(a.out))
+    if any("quantized" not in r or "images" not in r for r in earlier):
+        raise SystemExit(f"{Path(a.out).with_suffix('.json')} holds rows of another benchmark: "
+                         "give --out a new file or one written by calib_gap.py")
     import torch
 
     import lowbit
@@ -88,7 +92,7 @@ def main() -> None:
         print(f"against {Path(a.against).name}: {r.reference_top1:.2f}, difference "
               f"{r.top1 - r.reference_top1:+.2f} +- {r.delta_se:.2f} (paired)", flush=True)
     out = Path(a.out)
-    keep = [r for r in load_rows(out) if (r["quantized"], r["images"]) not in
+    keep = [r for r in earlier if (r["quantized"], r["images"]) not in
             {(n["quantized"], n["images"]) for n in rows}]
     save_rows(out, keep + rows, FIELDS)
 
