@@ -68,6 +68,9 @@ RUNS = {
     "lsq W2A4": ("qat", ["--method", "lsq", "--w-bits", "2", "--a-bits", "4"]),
     "lsq W4A4 PAMS policy (body only)": ("qat", ["--config", "recipes/pams_edsr_w4a4_lsq.yaml"]),
     "qil W4A4 PAMS policy (body only)": ("qat", ["--config", "recipes/pams_edsr_w4a4_qil.yaml"]),
+    # LSQ's 2-bit weights have four levels, as pams_edsr_w2a4.yaml's; QIL's are ternary
+    "lsq W2A4 PAMS policy (body only)": ("qat", ["--config", "recipes/pams_edsr_w2a4_lsq.yaml"]),
+    "qil W2A4 PAMS policy (body only)": ("qat", ["--config", "recipes/pams_edsr_w2a4_qil.yaml"]),
     "sdq 3 avg bits A4": ("sdq", ["-b", "3"]),
     # 2 bits on average is below what 8-bit head and tail, or every layer at 2 bits, allow:
     # the edges stay float (as PAMS) and a layer may go down to 1 bit

@@ -43,6 +43,23 @@ def test_minmax_and_mse_have_the_same_runs():
             "W2A4 PAMS policy (body only)"} <= labels["minmax"]
 
 
+@pytest.mark.parametrize("method", ["lsq", "qil"])
+def test_w2a4_pams_qat_recipes_are_their_w4a4_twins_at_2_bit_weights(method):
+    """Only the weight bits (and the grid, stated) differ from the W4A4 recipe; LSQ's 2-bit grid
+    is the four levels of the PTQ W2A4 recipe, QIL's is ternary by construction."""
+    label = f"{method} W2A4 PAMS policy (body only)"
+    kind, extra = bench.RUNS[label]
+    assert kind == "qat"
+    cfg = QuantConfig.load(ROOT / extra[extra.index("--config") + 1]).model_dump()
+    twin = QuantConfig.load(ROOT / f"recipes/pams_edsr_w4a4_{method}.yaml").model_dump()
+    assert cfg["weight"]["bits"] == 2
+    cfg["weight"].update(bits=4, narrow_range=False)
+    assert cfg == twin
+    weight = QuantConfig.load(ROOT / extra[extra.index("--config") + 1]).weight.build(signed=True)
+    ptq = QuantConfig.load(ROOT / bench.PAMS2).weight.build(signed=True)
+    assert weight.qrange == (ptq.qrange if method == "lsq" else (-1, 1))
+
+
 def _ptq_result(psnr: float) -> dict:
     return {"float": {"psnr_y": 30.0, "ssim": 0.9, "bicubic_psnr_y": 29.0, "bicubic_ssim": 0.8},
             "quantized": {"psnr_y": psnr, "ssim": 0.85, "psnr_vs_reference": 40.0},
