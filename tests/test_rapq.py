@@ -311,36 +311,3 @@ def test_zero_steps_runs_the_exponent_search_alone(setup):
         strict=True))
     with pytest.raises(ConfigError, match="exponent search alone"):
         lowbit.ptq(model, "brecq", batches(x), cfg, x[:2], iters=0, progress=False)
-
-
-def test_qdrop_mixes_quantized_and_float_inputs_only_while_learning(setup):
-    from lowbit.ptq.reconstruct import TrainableQuant
-
-    model, x = setup
-    q = lowbit.ptq(model, "pot", batches(x), QuantConfig.uniform(2, 4), x[:2], progress=False)
-    inner = q.block.conv1.input_quant
-    tq = TrainableQuant(inner, pot=True, learn_scale=False)
-    tq.drop, tq.drop_gen = 0.5, torch.Generator().manual_seed(0)
-    inp = torch.relu(q.bn(q.stem(x))).detach()
-    full = tq._quantize(inp)
-    mixed = tq(inp)
-    passed = (mixed == inp) & (full != inp)
-    quantized = (mixed == full) & (full != inp)
-    moved = (full != inp).sum()
-    assert (passed | quantized | (full == inp)).all()
-    assert 0.4 < passed.sum() / moved < 0.6
-    tq.soft = False
-    assert torch.equal(tq(inp), full)
-    with pytest.raises(ConfigError, match="drop_prob"):
-        ReconOptions(drop_prob=1.0).check()
-
-
-def test_qdrop_reconstruction_is_deterministic_and_keeps_integer_exponents(setup):
-    model, x = setup
-    a = rapq(model, batches(x), 4, 4, example_inputs=x[:2], seed=3, drop_prob=0.5, **FAST)
-    b = rapq(model, batches(x), 4, 4, example_inputs=x[:2], seed=3, drop_prob=0.5, **FAST)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    c = rapq(model, batches(x), 4, 4, example_inputs=x[:2], seed=3, **FAST)
-    assert any(not torch.equal(sa[k], v) for k, v in c.state_dict().items())
-    assert all(m.exponent.dtype == torch.int32 for m in a.modules() if isinstance(m, PoTQuantizer))

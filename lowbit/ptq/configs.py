@@ -164,7 +164,7 @@ class _ReconFields(MethodConfig):
     RECON_KEYS: ClassVar[tuple[str, ...]] = (
         "iters", "batch_size", "lr_round", "lr_scale", "round_weight", "warmup", "beta",
         "bn_weight", "learn_w_scale", "learn_a_scale", "exponent_search", "diversify",
-        "diversify_share", "diversify_steps", "drop_prob", "chunk", "seed")
+        "diversify_share", "diversify_steps", "chunk", "seed")
     POT: ClassVar[bool] = True
 
     iters: int = Field(
@@ -206,9 +206,6 @@ class _ReconFields(MethodConfig):
                                    description="share of the calibration images replaced")
     diversify_steps: int = Field(_default("diversify_steps"), ge=0,
                                  description="input-gradient steps per replaced image")
-    drop_prob: float = Field(
-        _default("drop_prob"), ge=0, lt=1, description="QDrop: while learning, pass this share "
-        "of the activation elements unquantized, at random (docs/rapq.md)")
     chunk: int = Field(_default("chunk"), ge=1,
                        description="images per forward pass outside the optimisation steps")
     seed: int = Field(0, description="seed of the batch sampling")

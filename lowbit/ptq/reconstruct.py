@@ -78,8 +78,6 @@ class TrainableQuant(nn.Module):
         lo = inner.params().get("clip_lo")
         self.register_buffer("lo", (lo if lo is not None else (self.qmin - zp0) * s0).float())
         self.soft = True
-        self.drop = 0.0  # QDrop: share of elements passed unquantized while learning
-        self.drop_gen: torch.Generator | None = None
         self.v: nn.Parameter | None = None
         if weight is not None:
             rest = weight.detach() / self._b(s0, weight)
@@ -108,12 +106,6 @@ class TrainableQuant(nn.Module):
         return (1 - (2 * _rect_sigmoid(self.v) - 1).abs().pow(beta)).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop > 0 and self.soft:
-            keep = torch.empty_like(x).uniform_(generator=self.drop_gen) >= self.drop
-            return torch.where(keep, self._quantize(x), x)
-        return self._quantize(x)
-
-    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         s = self.scale()
         zp = self.zero_point(s)
         if self.v is None:
@@ -259,11 +251,6 @@ class ReconOptions:
     power-of-two scales, first pick every exponent of the unit among its neighbours by the
     layers' output errors (:mod:`lowbit.ptq.exponent_search`); no effect on float scales.
 
-    ``drop_prob``: QDrop (Wei et al. 2022): while learning, each element of every activation
-    quantizer's input passes unquantized with this probability (0.5 in the paper), so the
-    rounding is fitted to a range of activation noise rather than to the calibration images'
-    exact quantized activations. 0 turns it off.
-
     ``diversify``: before reconstruction, replace ``diversify_share`` of the calibration images
     by copies pushed in ``diversify_steps`` input-gradient steps toward random classes of the
     float model (:mod:`lowbit.ptq.synthetic`): ``"auto"`` when the calibration images cover few
@@ -286,7 +273,6 @@ class ReconOptions:
     diversify: str = "auto"
     diversify_share: float = 0.5
     diversify_steps: int = 40
-    drop_prob: float = 0.0
     chunk: int = 64
     block_types: tuple[type[nn.Module], ...] | None = None
     seed: int = 0
@@ -310,8 +296,6 @@ class ReconOptions:
             raise ConfigError(
                 "diversify needs 0 <= diversify_share <= 1 and diversify_steps >= 0, got "
                 f"{self.diversify_share} and {self.diversify_steps}")
-        if not 0 <= self.drop_prob < 1:
-            raise ConfigError(f"drop_prob must be in [0, 1), got {self.drop_prob}")
         if self.iters == 0 and not (pot and self.exponent_search):
             raise ConfigError(
                 "iters=0 runs the exponent search alone, which needs power-of-two scales and "
@@ -417,11 +401,6 @@ def _optimise_unit(unit: nn.Module, q_args: tuple, target: torch.Tensor, opts: R
     learn_a = opts.learn_a_scale if opts.learn_a_scale is not None else not pot
     swaps = wrap_quantizers(unit, pot=pot, learn_w_scale=opts.learn_w_scale,
                             learn_a_scale=learn_a, adaround=True)
-    if opts.drop_prob > 0:
-        drop_gen = torch.Generator(device=target.device).manual_seed(opts.seed)
-        for _, slot, tq in swaps:
-            if slot == "input_quant":
-                tq.drop, tq.drop_gen = opts.drop_prob, drop_gen
     frozen = [p for p in unit.parameters() if p.requires_grad and not _owned(p, swaps)]
     for p in frozen:
         p.requires_grad_(False)
