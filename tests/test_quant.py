@@ -254,3 +254,17 @@ def test_mse_observer_bounds_per_channel_activation_samples_and_keeps_weights_wh
     wobs = MSEObserver(axis=0, max_samples=1 << 12, min_per_channel=256)
     wobs.update(w)
     assert torch.equal(torch.cat(wobs.samples, 1), w.reshape(64, -1))
+
+
+def test_mse_observer_samples_every_pixel_column_and_repeats():
+    """A stride that is a multiple of the image width would sample one column only."""
+    from lowbit.quant.observers import MSEObserver
+
+    x = torch.arange(16.0).expand(8, 2, 4, 16).contiguous()  # value = column index
+    runs = []
+    for _ in range(2):
+        obs = MSEObserver(max_samples=256)  # 16 values per batch from 1,024: every 64th before
+        obs.update(x)
+        runs.append(torch.cat(obs.samples, 1))
+    assert runs[0].unique().numel() >= 8
+    assert torch.equal(runs[0], runs[1])

@@ -119,7 +119,7 @@ class PercentileObserver(Observer):
 class MSEObserver(Observer):
     """Clipping range minimising the mean squared quantization error on the observed data.
 
-    Keeps a bounded, evenly strided sample of the values per channel and grid-searches a
+    Keeps a bounded, seeded random sample of the values per channel and grid-searches a
     shrink factor of the min-max range, vectorised over channels. Per-channel activations
     (hundreds of channels of 100k+ values each) keep ``max_samples / channels`` values per
     channel, at least ``min_per_channel``: the full per-tensor budget for every channel would
@@ -133,10 +133,12 @@ class MSEObserver(Observer):
         self.min_per_channel = min_per_channel
         self.grid = grid
         self.samples: list[torch.Tensor] = []
+        self._gen = torch.Generator().manual_seed(0)
 
     def reset(self) -> None:
         super().reset()
         self.samples = []
+        self._gen = torch.Generator().manual_seed(0)  # the same sample on every run
 
     def _update(self, flat: torch.Tensor) -> None:
         channels, n = flat.shape
@@ -147,8 +149,13 @@ class MSEObserver(Observer):
             # a tensor that fits (a weight) is kept whole; activations: 1/16 of the budget
             budget = max(self.min_per_channel, self.max_samples // channels)
             per_batch = n if n <= budget else budget // 16
-        step = max(1, n // max(1, per_batch))
-        self.samples.append(flat[:, ::step].clone())
+        if n <= per_batch:
+            self.samples.append(flat.clone())
+        else:
+            # A random sample, not every k-th value: a stride that is a multiple of the image
+            # width (1568 = 14 x 112 on a 64 x 32 x 112 x 112 map) would read one pixel column.
+            idx = torch.randint(n, (per_batch,), generator=self._gen).to(flat.device)
+            self.samples.append(flat[:, idx])
         total = sum(s.shape[1] for s in self.samples)
         if total > budget:
             merged = torch.cat(self.samples, dim=1)
