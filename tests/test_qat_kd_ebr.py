@@ -135,3 +135,20 @@ def test_search_then_qat_with_ebr_and_self_distillation(found, tmp_path):
     assert math.isfinite(last["loss_kd"])
     assert res["recipe"]["method"] == "lsq" and res["recipe"]["ebr"] == 1e-2
     assert (out / "model" / "config.yaml").is_file()
+
+
+def test_qat_on_a_config_file_is_labelled_with_its_bits(tmp_path, capsys):
+    cfg = tmp_path / "w2a4.yaml"
+    cfg.write_text("weight: {kind: lsq, bits: 2, per_channel: true}\n"
+                   "act: {kind: lsq, bits: 4}\n")
+    out = tmp_path / "run"
+    rc = main(["qat", "-m", "digits_cnn", "--config", str(cfg), "--max-steps", "2",
+               "-o", str(out), *FAST])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [(s["w_bits"], s["a_bits"]) for s in res["recipe"]["stages"]] == [(2, 4)]
+    assert res["history"][-1]["bits"] == "W2A4"
+    rc = main(["qat", "-m", "digits_cnn", "--config", str(cfg), "--w-bits", "4",
+               "-o", str(tmp_path / "run2"), *FAST])
+    assert rc == 2
+    assert "--config sets the bits; drop --w-bits" in capsys.readouterr().err

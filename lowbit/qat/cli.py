@@ -155,6 +155,24 @@ def _config_method(path: str) -> str | None:
     return spec.kind if spec is not None and spec.kind in ("qil", "lsq") else None
 
 
+def _config_stage(path: str, stages: list[dict] | None) -> dict:
+    """The one stage of a run on a QuantConfig file, labelled with the file's default bits (its
+    per-layer rules may differ); a recipe's own single stage keeps its training overrides."""
+    from ..config import QuantConfig
+    from .schedule import Stage
+
+    if stages and len(stages) > 1:
+        raise ConfigError("quant_config applies to a single stage; drop the extra stages")
+    cfg = QuantConfig.load(path)
+    bits = cfg.weight.bits if cfg.weight is not None else None
+    if bits is None:
+        raise ConfigError(f"{path}: a QAT config needs a default 'weight' spec")
+    extra = {k: v for k, v in (stages[0] if stages else {}).items()
+             if k not in ("w_bits", "a_bits")}
+    return Stage(w_bits=bits, a_bits=cfg.act.bits if cfg.act is not None else None,
+                 **extra).model_dump()
+
+
 def build_recipe(args):
     """The recipe file (if any) with the command-line flags applied on top."""
     from ..config import validate_model
@@ -184,7 +202,15 @@ def build_recipe(args):
     if args.no_progress:
         train["progress"] = False
     data["train"] = train
-    if args.progressive:
+    bit_flags = [f for f, v in (("--progressive", args.progressive), ("--w-bits", args.w_bits),
+                                ("--a-bits", args.a_bits)) if v is not None]
+    if data.get("quant_config"):
+        # The config file sets every layer's bits; a stage's bits would only mislabel the run.
+        if bit_flags:
+            raise ConfigError(f"--config sets the bits; drop {', '.join(bit_flags)} (or drop "
+                              "--config and give the bits as flags)")
+        data["stages"] = [_config_stage(data["quant_config"], data.get("stages"))]
+    elif args.progressive:
         if args.w_bits is not None or args.a_bits is not None:
             raise ConfigError("give either --progressive or --w-bits/--a-bits, not both")
         data["stages"] = [s.model_dump() for s in parse_stages(args.progressive)]
