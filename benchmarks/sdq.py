@@ -75,8 +75,12 @@ def parse(argv=None):
     p.add_argument("--bn", default="fold", choices=["fold", "train"],
                    help="BatchNorm in retraining: fold (default) or train; at 2 bits and below "
                    "folded BN recovers far more slowly from the quantized start")
-    p.add_argument("--reuse-search", action="store_true",
-                   help="retrain the config an earlier run of this tag saved instead of searching")
+    p.add_argument("--reuse-search", nargs="?", const=True, default=False, metavar="TAG",
+                   help="retrain the config an earlier run saved instead of searching: this "
+                   "run's tag, or the TAG given")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="checkpoint each arm's retraining under DIR/<arm>_w<b>a<a> after every "
+                   "epoch and continue from there when run again (long schedules)")
     p.add_argument("--tag", default=None, help="results file suffix (default: full or quick)")
     args = p.parse_args(argv)
     if args.quick:
@@ -194,7 +198,8 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 folder = RESULTS / f"sdq_{args.tag}_configs" / f"w{b}a{a_s}"
                 if args.reuse_search:
-                    found = _saved_search(folder)
+                    src = args.tag if args.reuse_search is True else args.reuse_search
+                    found = _saved_search(RESULTS / f"sdq_{src}_configs" / f"w{b}a{a_s}")
                     search_s = found.seconds
                 else:
                     found = sdq_search(model, train, budget, example, a_bits=a_bits,
@@ -207,16 +212,18 @@ def main(argv=None) -> int:
                     print(found.table())
             for arm in args.arms:
                 t = time.perf_counter()
+                ckpt = {} if args.checkpoint_dir is None else dict(
+                    output_dir=Path(args.checkpoint_dir) / f"{arm}_w{b}a{a_s}", resume=True)
                 if arm.startswith("sdq"):
                     res = qat(model, "lsq", train, calib_data=data.calib, example_inputs=example,
                               config=found.config, train=tcfg,
-                              hooks=hooks(arm != "sdq_no_ebr", arm != "sdq_no_kd"))
+                              hooks=hooks(arm != "sdq_no_ebr", arm != "sdq_no_kd"), **ckpt)
                     extra = dict(search_steps=found.steps, min_bits=args.min_bits,
                                  forced=len(found.forced))
                     seconds = time.perf_counter() - t + search_s
                 else:
                     res = qat(model, arm, train, calib_data=data.calib, example_inputs=example,
-                              w_bits=b, a_bits=a_bits, train=tcfg)
+                              w_bits=b, a_bits=a_bits, train=tcfg, **ckpt)
                     extra, seconds = {}, time.perf_counter() - t
                 row = dict(arm=arm, **base, **extra, **score(res.model), seconds=seconds)
                 rows.append(row)
