@@ -84,3 +84,23 @@ def test_scale_round_is_exact_on_both_paths(mult, values, offset):
     assert scale_round(p, m, n, offset, lo, hi).tolist() == [min(hi, max(lo, w)) for w in want]
     with pytest.raises(ExportError, match="beyond int64"):
         scale_round(torch.tensor([2**45]), torch.tensor([2**23 + 1]), torch.tensor([0]))
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(-4, 0), st.integers(-12, -8), st.integers(-1, 1))
+@settings(max_examples=40, deadline=None)
+def test_accumulator_add_rounds_once_like_a_float_runtime(seed, ea, eb, eo):
+    """Two conv accumulators on power-of-two scales added, then requantized: exactly the
+    float sum rounded once (half to even), as onnxruntime computes it."""
+    from lowbit.export.integer import Grid, IntValue, Stats, _add, requantize
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-300, 300, (4, 3, 5, 5), generator=g)
+    b = torch.randint(-30000, 30000, (4, 3, 5, 5), generator=g)
+    zero = torch.zeros(1, dtype=torch.int64)
+    va = IntValue(a, torch.tensor([2.0**ea]), zero)
+    vb = IntValue(b, torch.tensor([2.0**eb]), zero)
+    grid = Grid(torch.tensor([2.0**eo]), torch.tensor([128]), 8, False, 0, 255, None, True)
+    got = requantize(_add(va, vb, Stats()), grid).data
+    real = a.double() * 2.0**ea + b.double() * 2.0**eb
+    want = (torch.round(real / 2.0**eo) + 128).clamp(0, 255).to(torch.int64)
+    assert torch.equal(got, want)

@@ -393,28 +393,33 @@ ADD_HEADROOM = 2.0**-20  # codes rescaled by at most 2**20 stay far inside int32
 
 
 def _add(a: IntValue, b: IntValue, stats: Stats) -> IntValue:
-    """Int32 add at one scale per channel, each operand rescaled by a dyadic factor: two
-    accumulators meet at the coarser scale (far finer than any grid after them, and neither
-    grows), otherwise at the finer one but at most ``2**20`` times finer than the other."""
+    """Int32 add at one scale per channel, each operand rescaled by a dyadic factor: at the
+    finer of the two scales, but at most ``2**20`` times finer than the coarser one, so the
+    sum is exact wherever it fits in int32 and a grid after it rounds it once, as a float
+    runtime does (rounding the finer operand first would turn values just off a tie of that
+    grid into ties, frequent on power-of-two grids). Two accumulators whose exact sum would
+    overflow int32 meet at the coarser scale instead."""
     dims = max(a.data.dim(), b.data.dim())
     sa, sb = _dim1(a.scale.float(), dims), _dim1(b.scale.float(), dims)
     coarse = torch.maximum(sa, sb)
-    if a.grid is None and b.grid is None:
+    fine = torch.maximum(torch.minimum(sa, sb), coarse * ADD_HEADROOM)
+    out = _sum_at(a, b, fine, dims, stats)
+    if bool((out.abs() > INT32_MAX).any()) and a.grid is None and b.grid is None:
         fine = coarse
-    else:
-        fine = torch.maximum(torch.minimum(sa, sb), coarse * ADD_HEADROOM)
-    flat = fine.reshape(-1)
-    acc = IntValue(torch.zeros(1, dtype=torch.int64), flat, _ZERO)
+        out = _sum_at(a, b, fine, dims, stats)
+    if bool((out.abs() > INT32_MAX).any()):
+        raise ExportError("a residual add overflows int32")
+    return IntValue(out, fine.reshape(-1), _ZERO)
+
+
+def _sum_at(a: IntValue, b: IntValue, fine: torch.Tensor, dims: int, stats: Stats):
     out = None
     for v in (a, b):
         m, n = dyadic((_dim1(v.scale.float(), dims) / fine).float())
         stats.multipliers.append(m.flatten())
         part = scale_round(v.centred(), m, n)
         out = part if out is None else out + part
-    if bool((out.abs() > INT32_MAX).any()):
-        raise ExportError("a residual add overflows int32")
-    acc.data = out
-    return acc
+    return out
 
 
 MAX_ALIGN = 30  # bits one operand of a two-grid add may be shifted left by
