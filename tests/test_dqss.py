@@ -77,7 +77,8 @@ def test_search_is_deterministic_for_a_seed(digits):
 
 def test_finetuned_choice_is_never_worse_than_the_argmax_and_is_recorded(digits):
     model, loader, ex = digits
-    fresh = lambda: make_loader(loader.dataset, 64, shuffle=True, seed=1)  # noqa: E731
+    # a data order whose 2-bit search has units where the argmax is not the best option
+    fresh = lambda: make_loader(loader.dataset, 64, shuffle=True, seed=3)  # noqa: E731
     two_bits = {**PTQ, "w_bits": 2, "a_bits": 2}
     argmax = dqss_search(model, fresh(), None, ex, **two_bits, choose_by="argmax")
     aware = dqss_search(model, fresh(), None, ex, **two_bits)
