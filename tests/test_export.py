@@ -590,6 +590,33 @@ def test_residual_stream_enters_qlinearadd_without_requantization(config, tmp_pa
                        IntegerModel(q).run(xs))
 
 
+def test_an_add_onto_an_odd_zero_point_runs_exactly_in_onnxruntime(tmp_path, monkeypatch):
+    """onnxruntime's QLinearAdd adds the output zero-point before rounding half to even, so on
+    power-of-two grids (exact ties everywhere) with an odd zero-point it is a code off the
+    ONNX definition; the exporter writes such an add as Sum, which stays unfused and exact.
+    Without that rule the same model is off (so the rule is still needed)."""
+    pytest.importorskip("onnx")
+    from lowbit.export import onnx_qdq
+
+    q, x = quantized(Padded, "w8a8")
+    for m in q.modules():
+        if isinstance(m, UniformQuantizer) and m.scale.numel() == 1:
+            m.scale.copy_(2.0 ** torch.round(torch.log2(m.scale)))
+    torch.manual_seed(1)
+    xs = on_grid(q, 2 * torch.randn(64, 3, 16, 16))
+    ref = IntegerModel(q).run(xs)
+    model, report = onnx_qdq.to_onnx(q, x[:2])
+    sess, ops = _ort(model, tmp_path)
+    assert report.extra["unfused_adds"] == ["qadd0"] and "unfused" in report.summary()
+    assert "Sum" in ops and "QLinearAdd" not in ops
+    assert torch.equal(torch.from_numpy(sess.run(None, {"input": xs.numpy()})[0]), ref)
+    monkeypatch.setattr(onnx_qdq._Writer, "fused_add_ties", False)
+    model, _ = onnx_qdq.to_onnx(q, x[:2])
+    sess, ops = _ort(model, tmp_path)
+    assert "QLinearAdd" in ops
+    assert not torch.equal(torch.from_numpy(sess.run(None, {"input": xs.numpy()})[0]), ref)
+
+
 def test_int8_weights_option_writes_8_bit_weights_as_int8():
     onnx = pytest.importorskip("onnx")
     from lowbit.export.onnx_qdq import to_onnx

@@ -73,6 +73,9 @@ class ExportReport:
         for name, chans in self.extra.get("bias_rescaled", {}).items():
             lines.append(f"weight scale raised so the int32 bias fits: {name}, channels "
                          f"{sorted(chans)} (largest weight change {max(chans.values()):.2g})")
+        for name in self.extra.get("unfused_adds", []):
+            lines.append(f"add kept unfused (float Sum, exact): {name}: its output zero-point is "
+                         "odd, where onnxruntime's QLinearAdd rounds ties differently")
         if self.shifts_only is not None:
             lines.append(f"power-of-two requantization (shifts only): {self.shifts_only}")
         return "\n".join(lines)
@@ -95,6 +98,8 @@ def _onnx():
 
 
 class _Writer:
+    fused_add_ties = True  # see add_node
+
     def __init__(self, im: IntegerModel, example: torch.Tensor, int8_weights: bool = False):
         self.int8_weights = int8_weights
         self.onnx = _onnx()
@@ -185,6 +190,23 @@ class _Writer:
             return y
         return self.quantize(y, Grid.of(q), base)
 
+    def add_node(self, op: Op, a: str, b: str) -> str:
+        """``a + b`` as Add, or as Sum where onnxruntime's fusion would round differently.
+
+        onnxruntime fuses DequantizeLinear -> Add -> QuantizeLinear into QLinearAdd, whose x86
+        kernel adds the output zero-point before rounding half to even: at an exact tie (common
+        on power-of-two grids) with an odd zero-point it lands one code off QuantizeLinear's
+        ``round(x / s) + z``, and the error grows with depth. Sum is not fused; its float ops
+        follow the ONNX definition (exact on power-of-two grids) at the cost of two more
+        passes over the tensor."""
+        q = self.im.targets.get(op.node) if self.fused_add_ties else None
+        grid = Grid.of(q) if q is not None else None
+        odd = grid is not None and grid.scale.numel() == 1 \
+            and int(grid.zero_point.reshape(()) + _offset(grid)) % 2 == 1
+        if odd:
+            self.report.extra.setdefault("unfused_adds", []).append(op.name)
+        return self.node("Sum" if odd else "Add", [a, b], op.name)
+
     def weight(self, lf, name: str) -> str:
         """Weight codes dequantized per output channel (axis 0): int8, or uint8 with
         zero-point 128 where a code exceeds :data:`U8S8_SAFE` (see there) unless
@@ -242,12 +264,12 @@ class _Writer:
         for v, through, tag in zip((a, b), op.module.passthrough, "ab", strict=True):
             on_grid = through and isinstance(v, _Codes)
             fs.append(self.as_float(v if on_grid else self.quantize(v, grid, op.name + "_" + tag)))
-        y = _Float(self.node("Add", [fs[0].name, fs[1].name], op.name))
+        y = _Float(self.add_node(op, fs[0].name, fs[1].name))
         return self.requant_out(op.node, y, op.name)
 
     def add(self, op: Op, a, b):
         both = isinstance(a, _Codes) and isinstance(b, _Codes)
-        y = _Float(self.node("Add", [self.as_float(a).name, self.as_float(b).name], op.name))
+        y = _Float(self.add_node(op, self.as_float(a).name, self.as_float(b).name))
         out = self.requant_out(op.node, y, op.name)
         if not (both and isinstance(out, _Codes)):
             self.report.dequantized[op.name] = (
@@ -544,6 +566,7 @@ class _QonnxWriter(_Writer):
 
     opsets = (("", OPSET), (QONNX_DOMAIN, 1))
     check = False  # the checker does not know the Quant op's domain
+    fused_add_ties = False
     integer_clamps = False
 
     def quant(self, x: str, scale: np.ndarray, zp: np.ndarray, bits: int, signed: bool,
