@@ -1,9 +1,11 @@
 """DQSS-PTQ against every single strategy of its candidate set, paired on the same test images.
 
 ResNet-20 or ResNet-56 (``--model``) on CIFAR-10: every run calibrates on the same seeded
-training images and gets the same budget (``--iters`` search steps and ``--finetune-iters`` steps
-per reconstruction unit, the same batches). A single strategy is the same pipeline with a
-one-candidate set, so the only difference is the choice. Each model's per-image correctness on
+training images and gets the same budget per reconstruction unit: ``--iters`` search steps plus
+``--finetune-iters`` steps of the chosen quantizers, on the same batches (a saved run may split
+the same total differently; ``--compare-iters`` of each option's fine-tune before the choice
+are DQSS's overhead). A single strategy is the same pipeline with a one-candidate set, so the
+only difference is the choice. Each model's per-image correctness on
 the test set gives the top-1 and, paired image by image, the margin of DQSS over each single
 strategy with its standard error (``margin``: a search's over the best single strategy, a single
 strategy's: the default search's over it; ``margins``: a search's over each). ``--variants`` adds
@@ -113,6 +115,7 @@ def load_hits(folder: Path, setting: str, run: str, budget: dict):
     with safe_open(str(path), "pt") as f:
         row = json.loads(f.metadata()["row"])
         hits = f.get_tensor("hits").to(torch.bool)
+    row = dict(row, steps_per_unit=row["iters"] + row["finetune_iters"])
     differ = {k: (row.get(k), v) for k, v in budget.items() if row.get(k) != v}
     if differ:
         raise SystemExit(f"--reuse {run}: {path} ran with other settings (saved, now): {differ}")
@@ -130,6 +133,8 @@ def main() -> None:
                     help="single strategies to run (default: every candidate)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--finetune-iters", type=int, default=100)
+    ap.add_argument("--compare-iters", type=int, default=25,
+                    help="DQSS: fine-tune steps of each option before the unit's choice")
     ap.add_argument("--calib-size", type=int, default=1024)
     ap.add_argument("--eval-size", type=int, default=None, help="test images (default: all)")
     ap.add_argument("--threads", type=int, default=1)
@@ -168,11 +173,12 @@ def main() -> None:
     w_bits, a_bits = SETTINGS[args.setting]
     extra = json.loads(args.extra)
     common = dict(mode="ptq", w_bits=w_bits, a_bits=a_bits, iters=args.iters,
-                  finetune_iters=args.finetune_iters, progress=False, **extra)
+                  finetune_iters=args.finetune_iters, compare_iters=args.compare_iters,
+                  progress=False, **extra)
     float_hits = correct(net, test_loader)
     singles = args.candidates if args.singles is None else args.singles
-    budget = dict(model=args.model, extra=extra, w_bits=w_bits, a_bits=a_bits, iters=args.iters,
-                  finetune_iters=args.finetune_iters, calib_images=len(calib),
+    budget = dict(model=args.model, extra=extra, w_bits=w_bits, a_bits=a_bits,
+                  steps_per_unit=args.iters + args.finetune_iters, calib_images=len(calib),
                   eval_images=len(test))
     saved = {n: load_hits(Path(args.hits), args.setting, n, budget) for n in args.reuse}
     for n, (row, _) in saved.items():

@@ -110,6 +110,27 @@ def test_finetuned_choice_is_never_worse_than_the_argmax_and_is_recorded(digits)
     assert again.choices == aware.choices and untimed(again) == untimed(aware)
 
 
+def test_options_are_compared_early_and_only_the_winner_finishes(digits):
+    """``compare_iters`` below ``finetune_iters``: the unit keeps the option with the lowest
+    error at the comparison; one option alone runs exactly as an uninterrupted fine-tune."""
+    model, loader, ex = digits
+    fresh = lambda: make_loader(loader.dataset, 64, shuffle=True, seed=3)  # noqa: E731
+    two_bits = {**PTQ, "w_bits": 2, "a_bits": 2, "finetune_iters": 12}
+    r = dqss_search(model, fresh(), None, ex, **two_bits, compare_iters=4)
+    searched = [h for h in r.history if h["unit"] in ("features.3", "features.6")]
+    assert any(len(h["options"]) > 1 for h in searched)
+    for h in searched:
+        assert h["options"][h["choice"]] == min(h["options"].values())
+        assert h["error_argmax"] == h["options"]["argmax"]
+    single = {**two_bits, "w_candidates": ["lsq"], "a_candidates": ["pact"]}
+    early = dqss_search(model, fresh(), None, ex, **single, compare_iters=4)
+    late = dqss_search(model, fresh(), None, ex, **single, compare_iters=0)
+    assert [h["error_final"] for h in early.history] == [h["error_final"] for h in late.history]
+    for a, b in zip(early.model.state_dict().values(), late.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
 def test_qat_warms_up_then_moves_and_anneals(digits):
     model, loader, ex = digits
     r = dqss_search(model, loader, None, ex, **QAT, finetune_steps=4)

@@ -101,6 +101,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--iters", type=int, default=200, help="ptq: search steps per unit (200)")
     q.add_argument("--finetune-iters", type=int, default=100,
                    help="ptq: steps per unit for the chosen quantizers after the choice (100)")
+    q.add_argument("--compare-iters", type=int, default=25,
+                   help="ptq: fine-tune steps of each option before they are compared; the "
+                   "winner then goes on to --finetune-iters (25; 0: compare at the end)")
     q.add_argument("--choose-by", choices=["argmax", "finetuned"], default="finetuned",
                    help="ptq: each unit's choice: the argmax, or the lowest error after the "
                    "fine-tune among the argmax and each strategy throughout the unit (finetuned)")
@@ -176,7 +179,7 @@ def _dqss_settings(args):
         base_config=args.base_config, temperature=args.temperature,
         final_temperature=args.final_temperature, warmup=args.warmup, arch_lr=args.arch_lr,
         quant_lr=args.quant_lr, iters=args.iters, finetune_iters=args.finetune_iters,
-        choose_by=args.choose_by,
+        compare_iters=args.compare_iters, choose_by=args.choose_by,
         steps=args.steps, lr=args.lr, loss=_task_loss(args) if args.mode == "qat" else None,
         calib_batches=args.calib_batches, check_every=args.check_every,
         finetune_steps=args.finetune_steps, seed=args.seed,

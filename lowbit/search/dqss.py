@@ -81,6 +81,9 @@ class DQSSSettings(BaseModel):
     iters: int = Field(200, ge=0, description="ptq: search steps per reconstruction unit")
     finetune_iters: int = Field(
         100, ge=0, description="ptq: steps per unit for the chosen quantizers after the choice")
+    compare_iters: int = Field(
+        25, ge=0, description="ptq: fine-tune steps after which the options are compared (the "
+        "winner goes on to finetune_iters); 0 compares after the whole fine-tune")
     choose_by: Literal["argmax", "finetuned"] = Field(
         "finetuned", description="ptq: the discrete choice per unit: the argmax, or the lowest "
         "error after the fine-tune among the argmax and each strategy in all the unit's layers")

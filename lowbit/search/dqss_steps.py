@@ -12,9 +12,11 @@ warm-up.
 PTQ: :func:`search_units` walks the calibration set through the reconstruction units
 (:func:`lowbit.ptq.blocks.walk_units`, the cache of block reconstruction). At each unit the
 logits and the candidates' parameters learn to reproduce the float unit's output (weights
-frozen); then the chosen quantizers go on learning alone for ``finetune_iters`` steps, for the
-argmax and for each strategy taken throughout the unit, and the unit keeps the one with the
-lowest error after that fine-tune; later units then see the discrete earlier ones.
+frozen); then the chosen quantizers go on learning alone, for the argmax and for each strategy
+taken throughout the unit. After ``compare_iters`` of those steps the option with the lowest
+error wins and only it goes on to ``finetune_iters`` (with its optimizer, so one option alone
+runs exactly as an uninterrupted fine-tune): comparing early costs a fraction of fine-tuning
+every option to the end. Later units then see the discrete earlier ones.
 """
 
 from __future__ import annotations
@@ -107,17 +109,20 @@ def _candidate_params(mixes: Sequence[MixtureQuantizer]) -> list[nn.Parameter]:
 
 
 def _train_unit(unit: nn.Module, q_args: tuple, target: torch.Tensor, params, arch, iters: int,
-                settings: Any, gen: torch.Generator, schedule: ArchSchedule | None) -> None:
-    """Adam on ``params`` (and the logits ``arch``) for ``iters`` steps; weights frozen."""
+                settings: Any, gen: torch.Generator, schedule: ArchSchedule | None,
+                opt: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer | None:
+    """Adam on ``params`` (and the logits ``arch``) for ``iters`` steps; weights frozen.
+    Returns the optimizer, so that ``opt=`` continues a run where it stopped."""
     if iters == 0 or not (params or arch):
-        return
+        return opt
     own = {id(p) for p in params} | {id(p) for p in arch}
     frozen = [p for p in unit.parameters() if p.requires_grad and id(p) not in own]
     for p in frozen:
         p.requires_grad_(False)
-    groups = [g for g in ({"params": params, "lr": settings.quant_lr},
-                          {"params": arch, "lr": settings.arch_lr}) if g["params"]]
-    opt = torch.optim.Adam(groups)
+    if opt is None:
+        groups = [g for g in ({"params": params, "lr": settings.quant_lr},
+                              {"params": arch, "lr": settings.arch_lr}) if g["params"]]
+        opt = torch.optim.Adam(groups)
     mixes = mixtures(unit)
     n = target.shape[0]
     bs = min(settings.batch_size, n)
@@ -135,6 +140,7 @@ def _train_unit(unit: nn.Module, q_args: tuple, target: torch.Tensor, params, ar
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    return opt
 
 
 @torch.no_grad()
@@ -189,14 +195,16 @@ def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
 
     Each unit's choice (``choose_by="finetuned"``): the argmax, and each strategy put in every
     mixture of the unit that has it, are each fine-tuned from the searched state on the same
-    batches; the lowest final error wins (the argmax on a tie). With one candidate per mixture
-    this is the argmax alone, so single strategies run the same pipeline.
+    batches for ``compare_iters`` steps; the lowest error then wins (the argmax on a tie) and
+    alone finishes the fine-tune. With one candidate per mixture this is the argmax alone, so
+    single strategies run the same pipeline.
 
     Returns the choices by layer and one history record per unit: the unit's error at the
     uniform start, of the searched mixture, of the argmax unit with searched (``discrete``) and
-    calibrated parameters and after its fine-tune (``argmax``), of the choice after its
-    fine-tune (``final``); the option chosen, its start (``finetune_from``), every option's
-    final error, the mixtures whose choice differs from the argmax, the probabilities, the time.
+    calibrated parameters and when the options are compared (``argmax``), of the choice after
+    its whole fine-tune (``final``); the option chosen, its start (``finetune_from``), every
+    option's error when compared (``options``), the mixtures whose choice differs from the
+    argmax, the probabilities, the time.
     """
     units = find_units(qmodel)
     graph = trace_units(qmodel, units)
@@ -228,6 +236,8 @@ def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
         options = _options(mixes) if settings.choose_by == "finetuned" else {
             "argmax": [m.argmax() for m in mixes]}
         searched_unit, gen_state = copy.deepcopy(unit.state_dict()), gen.get_state()
+        total = settings.finetune_iters
+        first = min(settings.compare_iters or total, total)
         finals, best = {}, None
         for option, picks in options.items():  # each from the searched state, same batches
             unit.load_state_dict(searched_unit)
@@ -236,22 +246,25 @@ def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
             kept = _start(unit, mixes, picks, states, q_args, fp_out, chunk, e)
             params = [p for m in mixes for p in m.chosen().parameters() if p.requires_grad]
             before = copy.deepcopy(unit.state_dict())
-            _train_unit(unit, q_args, fp_out, params, [], settings.finetune_iters, settings, gen,
-                        None)
-            e["final"] = _error(unit, q_args, fp_out, chunk)
-            if bool(e["final"] > e[kept]):  # a short fine-tune can end above its start
-                unit.load_state_dict(before)
-                e["final"] = e[kept]
-            finals[option] = e["final"]
+            opt = _train_unit(unit, q_args, fp_out, params, [], first, settings, gen, None)
+            e["compared"] = _error(unit, q_args, fp_out, chunk)
+            finals[option] = e["compared"]
             if option == "argmax":
-                errs.update(discrete=e["discrete"], calibrated=e["calibrated"], argmax=e["final"])
-            if best is None or bool(e["final"] < best[2]["final"]):
-                best = (option, picks, e, kept, copy.deepcopy(unit.state_dict()), gen.get_state())
-        option, picks, e, kept, state, after = best
+                errs.update(discrete=e["discrete"], calibrated=e["calibrated"],
+                            argmax=e["compared"])
+            if best is None or bool(e["compared"] < best[2]["compared"]):
+                best = (option, picks, e, kept, copy.deepcopy(unit.state_dict()), gen.get_state(),
+                        params, opt, before)
+        option, picks, e, kept, state, after, params, opt, before = best
         unit.load_state_dict(state)
         gen.set_state(after)
         for m, i in zip(mixes, picks, strict=True):
             m.choice = i
+        _train_unit(unit, q_args, fp_out, params, [], total - first, settings, gen, None, opt)
+        e["final"] = _error(unit, q_args, fp_out, chunk) if total > first else e["compared"]
+        if bool(e["final"] > e[kept]):  # a short fine-tune can end above its start
+            unit.load_state_dict(before)
+            e["final"] = e[kept]
         errs["final"] = e["final"]
         changed = [dict(layer=where[id(m)][0], side=where[id(m)][1], argmax=m.names[m.argmax()],
                         chosen=m.names[i]) for m, i in zip(mixes, picks, strict=True)
