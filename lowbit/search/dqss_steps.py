@@ -16,7 +16,8 @@ frozen); then the chosen quantizers go on learning alone, for the argmax and for
 taken throughout the unit. After ``compare_iters`` of those steps the option with the lowest
 error wins and only it goes on to ``finetune_iters`` (with its optimizer, so one option alone
 runs exactly as an uninterrupted fine-tune): comparing early costs a fraction of fine-tuning
-every option to the end. Later units then see the discrete earlier ones.
+every option to the end. The unit keeps the lowest-error state of its start, the comparison
+and the end. Later units then see the discrete earlier ones.
 """
 
 from __future__ import annotations
@@ -261,10 +262,13 @@ def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
         for m, i in zip(mixes, picks, strict=True):
             m.choice = i
         _train_unit(unit, q_args, fp_out, params, [], total - first, settings, gen, None, opt)
+        # a fine-tune can end above where it was when compared, or above its start: the unit
+        # keeps the best of the three states, as block reconstruction keeps its best candidate
         e["final"] = _error(unit, q_args, fp_out, chunk) if total > first else e["compared"]
-        if bool(e["final"] > e[kept]):  # a short fine-tune can end above its start
-            unit.load_state_dict(before)
-            e["final"] = e[kept]
+        for err, earlier in ((e["compared"], state), (e[kept], before)):
+            if bool(e["final"] > err):
+                unit.load_state_dict(earlier)
+                e["final"] = err
         errs["final"] = e["final"]
         changed = [dict(layer=where[id(m)][0], side=where[id(m)][1], argmax=m.names[m.argmax()],
                         chosen=m.names[i]) for m, i in zip(mixes, picks, strict=True)
