@@ -2,10 +2,10 @@
 
 ResNet-20 or ResNet-56 (``--model``) on CIFAR-10: every run calibrates on the same seeded
 training images and gets the same budget per reconstruction unit: ``--iters`` search steps plus
-``--finetune-iters`` steps of the chosen quantizers, on the same batches (a saved run may split
-the same total differently; ``--compare-iters`` of each option's fine-tune before the choice
-are DQSS's overhead). A single strategy is the same pipeline with a one-candidate set, so the
-only difference is the choice. Each model's per-image correctness on
+``--finetune-iters`` steps of the chosen quantizers, on the same batches (``--compare-iters`` of
+each option's fine-tune before the choice are DQSS's overhead). A single strategy is the same
+pipeline with a one-candidate set, so the only difference is the choice. Each model's per-image
+correctness on
 the test set gives the top-1 and, paired image by image, the margin of DQSS over each single
 strategy with its standard error (``margin``: a search's over the best single strategy, a single
 strategy's: the default search's over it; ``margins``: a search's over each). ``--variants`` adds
@@ -115,8 +115,6 @@ def load_hits(folder: Path, setting: str, run: str, budget: dict):
     with safe_open(str(path), "pt") as f:
         row = json.loads(f.metadata()["row"])
         hits = f.get_tensor("hits").to(torch.bool)
-    row = dict(row, budget_iters=row.get("budget_iters", row["iters"]),
-               budget_finetune_iters=row.get("budget_finetune_iters", row["finetune_iters"]))
     differ = {k: (row.get(k), v) for k, v in budget.items() if row.get(k) != v}
     if differ:
         raise SystemExit(f"--reuse {run}: {path} ran with other settings (saved, now): {differ}")
@@ -134,10 +132,6 @@ def main() -> None:
                     help="single strategies to run (default: every candidate)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--finetune-iters", type=int, default=100)
-    ap.add_argument("--search-iters", type=int, default=None,
-                    help="DQSS: search steps per unit, after which its chosen quantizers get "
-                    "--iters + --finetune-iters steps alone, a single strategy's whole budget "
-                    "(default: search --iters, then --finetune-iters, as a single strategy)")
     ap.add_argument("--compare-iters", type=int, default=25,
                     help="DQSS: fine-tune steps of each option before the unit's choice")
     ap.add_argument("--calib-size", type=int, default=1024)
@@ -183,17 +177,14 @@ def main() -> None:
     float_hits = correct(net, test_loader)
     singles = args.candidates if args.singles is None else args.singles
     budget = dict(model=args.model, extra=extra, w_bits=w_bits, a_bits=a_bits,
-                  budget_iters=args.iters, budget_finetune_iters=args.finetune_iters,
-                  calib_images=len(calib),
+                  iters=args.iters, finetune_iters=args.finetune_iters, calib_images=len(calib),
                   eval_images=len(test))
     saved = {n: load_hits(Path(args.hits), args.setting, n, budget) for n in args.reuse}
     for n, (row, _) in saved.items():
         if n.startswith("dqss") and row["settings"]["w_candidates"] != args.candidates:
             raise SystemExit(f"--reuse {n}: it searched {row['settings']['w_candidates']}, "
                              f"not --candidates {args.candidates}")
-    search = {} if args.search_iters is None else dict(
-        iters=args.search_iters, finetune_iters=args.iters + args.finetune_iters)
-    plan = [("dqss" if v == "default" else f"dqss-{v}", args.candidates, {**search, **VARIANTS[v]})
+    plan = [("dqss" if v == "default" else f"dqss-{v}", args.candidates, VARIANTS[v])
             for v in args.variants] + [(c, [c], {}) for c in singles]
     runs = {}
     for name, cands, variant in plan:
@@ -222,8 +213,7 @@ def main() -> None:
             **margins[name],
             choices=r.counts() if name in searched else None,
             per_layer=r.choices if name in searched else None,
-            units=r.history, iters=r.settings.iters, finetune_iters=r.settings.finetune_iters,
-            budget_iters=args.iters, budget_finetune_iters=args.finetune_iters,
+            units=r.history, iters=args.iters, finetune_iters=args.finetune_iters,
             calib_images=len(calib), eval_images=int(hits.numel()), extra=extra, seconds=seconds,
             cpu_seconds=cpu,
             settings=r.settings.model_dump(mode="json"),
