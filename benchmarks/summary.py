@@ -87,6 +87,7 @@ QAT = [("W4A4 QAT", "QIL, 3 epochs, distillation", "qat_runs_long", "qil_w4a4_kd
 SDQ = [("mixed, BitOPs of W3A4", "sdq_a4_w3"), ("mixed, BitOPs of W2A4", "sdq_a4_w2"),
        ("mixed W, 3 bits avg, float A", "sdq_float_w3"),
        ("mixed W, 2 bits avg, float A", "sdq_float_w2")]
+SDQ_LONG = [("mixed W, 2 bits avg, float A", "SDQ search + 30 epochs", "sdq_float_w2_e30_sdq")]
 
 
 def _entries() -> list[Entry]:
@@ -100,6 +101,8 @@ def _entries() -> list[Entry]:
                     for setting, recipe, file, run in QAT]
             out += [Entry(model, setting, "SDQ search + 1 epoch", Pick(file, {"arm": "sdq"}))
                     for setting, file in SDQ]
+            out += [Entry(model, setting, recipe, Pick(file, {"arm": "sdq"}))
+                    for setting, recipe, file in SDQ_LONG]
     return out
 
 
