@@ -239,7 +239,7 @@ def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
         searched_unit, gen_state = copy.deepcopy(unit.state_dict()), gen.get_state()
         total = settings.finetune_iters
         first = min(settings.compare_iters or total, total)
-        finals, best = {}, None
+        compared, best = {}, None
         for option, picks in options.items():  # each from the searched state, same batches
             unit.load_state_dict(searched_unit)
             gen.set_state(gen_state)
@@ -249,7 +249,7 @@ def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
             before = copy.deepcopy(unit.state_dict())
             opt = _train_unit(unit, q_args, fp_out, params, [], first, settings, gen, None)
             e["compared"] = _error(unit, q_args, fp_out, chunk)
-            finals[option] = e["compared"]
+            compared[option] = e["compared"]
             if option == "argmax":
                 errs.update(discrete=e["discrete"], calibrated=e["calibrated"],
                             argmax=e["compared"])
@@ -279,7 +279,7 @@ def search_units(qmodel: nn.Module, x: torch.Tensor, settings: Any,
             choices[f"{name}.{layer}" if layer else name] = sides
         history.append(dict(unit=name, **{f"error_{k}": v for k, v in values.items()},
                             choice=option, finetune_from=kept, changed=changed,
-                            options=dict(zip(finals, torch.stack(list(finals.values())).tolist(),
+                            options=dict(zip(compared, torch.stack(list(compared.values())).tolist(),
                                              strict=True)), probabilities=probs,
                             seconds=time.perf_counter() - t0))
         bar.update(1)
