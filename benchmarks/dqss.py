@@ -7,8 +7,8 @@ each option's fine-tune before the choice are DQSS's overhead). A single strateg
 pipeline with a one-candidate set, so the only difference is the choice. Each model's per-image
 correctness on the test set gives the top-1 and, paired image by image, the margin of DQSS over
 each single strategy with its standard error (``margin``: a search's over the best single
-strategy, a single strategy's: the default search's over it; ``margins``: a search's over each). ``--variants`` adds
-DQSS without the temperature annealing and/or the warm-up (the ablation). ``--hits DIR`` saves
+strategy, a single strategy's: the default search's over it; ``margins``: a search's over
+each). ``--variants`` adds DQSS without the temperature annealing and/or the warm-up (the ablation). ``--hits DIR`` saves
 every run's per-image hits and row; ``--reuse`` then pairs a later run against saved runs
 (single strategies, or a search: ``--variants --singles --reuse dqss qil ...`` only re-pairs)
 instead of re-running them (the runs are deterministic for the seed and budget, which the saved
