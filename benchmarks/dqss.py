@@ -1,18 +1,18 @@
 """DQSS-PTQ against every single strategy of its candidate set, paired on the same test images.
 
-ResNet-20 or ResNet-56 (``--model``) on CIFAR-10: every run calibrates on the same seeded
-training images and gets the same budget per reconstruction unit: ``--iters`` search steps plus
+ResNet-20 or ResNet-56 (``--model``) on CIFAR-10: every run calibrates on the same seeded training
+images and gets the same budget per reconstruction unit: ``--iters`` search steps plus
 ``--finetune-iters`` steps of the chosen quantizers, on the same batches (``--compare-iters`` of
 each option's fine-tune before the choice are DQSS's overhead). A single strategy is the same
 pipeline with a one-candidate set, so the only difference is the choice. Each model's per-image
 correctness on the test set gives the top-1 and, paired image by image, the margin of DQSS over
 each single strategy with its standard error (``margin``: a search's over the best single
-strategy, a single strategy's: the default search's over it; ``margins``: a search's over
-each). ``--variants`` adds DQSS without the temperature annealing and/or the warm-up (the ablation). ``--hits DIR`` saves
-every run's per-image hits and row; ``--reuse`` then pairs a later run against saved runs
-(single strategies, or a search: ``--variants --singles --reuse dqss qil ...`` only re-pairs)
-instead of re-running them (the runs are deterministic for the seed and budget, which the saved
-row must match: model, bits, budget, data and ``--extra``). Results:
+strategy, a single strategy's: the default search's over it; ``margins``: a search's over each).
+``--variants`` adds DQSS without the temperature annealing and/or the warm-up (the ablation).
+``--hits DIR`` saves every run's per-image hits and row; ``--reuse`` then pairs a later run
+against saved runs (single strategies, or a search: ``--variants --singles --reuse dqss qil ...``
+only re-pairs) instead of re-running them (the runs are deterministic for the seed and budget,
+which the saved row must match: model, bits, budget, data and ``--extra``). Results:
 benchmarks/results/dqss.json (and .csv).
 
     python benchmarks/dqss.py --setting W4A4 --candidates mse lsq qil pact --iters 200 \\
