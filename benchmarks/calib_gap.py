@@ -5,6 +5,9 @@ calibrated on and on the held-out evaluation images of the same protocol, each a
 the same images. A drop much smaller on the calibration images than on the held-out ones means
 the reconstruction fitted its calibration set rather than the task. ``--against DIR`` adds the
 paired difference from another saved model of the same protocol on the held-out images.
+``--variant`` asks where the gap sits: ``float-activations`` removes every input quantizer,
+``nearest-8bit`` / ``nearest-all`` replace the learned rounding of the 8-bit (first and last) /
+of every layer's weights by nearest rounding at the same scales.
 
     python benchmarks/calib_gap.py --model mobilenet_v2_tflite \\
         --quantized runs/saved/mobilenet_v2_tflite-rapq-W4A8-diverse --out /tmp/gap
@@ -30,9 +33,36 @@ from common import (  # noqa: E402,E501
     weights,
 )
 
-FIELDS = ["model", "quantized", "method", "iters", "w_bits", "a_bits", "protocol_name", "images",
+FIELDS = ["model", "quantized", "variant", "method", "iters", "w_bits", "a_bits", "protocol_name", "images",
           "n", "top1", "float_top1", "drop", "drop_se", "agreement", "against", "against_top1",
           "gain", "gain_se", "load_avg_start", "threads", "torch", "commit", "command"]
+
+
+VARIANTS = ("as-saved", "float-activations", "nearest-8bit", "nearest-all")
+
+
+def apply_variant(q, variant: str, float_model, example) -> int:
+    """Change the loaded model ``q`` as ``variant`` says; returns how many layers changed.
+
+    Nearest rounding: the float (BN-folded) weights go back into the layer, whose weight
+    quantizer then rounds them to nearest on its saved grid."""
+    from lowbit.prepare import prepare, quant_layers
+
+    if variant == "as-saved":
+        return 0
+    layers = list(quant_layers(q))
+    if variant == "float-activations":
+        for _, layer in layers:
+            layer.input_quant = None
+        return len(layers)
+    folded = dict(quant_layers(prepare(float_model, q.lowbit_config, example)))
+    changed = 0
+    for name, layer in layers:
+        if layer.weight_quant is None or (variant == "nearest-8bit" and layer.w_bits != 8):
+            continue
+        layer.weight.data.copy_(folded[name].weight.data)
+        changed += 1
+    return changed
 
 
 def main() -> None:
@@ -44,6 +74,9 @@ def main() -> None:
                     help="another saved model: top-1 difference from it on the held-out images, "
                     "paired per image")
     ap.add_argument("--protocol", default="diverse", choices=PROTOCOLS)
+    ap.add_argument("--variant", default="as-saved", choices=list(VARIANTS),
+                    help="evaluate the saved model as saved, or with its activations in float, "
+                    "or with nearest rounding in its 8-bit layers or in every layer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "calib_gap"))
     a = ap.parse_args()
@@ -66,14 +99,19 @@ def main() -> None:
     net = get_model(a.model, weights(a.model)).eval()
     q = load_quantized(get_model(a.model, weights(a.model)).eval(), a.quantized, data.example)
     cfg = q.lowbit_config
+    changed = apply_variant(q, a.variant, net, data.example)
+    if a.variant != "as-saved":
+        print(f"{a.variant}: {changed} layers changed")
     command = (f"python benchmarks/calib_gap.py --model {a.model} --quantized {a.quantized} "
                + (f"--against {a.against} " if a.against else "")
+               + (f"--variant {a.variant} " if a.variant != "as-saved" else "")
                + f"--protocol {a.protocol} --threads {a.threads}")
     rows = []
     for name, loader in (("calibration", data.calib), ("held-out evaluation", data.eval)):
         r = lowbit.evaluate(q, loader, reference=net, progress=False)
         rows.append(dict(
-            model=a.model, quantized=Path(a.quantized).name, method=meta.get("method"),
+            model=a.model, quantized=Path(a.quantized).name, variant=a.variant,
+            method=meta.get("method"),
             iters=(meta.get("method_config") or {}).get("iters"),
             w_bits=cfg.weight.bits if cfg.weight else 32, a_bits=cfg.act.bits if cfg.act else 32,
             protocol_name=a.protocol, images=name, n=r.samples, top1=r.top1,
@@ -92,8 +130,10 @@ def main() -> None:
         print(f"against {Path(a.against).name}: {r.reference_top1:.2f}, difference "
               f"{r.top1 - r.reference_top1:+.2f} +- {r.delta_se:.2f} (paired)", flush=True)
     out = Path(a.out)
-    keep = [r for r in earlier if (r["quantized"], r["images"]) not in
-            {(n["quantized"], n["images"]) for n in rows}]
+    def key(r):
+        return r["quantized"], r.get("variant") or "as-saved", r["images"]
+
+    keep = [r for r in earlier if key(r) not in {key(n) for n in rows}]
     save_rows(out, keep + rows, FIELDS)
 
 
