@@ -170,7 +170,8 @@ def one(name: str, steps: int | None, threads: int, epochs: int = 1, augment: st
         **recipe_extra,
     )
     t0 = time.perf_counter()
-    out = run_recipe(recipe, data_root=root, output_dir=log_dir, eval_float=False,
+    out = run_recipe(recipe, data_root=root, output_dir=log_dir, resume=log_dir is not None,
+                     eval_float=False,
                      echo=lambda s: print(s, flush=True))
     out["float_top1"] = FLOAT_TOP1
     per_stage = {r["bits"]: r["top1"] for r in out["history"]}
@@ -197,6 +198,8 @@ def runs(args) -> None:
         opts = (["--steps", str(args.steps)] if args.steps else []) + [
             "--epochs", str(args.epochs), "--augment", args.augment]
         cmd = [sys.executable, __file__, "one", name, *opts, "--threads", str(args.threads)]
+        if args.log_dir:
+            cmd += ["--log-dir", str(Path(args.log_dir) / name)]
         row = run_child(cmd, name)
         if row is None:
             return
@@ -233,6 +236,9 @@ def main() -> None:
     r.add_argument("--augment", default="crop-flip", choices=["none", "flip", "crop-flip"])
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--out", default="qat_runs", help="results file stem under benchmarks/results")
+    r.add_argument("--log-dir", default=None,
+                   help="checkpoint each run under DIR/<run> after every epoch and resume it "
+                   "from there when run again (long runs across restarts)")
     o = sub.add_parser("one")
     o.add_argument("name", choices=list(RUNS))
     o.add_argument("--steps", type=int, default=None)
@@ -240,7 +246,8 @@ def main() -> None:
     o.add_argument("--augment", default="crop-flip")
     o.add_argument("--threads", type=int, default=2)
     o.add_argument("--log-dir", default=None,
-                   help="write the trainer's checkpoints and step/epoch logs here")
+                   help="write the trainer's checkpoints and step/epoch logs here, and resume "
+                   "from a checkpoint found there")
     args = ap.parse_args()
     if args.what == "speed":
         speed(args)
