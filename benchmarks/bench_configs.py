@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-QUANT_KEYS = {"dw_act_per_channel", "narrow_weights"}
+QUANT_KEYS = {"dw_act_per_channel", "narrow_weights", "dw_weight_bits"}
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     method_config: Any  # lowbit.ptq.MethodConfig
-    quant: dict[str, bool]
+    quant: dict[str, bool | int]
 
     def build(self, **overrides):
         """The method config with ``overrides`` that it takes (``None`` values and options of
@@ -33,8 +33,12 @@ class Recipe:
 
     def quant_config(self, w_bits: int, a_bits: int | None):
         from lowbit import QuantConfig
+        from lowbit.config import DEPTHWISE, LayerRule
 
-        return QuantConfig.uniform(w_bits, a_bits, **self.quant)
+        quant = dict(self.quant)
+        dw_bits = quant.pop("dw_weight_bits", None)
+        layers = [] if dw_bits is None else [LayerRule(match=f"type:{DEPTHWISE}", w_bits=dw_bits)]
+        return QuantConfig.uniform(w_bits, a_bits, layers=layers, **quant)
 
 
 def config_names() -> list[str]:
@@ -57,7 +61,8 @@ def load_recipe(name: str) -> Recipe:
     if extra or not isinstance(quant, dict) or set(quant) - QUANT_KEYS:
         raise ConfigError(f"benchmark config {path} may hold 'method_config' and 'quant' (keys "
                           f"{sorted(QUANT_KEYS)}) only")
-    return Recipe(name, load_method_config(path), {k: bool(v) for k, v in quant.items()})
+    return Recipe(name, load_method_config(path),
+                  {k: int(v) if k == "dw_weight_bits" else bool(v) for k, v in quant.items()})
 
 
 def row_config(row: dict) -> str:
