@@ -7,7 +7,8 @@ the reconstruction fitted its calibration set rather than the task. ``--against 
 paired difference from another saved model of the same protocol on the held-out images.
 ``--variant`` asks where the gap sits: ``float-activations`` removes every input quantizer,
 ``nearest-8bit`` / ``nearest-all`` replace the learned rounding of the 8-bit (first and last) /
-of every layer's weights by nearest rounding at the same scales.
+of every layer's weights by nearest rounding at the same scales; ``float-from`` runs every layer
+from ``--from-layer`` on (in execution order) in float, weights and inputs.
 
     python benchmarks/calib_gap.py --model mobilenet_v2_tflite \\
         --quantized runs/saved/mobilenet_v2_tflite-rapq-W4A8-diverse --out /tmp/gap
@@ -38,10 +39,10 @@ FIELDS = ["model", "quantized", "variant", "method", "iters", "w_bits", "a_bits"
           "gain", "gain_se", "load_avg_start", "threads", "torch", "commit", "command"]
 
 
-VARIANTS = ("as-saved", "float-activations", "nearest-8bit", "nearest-all")
+VARIANTS = ("as-saved", "float-activations", "nearest-8bit", "nearest-all", "float-from")
 
 
-def apply_variant(q, variant: str, float_model, example) -> int:
+def apply_variant(q, variant: str, float_model, example, from_layer: str | None = None) -> int:
     """Change the loaded model ``q`` as ``variant`` says; returns how many layers changed.
 
     Nearest rounding: the float (BN-folded) weights go back into the layer, whose weight
@@ -56,6 +57,17 @@ def apply_variant(q, variant: str, float_model, example) -> int:
             layer.input_quant = None
         return len(layers)
     folded = dict(quant_layers(prepare(float_model, q.lowbit_config, example)))
+    if variant == "float-from":
+        names = [n for n, _ in layers]
+        start = next((i for i, n in enumerate(names)
+                      if n == from_layer or n.startswith(f"{from_layer}.")), None)
+        if start is None:
+            raise SystemExit(f"--from-layer {from_layer!r} names no quantized layer; the first "
+                             f"are {names[:3]}")
+        for name, layer in layers[start:]:
+            layer.weight.data.copy_(folded[name].weight.data)
+            layer.weight_quant = layer.input_quant = layer.bias_quant = None
+        return len(layers) - start
     changed = 0
     for name, layer in layers:
         if layer.weight_quant is None or (variant == "nearest-8bit" and layer.w_bits != 8):
@@ -76,7 +88,11 @@ def main() -> None:
     ap.add_argument("--protocol", default="diverse", choices=PROTOCOLS)
     ap.add_argument("--variant", default="as-saved", choices=list(VARIANTS),
                     help="evaluate the saved model as saved, or with its activations in float, "
-                    "or with nearest rounding in its 8-bit layers or in every layer")
+                    "or with nearest rounding in its 8-bit layers or in every layer, or float "
+                    "from --from-layer on")
+    ap.add_argument("--from-layer", default=None, metavar="NAME",
+                    help="float-from: the first layer (or module prefix, e.g. features.7) run "
+                    "in float")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "calib_gap"))
     a = ap.parse_args()
@@ -99,18 +115,22 @@ def main() -> None:
     net = get_model(a.model, weights(a.model)).eval()
     q = load_quantized(get_model(a.model, weights(a.model)).eval(), a.quantized, data.example)
     cfg = q.lowbit_config
-    changed = apply_variant(q, a.variant, net, data.example)
+    if (a.variant == "float-from") != (a.from_layer is not None):
+        raise SystemExit("--from-layer goes with --variant float-from, and only with it")
+    changed = apply_variant(q, a.variant, net, data.example, a.from_layer)
     if a.variant != "as-saved":
         print(f"{a.variant}: {changed} layers changed")
     command = (f"python benchmarks/calib_gap.py --model {a.model} --quantized {a.quantized} "
                + (f"--against {a.against} " if a.against else "")
                + (f"--variant {a.variant} " if a.variant != "as-saved" else "")
+               + (f"--from-layer {a.from_layer} " if a.from_layer else "")
                + f"--protocol {a.protocol} --threads {a.threads}")
     rows = []
     for name, loader in (("calibration", data.calib), ("held-out evaluation", data.eval)):
         r = lowbit.evaluate(q, loader, reference=net, progress=False)
         rows.append(dict(
-            model=a.model, quantized=Path(a.quantized).name, variant=a.variant,
+            model=a.model, quantized=Path(a.quantized).name,
+            variant=a.variant + (f":{a.from_layer}" if a.from_layer else ""),
             method=meta.get("method"),
             iters=(meta.get("method_config") or {}).get("iters"),
             w_bits=cfg.weight.bits if cfg.weight else 32, a_bits=cfg.act.bits if cfg.act else 32,
