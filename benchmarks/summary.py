@@ -82,8 +82,8 @@ def _uniform8(model: str) -> Entry:
 # ResNet-20 only: (setting, recipe, results file, run name) of QAT, (setting, file) of SDQ
 QAT = [("W4A4 QAT", "QIL, 3 epochs, distillation", "qat_runs_long", "qil_w4a4_kd"),
        ("W3A3 QAT", "QIL, 6 epochs, distillation T=1", "qat_runs_long6", "qil_w3a3_kd"),
-       ("W2A2 QAT", "QIL 4/4 → 3/3 → 2/2, re-calibrated stages, BN trained", "qat_runs_bntrain",
-        "qil_w2a2_progressive_bntrain_equal2_recal")]
+       ("W2A2 QAT", "QIL 2/2, 3 epochs, BN trained", "qat_runs_bntrain_e3",
+        "qil_w2a2_direct_bntrain")]
 SDQ = [("mixed, BitOPs of W3A4", "sdq_a4_w3"), ("mixed, BitOPs of W2A4", "sdq_a4_w2"),
        ("mixed W, 3 bits avg, float A", "sdq_float_w3"),
        ("mixed W, 2 bits avg, float A", "sdq_float_w2")]
