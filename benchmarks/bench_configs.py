@@ -33,12 +33,8 @@ class Recipe:
 
     def quant_config(self, w_bits: int, a_bits: int | None):
         from lowbit import QuantConfig
-        from lowbit.config import DEPTHWISE, LayerRule
 
-        quant = dict(self.quant)
-        dw_bits = quant.pop("dw_weight_bits", None)
-        layers = [] if dw_bits is None else [LayerRule(match=f"type:{DEPTHWISE}", w_bits=dw_bits)]
-        return QuantConfig.uniform(w_bits, a_bits, layers=layers, **quant)
+        return QuantConfig.uniform(w_bits, a_bits, **self.quant)
 
 
 def config_names() -> list[str]:

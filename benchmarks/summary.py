@@ -94,8 +94,12 @@ def _entries() -> list[Entry]:
     out = []
     for model in ("resnet20", "resnet56", *IMAGENET):
         dw = "rapq+dw+rs" if model == "mobilenet_v2_tflite" else "rapq"
-        out += [_uniform8(model), _pot(model, 8, 8), _pot(model, 4, 8), _pot(model, 4, 4, dw),
-                _pot(model, 2, 4, dw)]
+        out += [_uniform8(model), _pot(model, 8, 8), _pot(model, 4, 8)]
+        if model == "mobilenet_v2_tflite":
+            out.append(Entry(model, "W4A8 PoT, depthwise W8", "`rapq --dw-w-bits 8`",
+                             Pick("rapq_protocol", {"model": model, "config": "rapq-dw8",
+                                                    "w_bits": 4, "a_bits": 8})))
+        out += [_pot(model, 4, 4, dw), _pot(model, 2, 4, dw)]
         if model == "resnet20":
             out += [Entry(model, setting, recipe, Pick(file, {"run": run}))
                     for setting, recipe, file, run in QAT]

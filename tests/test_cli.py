@@ -114,6 +114,19 @@ def test_ptq_dw_act_per_channel_flag_reaches_the_saved_config(capsys, tmp_path):
                       "act": {"per_channel": True, "ch_axis": 1}}]
 
 
+def test_ptq_dw_w_bits_flag_reaches_the_saved_config(capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    rc, _, err = run(capsys, "ptq", "-m", "digits_cnn", "--method", "mse", "--w-bits", "4",
+                     "--dw-w-bits", "8", "--calib-size", "32", "--eval-size", "32",
+                     "--no-progress", "-o", str(out_json))
+    assert rc == 0, err
+    rules = json.loads(out_json.read_text())["config"]["layers"]
+    assert [(r["match"], r["w_bits"]) for r in rules] == [("type:DepthwiseConv2d", 8)]
+    with pytest.raises(SystemExit) as e:
+        main(["ptq", "-m", "digits_cnn", "--dw-w-bits", "9"])
+    assert e.value.code == 2 and "--dw-w-bits" in capsys.readouterr().err
+
+
 def test_ptq_full_range_weights_flag_reaches_the_saved_config(capsys, tmp_path):
     out_json = tmp_path / "r.json"
     rc, _, err = run(capsys, "ptq", "-m", "digits_cnn", "--method", "mse", "--w-bits", "2",

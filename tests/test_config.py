@@ -95,6 +95,18 @@ def test_depthwise_type_rule_selects_depthwise_convs_only():
     assert q.fc.input_quant.bits == 4
 
 
+def test_dw_weight_bits_set_depthwise_weights_only_and_combine_with_dw_act(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    cfg = QuantConfig.uniform(4, 8, dw_weight_bits=8, dw_act_per_channel=True)
+    q = prepare(tiny(), cfg, x)
+    assert q.dw.weight_quant.bits == 8 and q.dw.input_quant.per_channel
+    assert q.dw.input_quant.bits == 8
+    assert q.fc.weight_quant.bits == 4 and q.stem.weight_quant.bits == 8  # first: policy
+    assert QuantConfig.load(cfg.save(tmp_path / "c.yaml")) == cfg
+    with pytest.raises(ConfigError):
+        QuantConfig.uniform(4, 8, dw_weight_bits=9)
+
+
 def test_dw_act_per_channel_round_trips_and_is_off_without_activations(tmp_path):
     cfg = QuantConfig.uniform(4, 4, dw_act_per_channel=True)
     assert QuantConfig.load(cfg.save(tmp_path / "c.yaml")) == cfg
