@@ -87,7 +87,9 @@ QAT = [("W4A4 QAT", "QIL, 3 epochs, distillation", "qat_runs_long", "qil_w4a4_kd
 SDQ = [("mixed, BitOPs of W3A4", "sdq_a4_w3"), ("mixed, BitOPs of W2A4", "sdq_a4_w2"),
        ("mixed W, 3 bits avg, float A", "sdq_float_w3"),
        ("mixed W, 2 bits avg, float A", "sdq_float_w2")]
-SDQ_LONG = [("mixed W, 2 bits avg, float A", "SDQ search + 30 epochs", "sdq_float_w2_e30_sdq")]
+SDQ_LONG = [("mixed W, 2 bits avg, float A", "SDQ search + 30 epochs", "sdq_float_w2_e30_sdq"),
+            ("mixed W, BitOPs of W2, float A", "SDQ search + 30 epochs",
+             "sdq_float_w2_bitops_e30")]
 
 
 def _entries() -> list[Entry]:
