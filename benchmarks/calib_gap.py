@@ -34,8 +34,8 @@ from common import (  # noqa: E402,E501
     weights,
 )
 
-FIELDS = ["model", "quantized", "variant", "method", "iters", "w_bits", "a_bits", "protocol_name", "images",
-          "n", "top1", "float_top1", "drop", "drop_se", "agreement", "against", "against_top1",
+FIELDS = ["model", "quantized", "variant", "method", "iters", "w_bits", "a_bits", "protocol_name",
+          "images", "n", "top1", "float_top1", "drop", "drop_se", "agreement", "against", "against_top1",
           "gain", "gain_se", "load_avg_start", "threads", "torch", "commit", "command"]
 
 
@@ -150,6 +150,7 @@ def main() -> None:
         print(f"against {Path(a.against).name}: {r.reference_top1:.2f}, difference "
               f"{r.top1 - r.reference_top1:+.2f} +- {r.delta_se:.2f} (paired)", flush=True)
     out = Path(a.out)
+
     def key(r):
         return r["quantized"], r.get("variant") or "as-saved", r["images"]
 

@@ -203,7 +203,7 @@ class QuantConfig(BaseModel):
 
         ``dw_weight_bits`` gives the weights of depthwise convs their own bits. Their 3x3
         kernels are a few percent of a MobileNet's weights but, with nine weights per output
-        channel, the layers 4 bits hurt most; 8 costs little size.
+        channel, the layers that 4 bits hurt most; 8 costs little size.
 
         ``narrow_weights`` (default) keeps weight codes symmetric, ``[-(2^(b-1)-1), 2^(b-1)-1]``,
         as int8 kernels expect; ``False`` uses all ``2^b`` codes, ``[-2^(b-1), 2^(b-1)-1]``. At
